@@ -1,0 +1,56 @@
+"""Celery settings of the late observer, derived from observer_tasks' settings object.
+
+A bad environment falls back to the defaults here only so that importing the
+app never fails: the worker refuses bad settings in its celeryd_init hook, and
+the apply layer's calls return "error".
+"""
+
+from observer_tasks.settings import Settings, SettingsError
+
+try:
+    _settings = Settings.from_env()
+except SettingsError:
+    _settings = Settings()
+
+broker_url = _settings.broker
+broker_connection_retry_on_startup = True
+# Results are never read: the stream and the counters are the results.
+task_ignore_result = True
+result_backend = None
+
+# JSON only: a pickled message is refused by the worker.
+task_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+
+task_default_queue = "late_obs"
+task_routes = {"observer_tasks.late_observe": {"queue": "late_obs"}}
+
+# Flower and celery-exporter see every task (sent events carry the queue name).
+worker_send_task_events = True
+task_send_sent_event = True
+
+# A killed worker's message comes back rather than vanishing; the ledger covers the rest.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 4
+worker_concurrency = _settings.late_obs_max_workers
+worker_pool = "threads"
+worker_hijack_root_logger = True
+worker_cancel_long_running_tasks_on_connection_loss = False
+
+# Publishing never waits on a dead broker: no retries, short connect timeout.
+task_publish_retry = False
+broker_connection_timeout = 1.0
+
+broker_transport_options = {
+    # A killed worker's unacked messages come back after 30 s (every look finishes in well under that),
+    # and the restore sweep runs every 5 s instead of kombu's default ~100 s.
+    "visibility_timeout": 30,
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
+    # Above kombu's 1 s BRPOP wait, so a blocked read is not mistaken for a dead socket.
+    "socket_timeout": 5.0,
+    "socket_connect_timeout": 1.0,
+    "max_retries": 0,
+}

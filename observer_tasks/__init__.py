@@ -1,0 +1,13 @@
+"""observer_tasks: the late heat observer on Celery.
+
+The apply layer calls ``observe`` (early, synchronous) and ``observe_late``
+(admission + first message on queue ``late_obs``); neither ever raises.
+``celery -A observer_tasks worker -Q late_obs`` finds the Celery app here.
+"""
+
+from . import worker as _worker_signals  # noqa: F401  (connects the worker's signal handlers)
+from .producer import observe, observe_late
+from .tasks import app
+
+celery = app
+__all__ = ["app", "celery", "observe", "observe_late"]

@@ -1,0 +1,74 @@
+"""Every Redis key and stream name, built in one place from the settings.
+
+Plan ids become parts of keys, so they are checked here: an id that could
+reach a key outside the configured prefixes (``*``, ``:``, spaces, control
+characters, non-ASCII) or that is absurdly long is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .settings import Settings
+
+OBS_EARLY = "create_apply_plan"
+OBS_LATE = "publish_plan_post"
+OBS_POINTS = (OBS_EARLY, OBS_LATE)
+#: The closed set of reasons (metrics cardinality depends on it).
+REASONS = ("ok", "missing", "timeout", "redis_error", "parse_error")
+#: Why an observe call refused to observe (the p28_observe_refused_total causes).
+REFUSAL_CAUSES = ("invalid_input", "unavailable", "bad_config")
+
+PLAN_ID_MAX = 128
+_PLAN_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.\-]{{0,{PLAN_ID_MAX - 1}}}")
+
+COUNTERS = "quantum:p28:counters"
+INFLIGHT = "quantum:p28:late_obs:inflight"
+LEASES = "quantum:p28:late_obs:leases"
+HEAT_WAIT = "quantum:p28:late_obs:heat_wait"
+
+
+class InvalidInput(ValueError):
+    """A plan id, symbol or task argument the observer refuses."""
+
+
+def valid_plan_id(plan_id: object) -> bool:
+    return isinstance(plan_id, str) and _PLAN_ID.fullmatch(plan_id) is not None
+
+
+def check_plan_id(plan_id: object) -> str:
+    if not valid_plan_id(plan_id):
+        shown = repr(plan_id)
+        raise InvalidInput(f"plan_id {shown[:60]}{'...' if len(shown) > 60 else ''} is not 1-{PLAN_ID_MAX} "
+                           "characters of A-Z a-z 0-9 _ . - (starting with a letter or digit)")
+    return plan_id
+
+
+@dataclass(frozen=True)
+class Keys:
+    stream: str
+    heat_prefix: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keys:
+        return cls(stream=settings.obs_stream, heat_prefix=settings.heat_lookup_prefix)
+
+    def heat(self, plan_id: str) -> str:
+        return self.heat_prefix + check_plan_id(plan_id)
+
+    @staticmethod
+    def dedupe(obs_point: str, plan_id: str) -> str:
+        return f"quantum:dedupe:p28:{obs_point}:{check_plan_id(plan_id)}"
+
+    @staticmethod
+    def observed_field(obs_point: str, heat_found: str) -> str:
+        return f"observed|{obs_point}|{heat_found}"
+
+    @staticmethod
+    def reason_field(obs_point: str, reason: str) -> str:
+        return f"reason|{obs_point}|{reason}"
+
+    @staticmethod
+    def refused_field(obs_point: str, cause: str) -> str:
+        return f"refused|{obs_point}|{cause}"

@@ -1,0 +1,243 @@
+"""The apply layer's side: observe() and observe_late(), which never raise and never stall.
+
+Every call is bounded: Redis and the broker are reached through fail-fast
+clients (short socket timeouts, no retries), and after a failure a small
+circuit breaker refuses calls at once for a while (1 s, doubling up to 30 s
+while failures continue), so a broker that accepts connections but never
+answers costs one short timeout per breaker period, not one per call.
+Refusals are counted in Redis once it answers again, and logged at most once
+per LOG_EVERY_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+
+from . import keys as K
+from .heat import Heat, check_symbol, normalise_decision, read_heat
+from .settings import Settings, SettingsError
+from .store import REDIS_DOWN, LeasePayload, Store, redis_client
+
+log = logging.getLogger("observer_tasks")
+
+#: Socket timeout of the apply layer's Redis and broker connections (s).
+CALL_TIMEOUT_S = 0.1
+BREAKER_FIRST_OPEN_S = 1.0
+BREAKER_MAX_OPEN_S = 30.0
+LOG_EVERY_S = 10.0
+
+
+class Breaker:
+    """Opens after a failure; lets one call try again when its period ends."""
+
+    def __init__(self) -> None:
+        self.open_until = 0.0
+        self.period = BREAKER_FIRST_OPEN_S
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self.open_until
+
+    def failed(self) -> None:
+        self.open_until = time.monotonic() + self.period
+        self.period = min(self.period * 2, BREAKER_MAX_OPEN_S)
+
+    def succeeded(self) -> None:
+        self.period = BREAKER_FIRST_OPEN_S
+
+
+class ThrottledLog:
+    """Logs a problem at most once per LOG_EVERY_S, with how many were not logged."""
+
+    def __init__(self) -> None:
+        self.last = -LOG_EVERY_S
+        self.quiet = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < LOG_EVERY_S:
+            self.quiet += 1
+            return
+        suffix = f" ({self.quiet} more since the last report)" if self.quiet else ""
+        log.warning("P2.8A observer: %s%s", message, suffix)
+        self.last, self.quiet = now, 0
+
+
+class Producer:
+    """One per process: settings, clients, breaker and the counts owed to Redis."""
+
+    def __init__(self, settings: Settings) -> None:
+        from .tasks import app, late_observe
+
+        self.settings = settings
+        self.store = Store(settings, redis_client(settings.redis_url, CALL_TIMEOUT_S))
+        self.task = late_observe
+        # A connection of its own with short timeouts and no retries: the worker's
+        # connection settings (long BRPOP reads) would stall the apply layer.
+        self.connection = app.connection_for_write(
+            connect_timeout=CALL_TIMEOUT_S,
+            transport_options={**app.conf.broker_transport_options, "socket_timeout": CALL_TIMEOUT_S,
+                               "socket_connect_timeout": CALL_TIMEOUT_S, "read_timeout": CALL_TIMEOUT_S,
+                               "write_timeout": CALL_TIMEOUT_S, "max_retries": 0},
+        )
+        self.lock = threading.Lock()
+        self.breaker = Breaker()
+        self.owed: Counter[str] = Counter()
+        self.problems = ThrottledLog()
+
+    # -- bookkeeping ------------------------------------------------------
+    def refuse(self, obs_point: str, cause: str, message: str) -> str:
+        with self.lock:
+            self.owed[K.Keys.refused_field(obs_point, cause)] += 1
+        self.problems.warning(message)
+        return "error"
+
+    def unavailable(self, obs_point: str, exc: BaseException) -> str:
+        with self.lock:
+            self.breaker.failed()
+        return self.refuse(obs_point, "unavailable", f"{obs_point}: Redis or broker unavailable ({exc!r:.200})")
+
+    def pay_owed(self) -> None:
+        if not self.owed:
+            return
+        with self.lock:
+            owed, self.owed = self.owed, Counter()
+        try:
+            self.store.add_counts(dict(owed))
+        except REDIS_DOWN:
+            with self.lock:
+                self.owed.update(owed)
+            raise
+
+    # -- the two calls ------------------------------------------------------
+    def observe(self, plan_id: Any, symbol: Any, apply_decision: Any) -> str:
+        if not self.settings.heat_obs_enabled:
+            return "disabled"
+        try:
+            K.check_plan_id(plan_id)
+            check_symbol(symbol)
+        except K.InvalidInput as exc:
+            return self.refuse(K.OBS_EARLY, "invalid_input", str(exc))
+        if self.breaker.is_open():
+            return self.refuse(K.OBS_EARLY, "unavailable", "early observer skipped: circuit open")
+        try:
+            self.pay_owed()
+            heat, debug = look(self.store, plan_id)
+            reason = heat.reason or ("redis_error" if debug.get("lookup_error") else "missing")
+            recorded = self.store.record(
+                plan_id=plan_id, symbol=symbol, obs_point=K.OBS_EARLY, heat=heat, reason=reason,
+                apply_decision=normalise_decision(apply_decision), debug=debug,
+            )
+        except REDIS_DOWN as exc:
+            return self.unavailable(K.OBS_EARLY, exc)
+        self.breaker.succeeded()
+        return reason if recorded else "duplicate"
+
+    def observe_late(self, plan_id: Any, symbol: Any, apply_decision: Any) -> str:
+        if not self.settings.late_obs_enabled:
+            return "disabled"
+        try:
+            K.check_plan_id(plan_id)
+            check_symbol(symbol)
+        except K.InvalidInput as exc:
+            return self.refuse(K.OBS_LATE, "invalid_input", str(exc))
+        if self.breaker.is_open():
+            return self.refuse(K.OBS_LATE, "unavailable", "late observer skipped: circuit open")
+        now_ms = int(time.time() * 1000)
+        payload = LeasePayload(symbol, normalise_decision(apply_decision), now_ms,
+                               now_ms + self.settings.late_obs_max_wait_ms)
+        try:
+            self.pay_owed()
+            admitted = self.store.admit(plan_id, payload)
+        except REDIS_DOWN as exc:
+            return self.unavailable(K.OBS_LATE, exc)
+        if admitted != "admitted":
+            self.breaker.succeeded()
+            return admitted
+        try:
+            with self.lock:
+                self.task.apply_async(
+                    args=(plan_id, symbol, payload.apply_decision, payload.published_ms, payload.deadline_ms),
+                    connection=self.connection, retry=False, task_id=f"p28-late-{plan_id}",
+                )
+        except Exception as exc:  # kombu wraps broker failures in many types
+            try:
+                self.store.release(plan_id)
+            except REDIS_DOWN:
+                pass  # the lease ends on its own; the sweeper then records it
+            return self.unavailable(K.OBS_LATE, exc)
+        self.breaker.succeeded()
+        return "enqueued"
+
+
+def look(store: Store, plan_id: str) -> tuple[Heat, dict[str, Any]]:
+    """One look at the heat hash: the heat seen and what to put in debug_json.
+
+    A key of the wrong Redis type is a parse_error; Redis being unreachable is
+    reported as debug['lookup_error'] and an empty Heat.
+    """
+    try:
+        raw = store.lookup(plan_id)
+    except redis.ResponseError as exc:
+        return Heat(found=True, reason="parse_error"), {"parse": str(exc)[:80]}
+    except REDIS_DOWN as exc:
+        return Heat(found=False, reason=""), {"lookup_error": type(exc).__name__}
+    return read_heat(raw), {}
+
+
+_producer: Producer | None = None
+_producer_error: str | None = None
+_init_lock = threading.Lock()
+
+
+def producer() -> Producer | None:
+    """The process's Producer, built on first use; None (logged once) if settings are bad."""
+    global _producer, _producer_error
+    if _producer is not None or _producer_error is not None:
+        return _producer
+    with _init_lock:
+        if _producer is None and _producer_error is None:
+            try:
+                settings = Settings.from_env()
+                _producer = Producer(settings)
+                for line in settings.startup_lines():
+                    log.warning(line)
+            except SettingsError as exc:
+                _producer_error = str(exc)
+                log.error("P2.8A observer disabled by bad configuration: %s", exc)
+            except Exception as exc:  # never fail the apply layer over the observer
+                _producer_error = repr(exc)
+                log.exception("P2.8A observer could not start")
+    return _producer
+
+
+def reset() -> None:
+    """Forget the process's Producer (tests, and after the environment changes)."""
+    global _producer, _producer_error
+    with _init_lock:
+        _producer, _producer_error = None, None
+
+
+def observe(plan_id: Any, symbol: Any, apply_decision: Any = "") -> str:
+    """The early observer: look once, record at create_apply_plan. Never raises."""
+    try:
+        p = producer()
+        return p.observe(plan_id, symbol, apply_decision) if p else "error"
+    except Exception:
+        log.exception("P2.8A observer: unexpected error in observe()")
+        return "error"
+
+
+def observe_late(plan_id: Any, symbol: Any, apply_decision: Any = "") -> str:
+    """Admit the plan to late observation and enqueue its first look. Never raises."""
+    try:
+        p = producer()
+        return p.observe_late(plan_id, symbol, apply_decision) if p else "error"
+    except Exception:
+        log.exception("P2.8A observer: unexpected error in observe_late()")
+        return "error"

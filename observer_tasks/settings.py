@@ -1,0 +1,172 @@
+"""The settings object: every variable, its default and unit, and strict parsing.
+
+Every default lives in the ``Settings`` dataclass below and nowhere else. Each
+field's metadata names its environment variable, its bounds and its meaning, so
+``from_env`` can validate every value the same way and refuse a bad one with
+one line that names the variable and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+#: Stream length kept by XADD ... MAXLEN ~ (approximate trimming, entries).
+STREAM_MAXLEN = 10_000
+#: How long past a plan's deadline its lease may stay unrecorded before the
+#: sweeper records it as a timeout (ms). Longer than a normal final run takes,
+#: shorter than the minute a killed worker's plans may take to recover.
+SWEEP_GRACE_MS = 5_000
+#: How often each worker's sweeper looks for overdue leases (seconds).
+SWEEP_INTERVAL_S = 1.0
+
+
+class SettingsError(ValueError):
+    """A variable holds a value the observer refuses; the message is one line."""
+
+
+def _var(env: str, help: str, *, lo: int | None = None, hi: int | None = None) -> dict[str, Any]:
+    return {"env": env, "help": help, "lo": lo, "hi": hi}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the observer reads from the environment, with defaults and units."""
+
+    heat_obs_enabled: bool = field(default=True, metadata=_var("P28_HEAT_OBS_ENABLED", "early observer on/off"))
+    obs_stream: str = field(
+        default="quantum:stream:apply.heat.observed",
+        metadata=_var("P28_HEAT_OBS_STREAM", "output stream of observations"),
+    )
+    heat_lookup_prefix: str = field(
+        default="quantum:harvest:heat:by_plan:",
+        metadata=_var("P28_HEAT_LOOKUP_PREFIX", "prefix of HeatBridge's heat hash per plan"),
+    )
+    dedupe_ttl_sec: int = field(
+        default=600, metadata=_var("P28_DEDUPE_TTL_SEC", "dedupe window (s)", lo=1, hi=7 * 86_400)
+    )
+    max_debug_chars: int = field(
+        default=400, metadata=_var("P28_MAX_DEBUG_CHARS", "debug_json size cap (characters)", lo=2, hi=65_536)
+    )
+    late_obs_enabled: bool = field(
+        default=True, metadata=_var("P28_LATE_OBS_ENABLED", "late observer on/off (the rollback switch)")
+    )
+    late_obs_max_wait_ms: int = field(
+        default=2000, metadata=_var("P28_LATE_OBS_MAX_WAIT_MS", "how long to wait for heat (ms)", lo=1, hi=600_000)
+    )
+    late_obs_poll_ms: int = field(
+        default=100, metadata=_var("P28_LATE_OBS_POLL_MS", "interval between looks (ms)", lo=10, hi=60_000)
+    )
+    late_obs_max_workers: int = field(
+        default=4, metadata=_var("P28_LATE_OBS_MAX_WORKERS", "worker concurrency", lo=1, hi=256)
+    )
+    late_obs_max_inflight: int = field(
+        default=200,
+        metadata=_var("P28_LATE_OBS_MAX_INFLIGHT", "plans under late observation at once", lo=1, hi=1_000_000),
+    )
+    redis_url: str = field(
+        default="redis://localhost:6379/0", metadata=_var("REDIS_URL", "Redis holding heat, stream and counters")
+    )
+    # Empty means "the same as REDIS_URL"; see ``broker``.
+    broker_url: str = field(default="", metadata=_var("CELERY_BROKER_URL", "Celery broker (default: REDIS_URL)"))
+    metrics_port: int = field(
+        default=8043, metadata=_var("P28_METRICS_PORT", "worker /metrics port (0 disables)", lo=0, hi=65_535)
+    )
+    metrics_addr: str = field(
+        default="0.0.0.0", metadata=_var("P28_METRICS_ADDR", "address the /metrics server binds to")
+    )
+
+    def __post_init__(self) -> None:
+        if self.late_obs_poll_ms > self.late_obs_max_wait_ms:
+            raise SettingsError(
+                f"P28_LATE_OBS_POLL_MS={self.late_obs_poll_ms} is above "
+                f"P28_LATE_OBS_MAX_WAIT_MS={self.late_obs_max_wait_ms}: the observer would never look twice"
+            )
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise SettingsError on the first bad one."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        return cls(**values)
+
+    @classmethod
+    def sources(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Where each variable's value comes from: 'env' or 'default'."""
+        environ = os.environ if environ is None else environ
+        return {f.metadata["env"]: ("env" if f.metadata["env"] in environ else "default") for f in dataclasses.fields(cls)}
+
+    def as_env(self, redact: bool = True) -> dict[str, str]:
+        """The effective values keyed by variable, passwords hidden unless redact=False."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            if f.name in ("redis_url", "broker_url") and redact:
+                text = redact_url(text)
+            out[f.metadata["env"]] = text
+        return out
+
+    def startup_lines(self, workers: int | None = None) -> list[str]:
+        """The contract's first two start-up lines, which operators grep for."""
+        late = f"P2.8A.3 Late Observer: {self.late_obs_enabled}"
+        if self.late_obs_enabled:
+            late += (
+                f" (wait={self.late_obs_max_wait_ms}ms, poll={self.late_obs_poll_ms}ms, "
+                f"workers={workers or self.late_obs_max_workers}, max_inflight={self.late_obs_max_inflight})"
+            )
+        return [f"P2.8A Heat Observer: {self.heat_obs_enabled}", late]
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    env, text = f.metadata["env"], raw.strip()
+    if f.type == "bool":
+        word = text.lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise SettingsError(f"{env}={raw!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+    if f.type == "int":
+        if not re.fullmatch(r"[+-]?\d{1,12}", text):
+            raise SettingsError(f"{env}={raw!r} is not a whole number")
+        number, lo, hi = int(text), f.metadata["lo"], f.metadata["hi"]
+        if number < lo or number > hi:
+            raise SettingsError(f"{env}={raw!r} is out of range ({lo}..{hi})")
+        return number
+    if not text or any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise SettingsError(f"{env}={raw!r} must be a non-empty string without spaces")
+    if env in ("REDIS_URL", "CELERY_BROKER_URL"):
+        scheme = urlsplit(text).scheme
+        allowed = ("redis", "rediss", "unix") if env == "REDIS_URL" else ("redis", "rediss", "amqp", "amqps", "pyamqp")
+        if scheme not in allowed:
+            raise SettingsError(f"{env}={redact_url(text)!r} must be a URL with scheme {'/'.join(allowed)}")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by '***', for logs and status output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -1,0 +1,158 @@
+"""Fixtures: a private Redis database per test and real worker processes.
+
+Tests use database 13 for the observer's data and 14 for the broker, both
+flushed before each test, so no test depends on another's data. Workers are
+real ``celery -A observer_tasks worker -Q late_obs`` processes, ready when
+their /metrics answers (it starts at worker_ready).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from observer_tasks import producer
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
+DATA_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/13"
+BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/14"
+#: Short waits keep the suite quick; tests that need the defaults set their own.
+FAST = {"P28_LATE_OBS_MAX_WAIT_MS": "600", "P28_LATE_OBS_POLL_MS": "50"}
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def poll(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02, what: str = "") -> Any:
+    """Return condition()'s first truthy value, or fail after timeout seconds (monotonic clock)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The observer's environment for this test (also given to workers); edit it before use."""
+    for name in list(os.environ):
+        if name.startswith("P28_") or name in ("REDIS_URL", "CELERY_BROKER_URL"):
+            monkeypatch.delenv(name)
+    values = {"REDIS_URL": DATA_URL, "CELERY_BROKER_URL": BROKER_URL, "P28_METRICS_PORT": "0", **FAST}
+
+    class Env(dict[str, str]):
+        def __setitem__(self, key: str, value: str) -> None:
+            super().__setitem__(key, value)
+            monkeypatch.setenv(key, value)
+            producer.reset()
+
+    e = Env()
+    for k, v in values.items():
+        e[k] = v
+    yield e
+    producer.reset()
+
+
+@pytest.fixture
+def r(env: dict[str, str]) -> redis.Redis:
+    """The test's data database, flushed (and the broker's database too)."""
+    client = redis.Redis.from_url(DATA_URL)
+    client.flushdb()
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    return client
+
+
+class Worker:
+    def __init__(self, env: dict[str, str], extra_args: list[str], log_path: Path) -> None:
+        self.metrics_port = free_port()
+        self.env = {**os.environ, **env, "P28_METRICS_PORT": str(self.metrics_port)}
+        self.log_path = log_path
+        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [CELERY, "-A", "observer_tasks", "worker", "-Q", "late_obs", "-n", f"test-{uuid.uuid4().hex[:8]}@%h",
+             *extra_args],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> Worker:
+        poll(lambda: self.proc.poll() is not None or scrape(self.metrics_port), timeout, 0.1, "worker ready")
+        assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
+        return self
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = 15, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            code = self.proc.wait(5)
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def start_worker(r: redis.Redis, env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Start real worker processes with the test's environment; all are stopped at teardown."""
+    started: list[Worker] = []
+
+    def start(*extra_args: str, wait: bool = True) -> Worker:
+        w = Worker(dict(env), list(extra_args), tmp_path / f"worker{len(started)}.log")
+        started.append(w)
+        return w.wait_ready() if wait else w
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+@pytest.fixture
+def worker(start_worker: Callable[..., Worker]) -> Worker:
+    return start_worker()
+
+
+def stream_entries(r: redis.Redis, stream: str = "quantum:stream:apply.heat.observed") -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _id, fields in r.xrange(stream)]
+
+
+def late_entries(r: redis.Redis) -> list[dict[str, str]]:
+    return [e for e in stream_entries(r) if e["obs_point"] == "publish_plan_post"]
+
+
+def inflight(r: redis.Redis) -> int:
+    return int(r.zcard("quantum:p28:late_obs:inflight"))
