@@ -27,8 +27,9 @@ from observer_tasks import producer
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
-DATA_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/13"
-BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/14"
+# Override the database numbers to run two suites side by side on one Redis.
+DATA_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{os.environ.get('TEST_DATA_DB', '13')}"
+BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{os.environ.get('TEST_BROKER_DB', '14')}"
 #: Short waits keep the suite quick; tests that need the defaults set their own.
 FAST = {"P28_LATE_OBS_MAX_WAIT_MS": "600", "P28_LATE_OBS_POLL_MS": "50"}
 CELERY = str(Path(sys.executable).with_name("celery"))
