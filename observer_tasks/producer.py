@@ -90,6 +90,10 @@ class Producer:
         self.owed: Counter[str] = Counter()
         self.problems = ThrottledLog()
 
+    def close(self) -> None:
+        self.connection.release()
+        self.store.client.close()
+
     # -- bookkeeping ------------------------------------------------------
     def refuse(self, obs_point: str, cause: str, message: str) -> str:
         with self.lock:
@@ -220,6 +224,8 @@ def reset() -> None:
     """Forget the process's Producer (tests, and after the environment changes)."""
     global _producer, _producer_error
     with _init_lock:
+        if _producer is not None:
+            _producer.close()
         _producer, _producer_error = None, None
 
 

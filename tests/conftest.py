@@ -157,3 +157,63 @@ def late_entries(r: redis.Redis) -> list[dict[str, str]]:
 
 def inflight(r: redis.Redis) -> int:
     return int(r.zcard("quantum:p28:late_obs:inflight"))
+
+
+class PrivateRedis:
+    """A redis-server this test owns, so it can be paused, killed and restarted."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PrivateRedis:
+        # Append-only with fsync per write: a restart keeps leases, stream and queued messages.
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_timeout=0.5)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        poll(up, 10, what="private redis-server up")
+        return self
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path).start()
+    yield server
+    if server.proc and server.proc.poll() is None:
+        server.proc.send_signal(18)  # SIGCONT, in case a test left it paused
+    server.stop()
+
+
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture
+def amqp_broker(env: dict[str, str]) -> str:
+    """RabbitMQ as the broker, with the late_obs queue emptied."""
+    from kombu import Connection
+
+    with Connection(AMQP_URL, connect_timeout=5) as conn:
+        channel = conn.channel()
+        try:
+            channel.queue_purge("late_obs")
+        except Exception:  # the queue does not exist yet: nothing to purge
+            pass
+    env["CELERY_BROKER_URL"] = AMQP_URL
+    return AMQP_URL

@@ -1,0 +1,96 @@
+"""The early observer: one look, one entry at create_apply_plan (real Redis)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import redis
+
+from observer_tasks import observe
+
+from .conftest import stream_entries
+
+HEAT = "quantum:harvest:heat:by_plan:"
+
+
+def test_missing_then_duplicate(r: redis.Redis) -> None:
+    assert observe("p1", "BTCUSDT", "EXECUTE") == "missing"
+    assert observe("p1", "BTCUSDT", "EXECUTE") == "duplicate"
+    (entry,) = stream_entries(r)
+    assert (entry["obs_point"], entry["heat_found"], entry["heat_reason"], entry["apply_decision"]) == (
+        "create_apply_plan", "0", "missing", "EXECUTE")
+
+
+def test_found(r: redis.Redis) -> None:
+    r.hset(HEAT + "p1", mapping={"heat_level": "warm", "heat_score": "0.7", "heat_action": "DOWNGRADE_FULL_TO_PARTIAL",
+                                 "ts_epoch": "1700000000.0", "recommended_partial": "0.5", "out_action": "PARTIAL"})
+    assert observe("p1", "BTCUSDT") == "ok"
+    (entry,) = stream_entries(r)
+    assert entry["heat_found"] == "1" and entry["heat_level"] == "warm" and entry["heat_recommended_partial"] == "0.5"
+    assert entry["heat_out_action"] == "PARTIAL" and entry["apply_decision"] == ""
+
+
+@pytest.mark.parametrize("write", [
+    lambda r: r.set(HEAT + "p1", "a string"),
+    lambda r: r.rpush(HEAT + "p1", "x"),
+    lambda r: r.hset(HEAT + "p1", "heat_level", b"\xff\x00garbage"),
+    lambda r: r.hset(HEAT + "p1", mapping={"heat_level": "hot", "debug_json": "x" * 100_000}),
+])
+def test_unreadable_heat(r: redis.Redis, write) -> None:  # type: ignore[no-untyped-def]
+    write(r)
+    reason = observe("p1", "BTCUSDT")
+    (entry,) = stream_entries(r)
+    assert entry["heat_reason"] == reason
+    assert reason in ("parse_error", "ok")
+    assert len(entry["debug_json"]) <= 400
+    assert sum(len(v) for v in entry.values()) < 1200
+
+
+def test_prefix_is_configurable(r: redis.Redis, env: dict[str, str]) -> None:
+    env["P28_HEAT_LOOKUP_PREFIX"] = "other:"
+    r.hset("other:p1", "heat_level", "hot")
+    assert observe("p1", "BTCUSDT") == "ok"
+
+
+def test_disabled(r: redis.Redis, env: dict[str, str]) -> None:
+    env["P28_HEAT_OBS_ENABLED"] = "false"
+    assert observe("p1", "BTCUSDT") == "disabled"
+    assert stream_entries(r) == []
+
+
+@pytest.mark.parametrize("plan_id", ["", "   ", "x" * 10_000, "a*", "a:b", "a\nb", b"\xff\xfe", None, 7, ["p"]])
+def test_bad_plan_ids_are_refused_and_counted(r: redis.Redis, plan_id: object,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "observer_tasks")
+    assert observe(plan_id, "BTCUSDT") == "error"
+    assert observe("good", "BTCUSDT") == "missing"  # the owed count is written with the next call
+    assert int(r.hget("quantum:p28:counters", "refused|create_apply_plan|invalid_input") or 0) == 1
+    assert {k.decode() for k in r.keys("*")} == {
+        "quantum:p28:counters", "quantum:stream:apply.heat.observed", "quantum:dedupe:p28:create_apply_plan:good"}
+    assert "plan_id" in caplog.text
+
+
+def test_bad_configuration_returns_error_without_raising(r: redis.Redis, env: dict[str, str],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    env["P28_DEDUPE_TTL_SEC"] = "-1"
+    caplog.set_level(logging.ERROR, "observer_tasks")
+    assert observe("p1", "BTCUSDT") == "error"
+    assert observe("p2", "BTCUSDT") == "error"
+    assert caplog.text.count("P28_DEDUPE_TTL_SEC='-1'") == 1  # logged once
+
+
+def test_fast_with_redis_unreachable(env: dict[str, str]) -> None:
+    from .conftest import free_port
+
+    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    env["CELERY_BROKER_URL"] = env["REDIS_URL"]
+    from observer_tasks import observe_late
+
+    observe("warm-up", "BTCUSDT")  # first use builds the clients
+    for call in (observe, observe_late):
+        for i in range(50):
+            start = time.perf_counter()
+            assert call(f"p{i}", "BTCUSDT") == "error"
+            assert time.perf_counter() - start < 0.05

@@ -1,0 +1,107 @@
+"""/metrics scraped over HTTP from a real worker: zero series at start, exact agreement with the stream."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from observer_tasks import observe, observe_late
+
+from .conftest import Worker, inflight, poll, scrape, stream_entries
+
+HEAT = "quantum:harvest:heat:by_plan:"
+POINTS = ("create_apply_plan", "publish_plan_post")
+REASONS = ("ok", "missing", "timeout", "redis_error", "parse_error")
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_every_series_exists_at_zero_from_start(worker: Worker) -> None:
+    text = scrape(worker.metrics_port)
+    assert text is not None
+    for point in POINTS:
+        for found in ("0", "1"):
+            assert f'p28_observed_total{{heat_found="{found}",obs_point="{point}"}} 0.0' in text
+        for reason in REASONS:
+            assert f'p28_heat_reason_total{{obs_point="{point}",reason="{reason}"}} 0.0' in text
+    assert "\np28_late_obs_dropped_total 0.0\n" in text
+    assert "\np28_late_obs_inflight 0.0\n" in text
+    assert 'p28_late_obs_heat_wait_seconds_bucket{le="+Inf"} 0.0' in text
+
+
+def test_counters_agree_exactly_with_the_stream(r: redis.Redis, env: dict[str, str], start_worker) -> None:  # type: ignore[no-untyped-def]
+    env["P28_LATE_OBS_MAX_INFLIGHT"] = "30"
+    w = start_worker()
+    results: Counter[str] = Counter()
+    for i in range(40):
+        plan = f"x{i}"
+        if i % 4 == 0:
+            r.hset(HEAT + plan, "heat_level", "hot")
+        if i % 10 == 9:
+            r.set(HEAT + plan, "wrong type")
+        observe(plan, "BTCUSDT", "EXECUTE")
+        results[observe_late(plan, "BTCUSDT", "EXECUTE")] += 1
+    poll(lambda: inflight(r) == 0, timeout=30, what="all late plans recorded")
+    entries = stream_entries(r)
+    observed = Counter((e["obs_point"], e["heat_found"]) for e in entries)
+    reasons = Counter((e["obs_point"], e["heat_reason"]) for e in entries)
+    got = samples(scrape(w.metrics_port) or "")
+    for point in POINTS:
+        for found in ("0", "1"):
+            assert got[("p28_observed_total", (("heat_found", found), ("obs_point", point)))] == observed[(point, found)]
+        for reason in REASONS:
+            assert got[("p28_heat_reason_total", (("obs_point", point), ("reason", reason)))] == reasons[(point, reason)]
+    # Plans that end early free their slot, so how many are dropped depends on timing; the sum does not.
+    assert results["dropped"] > 0 and results["enqueued"] + results["dropped"] == 40
+    assert got[("p28_late_obs_dropped_total", ())] == results["dropped"]
+    assert observed[("publish_plan_post", "0")] + observed[("publish_plan_post", "1")] == results["enqueued"]
+    hits = observed[("publish_plan_post", "1")]
+    assert hits > 0 and got[("p28_late_obs_heat_wait_seconds_count", ())] == hits
+    assert got[("p28_late_obs_heat_wait_seconds_bucket", (("le", "+Inf"),))] == hits
+
+
+def test_the_checklists_verification_commands(r: redis.Redis, worker: Worker) -> None:
+    for i in range(6):
+        plan = f"v{i}"
+        if i % 2:
+            r.hset(HEAT + plan, "heat_level", "hot")
+        observe(plan, "BTCUSDT", "EXECUTE")
+        observe_late(plan, "BTCUSDT", "EXECUTE")
+    poll(lambda: inflight(r) == 0, timeout=30, what="all late plans recorded")
+    db = worker.env["REDIS_URL"].rsplit("/", 1)[1]
+    port = worker.metrics_port
+    v1 = subprocess.run(["bash", "-c", f"""redis-cli -n {db} --raw XREVRANGE quantum:stream:apply.heat.observed + - COUNT 600 | \\
+awk '
+tolower($0)=="obs_point"{{getline; op=$0}}
+tolower($0)=="heat_found"{{getline; hf=$0; c[op,hf]++}}
+END{{for (k in c) print k, c[k]}}' | sort"""], capture_output=True, text=True, check=True).stdout
+    # awk joins the pair with SUBSEP; the checklist shows it as a space.
+    assert v1.replace("\x1c", " ").splitlines() == ["create_apply_plan 0 3", "create_apply_plan 1 3",
+                                                   "publish_plan_post 0 3", "publish_plan_post 1 3"]
+    v2 = subprocess.run(["bash", "-c", f"""curl -s http://localhost:{port}/metrics | \\
+grep -E '^p28_heat_reason_total\\{{obs_point="publish_plan_post",reason="(timeout|redis_error)"\\}}'"""],
+                        capture_output=True, text=True, check=True).stdout
+    assert v2.splitlines() == ['p28_heat_reason_total{obs_point="publish_plan_post",reason="timeout"} 3.0',
+                               'p28_heat_reason_total{obs_point="publish_plan_post",reason="redis_error"} 0.0']
+    v3 = subprocess.run(["bash", "-c", f"curl -s http://localhost:{port}/metrics | "
+                         "grep -E '^p28_late_obs_dropped_total(\\{| )'"], capture_output=True, text=True, check=True)
+    assert v3.stdout.splitlines() == ["p28_late_obs_dropped_total 0.0"]
+
+
+def test_redis_down_at_scrape_leaves_counters_out(env: dict[str, str]) -> None:
+    from observer_tasks.metrics import registry
+    from observer_tasks.settings import Settings
+    from observer_tasks.store import redis_client
+    from prometheus_client import generate_latest
+
+    from .conftest import free_port
+
+    reg = registry(Settings.from_env(env), redis_client(f"redis://127.0.0.1:{free_port()}/0", 0.1))
+    text = generate_latest(reg).decode()
+    assert "p28_metrics_redis_up 0.0" in text and "p28_observed_total" not in text

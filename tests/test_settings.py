@@ -1,0 +1,139 @@
+"""The settings object: defaults, strict parsing, one-line refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from observer_tasks.settings import FALSE_WORDS, TRUE_WORDS, Settings, SettingsError, redact_url
+
+VARIABLES = {f.metadata["env"]: f for f in dataclasses.fields(Settings)}
+INT_VARS = [env for env, f in VARIABLES.items() if f.type == "int"]
+BOOL_VARS = [env for env, f in VARIABLES.items() if f.type == "bool"]
+
+
+def test_defaults_are_the_contracts() -> None:
+    s = Settings.from_env({})
+    assert s.as_env() == {
+        "P28_HEAT_OBS_ENABLED": "true",
+        "P28_HEAT_OBS_STREAM": "quantum:stream:apply.heat.observed",
+        "P28_HEAT_LOOKUP_PREFIX": "quantum:harvest:heat:by_plan:",
+        "P28_DEDUPE_TTL_SEC": "600",
+        "P28_MAX_DEBUG_CHARS": "400",
+        "P28_LATE_OBS_ENABLED": "true",
+        "P28_LATE_OBS_MAX_WAIT_MS": "2000",
+        "P28_LATE_OBS_POLL_MS": "100",
+        "P28_LATE_OBS_MAX_WORKERS": "4",
+        "P28_LATE_OBS_MAX_INFLIGHT": "200",
+        "REDIS_URL": "redis://localhost:6379/0",
+        "CELERY_BROKER_URL": "",
+        "P28_METRICS_PORT": "8043",
+        "P28_METRICS_ADDR": "0.0.0.0",
+    }
+    assert s.broker == s.redis_url
+
+
+def test_startup_lines() -> None:
+    assert Settings().startup_lines() == [
+        "P2.8A Heat Observer: True",
+        "P2.8A.3 Late Observer: True (wait=2000ms, poll=100ms, workers=4, max_inflight=200)",
+    ]
+    assert Settings.from_env({"P28_LATE_OBS_ENABLED": "false"}).startup_lines()[1] == "P2.8A.3 Late Observer: False"
+
+
+@pytest.mark.parametrize("word", sorted(TRUE_WORDS | {w.upper() for w in TRUE_WORDS} | {" on "}))
+def test_true_words(word: str) -> None:
+    assert Settings.from_env({"P28_LATE_OBS_ENABLED": word}).late_obs_enabled is True
+
+
+@pytest.mark.parametrize("word", sorted(FALSE_WORDS | {"Off", "NO"}))
+def test_false_words(word: str) -> None:
+    assert Settings.from_env({"P28_HEAT_OBS_ENABLED": word}).heat_obs_enabled is False
+
+
+@pytest.mark.parametrize("env", BOOL_VARS)
+@pytest.mark.parametrize("value", ["", "maybe", "2", "truee", "-1"])
+def test_bad_booleans_are_refused_in_one_line(env: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({env: value})
+    assert str(info.value).startswith(f"{env}={value!r}") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("env", INT_VARS)
+@pytest.mark.parametrize("value", ["", "-5", "abc", "1.5", "99999999999999999999", "1e3"])
+def test_bad_numbers_are_refused_in_one_line(env: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({env: value})
+    assert str(info.value).startswith(f"{env}={value!r}") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("env", INT_VARS)
+def test_each_number_has_bounds(env: str) -> None:
+    f = VARIABLES[env]
+    with pytest.raises(SettingsError, match="out of range"):
+        Settings.from_env({env: str(f.metadata["hi"] + 1)})
+    if f.metadata["lo"] > 0:
+        with pytest.raises(SettingsError, match="out of range"):
+            Settings.from_env({env: str(f.metadata["lo"] - 1)})
+
+
+@pytest.mark.parametrize("env", ["P28_HEAT_OBS_STREAM", "P28_HEAT_LOOKUP_PREFIX", "REDIS_URL", "P28_METRICS_ADDR"])
+@pytest.mark.parametrize("value", ["", "  ", "a b"])
+def test_bad_strings_are_refused(env: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=env):
+        Settings.from_env({env: value})
+
+
+def test_poll_above_wait_is_refused() -> None:
+    with pytest.raises(SettingsError, match="P28_LATE_OBS_POLL_MS=3000 is above P28_LATE_OBS_MAX_WAIT_MS=2000"):
+        Settings.from_env({"P28_LATE_OBS_POLL_MS": "3000"})
+
+
+def test_urls() -> None:
+    assert Settings.from_env({"REDIS_URL": "rediss://:pw@h:6380/2"}).broker == "rediss://:pw@h:6380/2"
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"REDIS_URL": "http://:secret@h/0"})
+    assert "secret" not in str(info.value)
+    s = Settings.from_env({"REDIS_URL": "redis://u:secret@h:1/0", "CELERY_BROKER_URL": "amqp://g:secret2@h//"})
+    assert "secret" not in str(s.as_env()) and s.as_env()["REDIS_URL"] == "redis://u:***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_sources() -> None:
+    src = Settings.sources({"P28_LATE_OBS_POLL_MS": "50"})
+    assert src["P28_LATE_OBS_POLL_MS"] == "env" and src["P28_LATE_OBS_MAX_WAIT_MS"] == "default"
+
+
+@given(st.text(max_size=30))
+def test_boolean_parser_accepts_exactly_its_words(text: str) -> None:
+    word = text.strip().lower()
+    try:
+        value = Settings.from_env({"P28_LATE_OBS_ENABLED": text}).late_obs_enabled
+    except SettingsError:
+        assert word not in TRUE_WORDS | FALSE_WORDS
+    else:
+        assert value is (word in TRUE_WORDS) and word in TRUE_WORDS | FALSE_WORDS
+
+
+@given(st.text(max_size=25))
+def test_number_parser_accepts_only_in_range_integers(text: str) -> None:
+    try:
+        value = Settings.from_env({"P28_LATE_OBS_MAX_INFLIGHT": text}).late_obs_max_inflight
+    except SettingsError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("P28_LATE_OBS_MAX_INFLIGHT=")
+    else:
+        assert 1 <= value <= 1_000_000 and value == int(text.strip())
+
+
+@given(st.integers(min_value=10, max_value=60_000), st.integers(min_value=1, max_value=600_000))
+def test_poll_and_wait_combinations(poll_ms: int, wait_ms: int) -> None:
+    env = {"P28_LATE_OBS_POLL_MS": str(poll_ms), "P28_LATE_OBS_MAX_WAIT_MS": str(wait_ms)}
+    if poll_ms > wait_ms:
+        with pytest.raises(SettingsError):
+            Settings.from_env(env)
+    else:
+        s = Settings.from_env(env)
+        assert (s.late_obs_poll_ms, s.late_obs_max_wait_ms) == (poll_ms, wait_ms)
