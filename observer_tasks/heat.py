@@ -97,27 +97,27 @@ def check_symbol(symbol: object) -> str:
     return symbol
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def cap_debug(context: dict[str, Any], limit: int) -> str:
     """Compact JSON of context, at most limit characters, still valid JSON."""
-    text = json.dumps(context, separators=(",", ":"), ensure_ascii=False, default=str)
+    text = _dumps(context)
     if len(text) <= limit:
         return text
     kept: dict[str, Any] = {"truncated": True}
     for key, value in context.items():
-        trial = {**kept, key: value}
-        if len(json.dumps(trial, separators=(",", ":"), ensure_ascii=False, default=str)) > limit:
-            if isinstance(value, str):
-                room = limit - len(json.dumps({**kept, key: ""}, separators=(",", ":"), ensure_ascii=False))
-                if room > 0:
-                    # Cut characters one at a time from the end until the escaped string fits.
-                    cut = value[:room]
-                    while cut and len(json.dumps({**kept, key: cut}, separators=(",", ":"), ensure_ascii=False)) > limit:
-                        cut = cut[: max(0, len(cut) - max(1, len(cut) // 8))]
-                    if cut:
-                        kept[key] = cut
-            break
-        kept = trial
-    text = json.dumps(kept, separators=(",", ":"), ensure_ascii=False, default=str)
+        if len(_dumps({**kept, key: value})) <= limit:
+            kept[key] = value
+        elif isinstance(value, str):
+            # Keep the head of the string; escaping changes its JSON length, so shrink until it fits.
+            cut = value[: max(0, limit - len(_dumps({**kept, key: ""})))]
+            while cut and len(_dumps({**kept, key: cut})) > limit:
+                cut = cut[: len(cut) * 7 // 8]
+            if cut:
+                kept[key] = cut
+    text = _dumps(kept)
     return text if len(text) <= limit else "{}"
 
 

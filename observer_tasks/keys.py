@@ -38,7 +38,7 @@ def valid_plan_id(plan_id: object) -> bool:
 
 
 def check_plan_id(plan_id: object) -> str:
-    if not valid_plan_id(plan_id):
+    if not isinstance(plan_id, str) or not _PLAN_ID.fullmatch(plan_id):
         shown = repr(plan_id)
         raise InvalidInput(f"plan_id {shown[:60]}{'...' if len(shown) > 60 else ''} is not 1-{PLAN_ID_MAX} "
                            "characters of A-Z a-z 0-9 _ . - (starting with a letter or digit)")

@@ -11,6 +11,7 @@ per LOG_EVERY_S.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -170,10 +171,9 @@ class Producer:
                     connection=self.connection, retry=False, task_id=f"p28-late-{plan_id}",
                 )
         except Exception as exc:  # kombu wraps broker failures in many types
-            try:
+            # If Redis is down too, the lease ends on its own and the sweeper records the plan.
+            with contextlib.suppress(*REDIS_DOWN):
                 self.store.release(plan_id)
-            except REDIS_DOWN:
-                pass  # the lease ends on its own; the sweeper then records it
             return self.unavailable(K.OBS_LATE, exc)
         self.breaker.succeeded()
         return "enqueued"

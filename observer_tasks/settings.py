@@ -110,7 +110,8 @@ class Settings:
     def sources(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """Where each variable's value comes from: 'env' or 'default'."""
         environ = os.environ if environ is None else environ
-        return {f.metadata["env"]: ("env" if f.metadata["env"] in environ else "default") for f in dataclasses.fields(cls)}
+        names = [f.metadata["env"] for f in dataclasses.fields(cls)]
+        return {name: ("env" if name in environ else "default") for name in names}
 
     def as_env(self, redact: bool = True) -> dict[str, str]:
         """The effective values keyed by variable, passwords hidden unless redact=False."""

@@ -137,4 +137,4 @@ class Store:
         if not plans:
             return []
         payloads = self.client.hmget(K.LEASES, plans)
-        return [(plan, LeasePayload.loads(raw)) for plan, raw in zip(plans, payloads)]
+        return [(plan, LeasePayload.loads(raw)) for plan, raw in zip(plans, payloads, strict=True)]

@@ -10,6 +10,7 @@ one poll interval after its deadline records timeout without looking.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -104,7 +105,7 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
             return finish(store, msg, now_ms, Heat(False, ""), "timeout", {"cause": f"arrived {late}ms late"})
         heat, debug = look(store, msg.plan_id)
         polls, errors = msg.polls + 1, msg.errors + (1 if "lookup_error" in debug else 0)
-        msg = LateMessage(*msg.args(), polls=polls, errors=errors)
+        msg = dataclasses.replace(msg, polls=polls, errors=errors)
         if heat.found:
             return finish(store, msg, now_ms, heat, heat.reason, debug)
         if errors >= 2:

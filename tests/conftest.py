@@ -8,6 +8,7 @@ their /metrics answers (it starts at worker_ready).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -114,10 +115,8 @@ class Worker:
 
     def stop(self, sig: int = 15, timeout: float = 20) -> int:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -211,9 +210,7 @@ def amqp_broker(env: dict[str, str]) -> str:
 
     with Connection(AMQP_URL, connect_timeout=5) as conn:
         channel = conn.channel()
-        try:
+        with contextlib.suppress(Exception):  # no queue yet: nothing to purge
             channel.queue_purge("late_obs")
-        except Exception:  # the queue does not exist yet: nothing to purge
-            pass
     env["CELERY_BROKER_URL"] = AMQP_URL
     return AMQP_URL

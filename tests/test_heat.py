@@ -48,7 +48,7 @@ def test_entry_fields_follow_the_contract_order() -> None:
     names = fields[0::2]
     assert names == [*CONTRACT_ORDER, "wait_ms", "polls"]
     assert names.index("obs_point") < names.index("heat_found")
-    assert dict(zip(fields[0::2], fields[1::2]))["heat_found"] == "0"
+    assert dict(zip(fields[0::2], fields[1::2], strict=True))["heat_found"] == "0"
 
 
 def test_decisions() -> None:

@@ -54,9 +54,11 @@ def test_counters_agree_exactly_with_the_stream(r: redis.Redis, env: dict[str, s
     got = samples(scrape(w.metrics_port) or "")
     for point in POINTS:
         for found in ("0", "1"):
-            assert got[("p28_observed_total", (("heat_found", found), ("obs_point", point)))] == observed[(point, found)]
+            key = ("p28_observed_total", (("heat_found", found), ("obs_point", point)))
+            assert got[key] == observed[(point, found)]
         for reason in REASONS:
-            assert got[("p28_heat_reason_total", (("obs_point", point), ("reason", reason)))] == reasons[(point, reason)]
+            key = ("p28_heat_reason_total", (("obs_point", point), ("reason", reason)))
+            assert got[key] == reasons[(point, reason)]
     # Plans that end early free their slot, so how many are dropped depends on timing; the sum does not.
     assert results["dropped"] > 0 and results["enqueued"] + results["dropped"] == 40
     assert got[("p28_late_obs_dropped_total", ())] == results["dropped"]
@@ -76,7 +78,8 @@ def test_the_checklists_verification_commands(r: redis.Redis, worker: Worker) ->
     poll(lambda: inflight(r) == 0, timeout=30, what="all late plans recorded")
     db = worker.env["REDIS_URL"].rsplit("/", 1)[1]
     port = worker.metrics_port
-    v1 = subprocess.run(["bash", "-c", f"""redis-cli -n {db} --raw XREVRANGE quantum:stream:apply.heat.observed + - COUNT 600 | \\
+    stream = "quantum:stream:apply.heat.observed"
+    v1 = subprocess.run(["bash", "-c", f"""redis-cli -n {db} --raw XREVRANGE {stream} + - COUNT 600 | \\
 awk '
 tolower($0)=="obs_point"{{getline; op=$0}}
 tolower($0)=="heat_found"{{getline; hf=$0; c[op,hf]++}}
@@ -95,10 +98,11 @@ grep -E '^p28_heat_reason_total\\{{obs_point="publish_plan_post",reason="(timeou
 
 
 def test_redis_down_at_scrape_leaves_counters_out(env: dict[str, str]) -> None:
+    from prometheus_client import generate_latest
+
     from observer_tasks.metrics import registry
     from observer_tasks.settings import Settings
     from observer_tasks.store import redis_client
-    from prometheus_client import generate_latest
 
     from .conftest import free_port
 

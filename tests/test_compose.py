@@ -1,0 +1,168 @@
+"""docker-compose.yml, its Dockerfile, the env file, Prometheus/Grafana provisioning and the systemd unit.
+
+No Docker engine is needed: the compose file is parsed with PyYAML, and checked with `docker-compose config`
+and `promtool check config` when those tools are on PATH (skipped without them, failed when CI is set).
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from observer_tasks.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_FILE = ROOT / "deploy" / "observer.env"
+UNIT = ROOT / "deploy" / "observer-worker.service"
+OBSERVER_SERVICES = ("worker", "flower", "demo")
+
+
+def tool(*names: str) -> str:
+    """The first of names on PATH; skip without any, or fail when CI is set."""
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    message = f"{' or '.join(names)} not on PATH (Debian: apt-get install -y docker-compose prometheus)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI is set, so this check must run")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and key.isidentifier() and value == value.strip(), f"bad line {line!r}"
+            values[key] = value
+    return values
+
+
+def test_services_and_commands(compose: dict[str, Any]) -> None:
+    s = compose["services"]
+    assert set(s) >= {"redis", "worker", "flower", "prometheus", "grafana", "demo"}
+    assert s["redis"]["image"] == "redis:7"
+    assert s["worker"]["command"] == ["celery", "-A", "observer_tasks", "worker", "-Q", "late_obs"]
+    assert "8043" in s["worker"]["expose"] and any(p.endswith(":8043:8043") for p in s["worker"]["ports"])
+    flower = " ".join(s["flower"]["command"])
+    assert flower.startswith("celery -A observer_tasks flower --port=5555")
+    assert "--basic-auth=${FLOWER_BASIC_AUTH:?" in flower, "Flower must refuse to start without auth"
+    assert any(p.endswith(":5555:5555") for p in s["flower"]["ports"])
+    assert s["prometheus"]["image"].startswith("prom/prometheus")
+    assert s["grafana"]["image"].startswith("grafana/grafana")
+    assert s["demo"]["profiles"] == ["demo"]
+    assert s["demo"]["command"][:2] == ["observer-tasks", "demo"]
+    for name in OBSERVER_SERVICES:
+        assert s[name]["env_file"] == "deploy/observer.env", name
+        assert s[name]["build"]["context"] == "." and s[name]["image"] == s["worker"]["image"], name
+    # Only the demo is optional; host ports are loopback only.
+    assert [n for n, svc in s.items() if "profiles" in svc] == ["demo"]
+    for name, svc in s.items():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
+    # Warm shutdown gets time to finish.
+    assert s["worker"]["stop_signal"] == "SIGTERM" and int(s["worker"]["stop_grace_period"].rstrip("s")) >= 30
+
+
+def test_every_host_path_exists(compose: dict[str, Any]) -> None:
+    paths = []
+    for svc in compose["services"].values():
+        if "build" in svc:
+            context = svc["build"]["context"]
+            paths += [context, f"{context}/{svc['build'].get('dockerfile', 'Dockerfile')}"]
+        env_files = svc.get("env_file", [])
+        paths += [env_files] if isinstance(env_files, str) else env_files
+        paths += [v.split(":")[0] for v in svc.get("volumes", []) if v.startswith((".", "/"))]
+    assert len(paths) > 8
+    for p in paths:
+        assert (ROOT / p).exists(), f"docker-compose.yml refers to {p}, which is not in the repo"
+
+
+def test_dockerfile() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.startswith("#") and "FROM python:3.11-slim" in text
+    assert re.search(r"pip install \. ", text) and "flower" in text
+    assert "USER observer" in text and "EXPOSE 8043" in text
+    assert '"celery", "-A", "observer_tasks", "worker", "-Q", "late_obs"' in text
+
+
+def test_env_file_holds_every_variable_at_its_default() -> None:
+    values = read_env_file(ENV_FILE)
+    assert Settings.from_env(values) == Settings(redis_url="redis://redis:6379/0")
+    text = ENV_FILE.read_text()
+    for f in dataclasses.fields(Settings):
+        assert re.search(rf"^(# )?{f.metadata['env']}=", text, re.M), f"{f.metadata['env']} is not in the env file"
+
+
+def test_prometheus_and_grafana_provisioning(compose: dict[str, Any]) -> None:
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {"worker:8043", "flower:5555"}
+    mounts = dict(v.split(":")[:2] for v in compose["services"]["prometheus"]["volumes"])
+    for rule_file in prom["rule_files"]:
+        assert str(Path("/etc/prometheus") / rule_file) in mounts.values(), f"rule file {rule_file} is not mounted"
+    datasources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasources["datasources"][0]["type"] == "prometheus"
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/late-observer.yml").read_text())
+    dash_dir = providers["providers"][0]["options"]["path"]
+    grafana = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
+    assert grafana["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert grafana["./docs/grafana"] == dash_dir and (ROOT / "docs/grafana/late-observer.json").exists()
+
+
+def test_promtool_check_config_as_mounted(compose: dict[str, Any], tmp_path: Path) -> None:
+    """Lay the prometheus service's mounts out under tmp_path as in the container, then check the config."""
+    promtool = tool("promtool")
+    for volume in compose["services"]["prometheus"]["volumes"]:
+        src, dst = volume.split(":")[:2]
+        target = tmp_path / dst.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / src, target)
+    config = tmp_path / "etc/prometheus/prometheus.yml"
+    result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout and re.search(r"SUCCESS: [1-9]\d* rules found", result.stdout)
+
+
+def test_docker_compose_config() -> None:
+    exe = tool("docker-compose")
+    env = {**os.environ, "FLOWER_BASIC_AUTH": "user:password"}
+    ok = subprocess.run([exe, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    env.pop("FLOWER_BASIC_AUTH")
+    refused = subprocess.run([exe, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "FLOWER_BASIC_AUTH" in refused.stdout + refused.stderr
+
+
+def test_systemd_unit() -> None:
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(UNIT.read_text())
+    svc = unit["Service"]
+    assert svc["ExecStart"].endswith("celery -A observer_tasks worker -Q late_obs")
+    assert svc["EnvironmentFile"] == "/etc/quantum/apply-layer.env"
+    assert svc["Restart"] == "on-failure"
+    assert svc["User"] not in ("", "root")
+    assert svc["KillSignal"] == "SIGTERM" and svc["KillMode"] == "mixed"
+    assert int(svc["TimeoutStopSec"].rstrip("s")) >= 60, "warm shutdown needs time (a record may wait 30 s)"
+    assert svc["RestartPreventExitStatus"] == "2", "a refused setting (exit 2) must not restart in a loop"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
