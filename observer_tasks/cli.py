@@ -50,7 +50,7 @@ class Main(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except REDIS_ERRORS as exc:
+        except redis.RedisError as exc:
             raise click.ClickException(f"Redis: {exc}") from None
 
 
@@ -232,9 +232,10 @@ def latency(count: int) -> None:
     """
     settings = load()
     client = connect(settings.redis_url)
-    hits, timeouts = late_waits(recent(client, settings, count))
+    entries = recent(client, settings, count)
+    hits, timeouts = late_waits(entries)
     wait, poll = settings.late_obs_max_wait_ms, settings.late_obs_poll_ms
-    click.echo(f"publish_plan_post wait_ms (last {count} entries of {settings.obs_stream}; "
+    click.echo(f"publish_plan_post wait_ms (last {len(entries)} entries of {settings.obs_stream}; "
                f"MAX_WAIT_MS={wait}, POLL_MS={poll})")
     rows = []
     for name, values in (("hit", hits), ("timeout", timeouts)):
@@ -273,7 +274,7 @@ def histogram_text(settings: Settings, client: redis.Redis) -> str:
     family = RedisCollector(settings, client).histogram(raw)
     total = int(raw.get("count", 0))
     mean = f", mean {1000 * float(raw.get('sum', 0)) / total:.0f} ms" if total else ""
-    rows, below = [], 0
+    rows, below = [], 0.0
     for s in family.samples:
         if s.name.endswith("_bucket"):
             le = "+Inf" if s.labels["le"] == "+Inf" else str(round(float(s.labels["le"]) * 1000))

@@ -3,7 +3,8 @@
 Every call is bounded: Redis and the broker are reached through fail-fast
 clients (short socket timeouts, no retries), and after a failure a small
 circuit breaker refuses calls at once for a while (1 s, doubling up to 30 s
-while failures continue), so a broker that accepts connections but never
+while failures continue; one breaker for Redis, one for the broker, so a dead
+broker does not stop the early observer), so a broker that accepts connections but never
 answers costs one short timeout per breaker period, not one per call.
 Refusals are counted in Redis once it answers again, and logged at most once
 per LOG_EVERY_S.
@@ -28,7 +29,7 @@ from .store import REDIS_DOWN, LeasePayload, Store, redis_client
 log = logging.getLogger("observer_tasks")
 
 #: Socket timeout of the apply layer's Redis and broker connections (s).
-CALL_TIMEOUT_S = 0.1
+CALL_TIMEOUT_S = 0.05
 BREAKER_FIRST_OPEN_S = 1.0
 BREAKER_MAX_OPEN_S = 30.0
 LOG_EVERY_S = 10.0
@@ -87,7 +88,8 @@ class Producer:
                                "write_timeout": CALL_TIMEOUT_S, "max_retries": 0},
         )
         self.lock = threading.Lock()
-        self.breaker = Breaker()
+        self.redis_breaker = Breaker()
+        self.broker_breaker = Breaker()
         self.owed: Counter[str] = Counter()
         self.problems = ThrottledLog()
 
@@ -102,10 +104,11 @@ class Producer:
         self.problems.warning(message)
         return "error"
 
-    def unavailable(self, obs_point: str, exc: BaseException) -> str:
+    def unavailable(self, obs_point: str, breaker: Breaker, exc: BaseException) -> str:
         with self.lock:
-            self.breaker.failed()
-        return self.refuse(obs_point, "unavailable", f"{obs_point}: Redis or broker unavailable ({exc!r:.200})")
+            breaker.failed()
+        what = "Redis" if breaker is self.redis_breaker else "broker"
+        return self.refuse(obs_point, "unavailable", f"{obs_point}: {what} unavailable ({exc!r:.200})")
 
     def pay_owed(self) -> None:
         if not self.owed:
@@ -128,8 +131,8 @@ class Producer:
             check_symbol(symbol)
         except K.InvalidInput as exc:
             return self.refuse(K.OBS_EARLY, "invalid_input", str(exc))
-        if self.breaker.is_open():
-            return self.refuse(K.OBS_EARLY, "unavailable", "early observer skipped: circuit open")
+        if self.redis_breaker.is_open():
+            return self.refuse(K.OBS_EARLY, "unavailable", "early observer skipped: Redis circuit open")
         try:
             self.pay_owed()
             heat, debug = look(self.store, plan_id)
@@ -139,8 +142,8 @@ class Producer:
                 apply_decision=normalise_decision(apply_decision), debug=debug,
             )
         except REDIS_DOWN as exc:
-            return self.unavailable(K.OBS_EARLY, exc)
-        self.breaker.succeeded()
+            return self.unavailable(K.OBS_EARLY, self.redis_breaker, exc)
+        self.redis_breaker.succeeded()
         return reason if recorded else "duplicate"
 
     def observe_late(self, plan_id: Any, symbol: Any, apply_decision: Any) -> str:
@@ -151,7 +154,7 @@ class Producer:
             check_symbol(symbol)
         except K.InvalidInput as exc:
             return self.refuse(K.OBS_LATE, "invalid_input", str(exc))
-        if self.breaker.is_open():
+        if self.redis_breaker.is_open() or self.broker_breaker.is_open():
             return self.refuse(K.OBS_LATE, "unavailable", "late observer skipped: circuit open")
         now_ms = int(time.time() * 1000)
         payload = LeasePayload(symbol, normalise_decision(apply_decision), now_ms,
@@ -160,9 +163,9 @@ class Producer:
             self.pay_owed()
             admitted = self.store.admit(plan_id, payload)
         except REDIS_DOWN as exc:
-            return self.unavailable(K.OBS_LATE, exc)
+            return self.unavailable(K.OBS_LATE, self.redis_breaker, exc)
+        self.redis_breaker.succeeded()
         if admitted != "admitted":
-            self.breaker.succeeded()
             return admitted
         try:
             with self.lock:
@@ -174,8 +177,8 @@ class Producer:
             # If Redis is down too, the lease ends on its own and the sweeper records the plan.
             with contextlib.suppress(*REDIS_DOWN):
                 self.store.release(plan_id)
-            return self.unavailable(K.OBS_LATE, exc)
-        self.breaker.succeeded()
+            return self.unavailable(K.OBS_LATE, self.broker_breaker, exc)
+        self.broker_breaker.succeeded()
         return "enqueued"
 
 

@@ -76,6 +76,10 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
             monkeypatch.setenv(key, value)
             producer.reset()
 
+        def update(self, *args: Any, **kwargs: str) -> None:  # type: ignore[override]
+            for key, value in dict(*args, **kwargs).items():
+                self[key] = value
+
     e = Env()
     for k, v in values.items():
         e[k] = v

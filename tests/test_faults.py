@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+import socket
 import threading
 import time
+from collections.abc import Iterator
 
+import pytest
 import redis
 
-from observer_tasks import observe_late
+from observer_tasks import observe, observe_late
 
-from .conftest import PrivateRedis, poll
+from .conftest import PrivateRedis, Worker, free_port, inflight, late_entries, poll
 
 
 def test_lookups_that_fail_twice_end_as_redis_error(env: dict[str, str], amqp_broker: str,
@@ -36,4 +40,147 @@ def test_lookups_that_fail_twice_end_as_redis_error(env: dict[str, str], amqp_br
     r.hset("quantum:harvest:heat:by_plan:p2", "heat_level", "hot")
     assert observe_late("p2", "BTCUSDT") == "enqueued"
     poll(lambda: r.xlen("quantum:stream:apply.heat.observed") == 2, timeout=20, what="the next plan")
+    assert worker.proc.poll() is None
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A TCP port that accepts connections (the kernel completes the handshake) but never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2048)
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+@pytest.mark.parametrize("broker", ["refused", "blackhole-redis", "blackhole-amqp"])
+def test_broker_unreachable_at_enqueue(r: redis.Redis, env: dict[str, str], blackhole: str, broker: str,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Each call returns "error" fast; a burst of 1000 costs little; refusals are counted and logged once."""
+    env["CELERY_BROKER_URL"] = {
+        "refused": f"redis://127.0.0.1:{free_port()}/0",
+        "blackhole-redis": f"redis://{blackhole}/0",
+        "blackhole-amqp": f"amqp://guest:guest@{blackhole}//",
+    }[broker]
+    caplog.set_level(logging.WARNING, "observer_tasks")
+    observe("warm-up", "BTCUSDT")  # builds the process's clients
+    costs = []
+    for i in range(1000):
+        start = time.perf_counter()
+        assert observe_late(f"p{i}", "BTCUSDT") == "error"
+        costs.append(time.perf_counter() - start)
+    assert max(costs) < 0.2  # the first call may wait for one socket timeout (50 ms) ...
+    assert sum(costs) < 0.5  # ... the circuit breaker refuses the rest at once
+    assert sorted(costs)[-2] < 0.02
+    assert inflight(r) == 0  # the lease taken before the failed publish was given back
+    assert caplog.text.count("broker unavailable") == 1
+    # The early observer still works (Redis is up) and writes the refusals owed.
+    assert observe("after", "BTCUSDT") == "missing"
+    assert int(r.hget("quantum:p28:counters", "refused|publish_plan_post|unavailable") or 0) == 1000
+
+
+def test_pickled_messages_are_refused(r: redis.Redis, env: dict[str, str], worker: Worker) -> None:
+    from kombu import Connection, Exchange
+
+    now = int(time.time() * 1000)
+    body = (("p1", "BTCUSDT", "", now, now + 500), {}, {})
+    with Connection(env["CELERY_BROKER_URL"]) as conn:
+        conn.Producer().publish(
+            body, serializer="pickle", exchange=Exchange("late_obs", type="direct"), routing_key="late_obs",
+            headers={"task": "observer_tasks.late_observe", "id": "pickled-1", "lang": "py", "argsrepr": "",
+                     "kwargsrepr": ""},
+        )
+    poll(lambda: "untrusted content" in worker.output(), what="the refusal logged")
+    r.hset("quantum:harvest:heat:by_plan:p2", "heat_level", "hot")
+    assert observe_late("p2", "BTCUSDT") == "enqueued"
+    poll(lambda: late_entries(r), what="the next plan observed")
+    assert [e["plan_id"] for e in late_entries(r)] == ["p2"]
+
+
+def load(r: redis.Redis, plans: list[str], heat_every: int = 3) -> list[str]:
+    """Publish plans (heat for every heat_every-th one later); return those admitted."""
+    admitted = []
+    for i, plan in enumerate(plans):
+        if observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued":
+            admitted.append(plan)
+        if i % heat_every == 0:
+            r.hset(f"quantum:harvest:heat:by_plan:{plan}", "heat_level", "warm")
+    return admitted
+
+
+def assert_exactly_once(r: redis.Redis, admitted: list[str]) -> None:
+    entries = late_entries(r)
+    assert sorted(e["plan_id"] for e in entries) == sorted(admitted)  # none missing, none doubled
+    counts = {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
+    assert counts.get("observed|publish_plan_post|0", 0) + counts.get("observed|publish_plan_post|1", 0) == len(
+        entries)
+    for reason in ("ok", "timeout", "redis_error", "parse_error"):
+        assert counts.get(f"reason|publish_plan_post|{reason}", 0) == sum(e["heat_reason"] == reason for e in entries)
+    assert inflight(r) == 0
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_load(r: redis.Redis, env: dict[str, str], start_worker) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL with hundreds in flight; a new worker (and its sweeper) records every plan exactly once."""
+    env.update({"P28_LATE_OBS_MAX_WAIT_MS": "2000", "P28_LATE_OBS_POLL_MS": "100", "P28_LATE_OBS_MAX_INFLIGHT": "500"})
+    first = start_worker()
+    admitted = load(r, [f"k{i}" for i in range(300)], heat_every=50)
+    poll(lambda: len(late_entries(r)) >= 3, what="some plans recorded before the kill")
+    first.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert inflight(r) > 100  # hundreds were in flight (executing, waiting on a countdown or queued)
+    start_worker()
+    poll(lambda: inflight(r) == 0, timeout=60, interval=0.2, what="every lease recorded")
+    recovery_s = time.monotonic() - killed_at
+    print(f"recovery after SIGKILL: {recovery_s:.1f}s for {len(admitted)} plans")
+    assert recovery_s < 60
+    # Messages the dead worker held come back after the visibility timeout and must add nothing.
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    poll(lambda: broker.hlen("unacked") == 0 and broker.llen("late_obs") == 0, timeout=90, interval=0.5,
+         what="the dead worker's unacked messages restored and run")
+    assert_exactly_once(r, admitted)
+    assert int(r.hget("quantum:p28:counters", "recovered") or 0) > 0
+
+
+@pytest.mark.slow
+def test_worker_stopped_gracefully_mid_load(r: redis.Redis, env: dict[str, str], start_worker) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM: the worker hands its messages back at once; nothing waits for a visibility timeout or a sweep."""
+    env.update({"P28_LATE_OBS_MAX_WAIT_MS": "6000", "P28_LATE_OBS_POLL_MS": "100", "P28_LATE_OBS_MAX_INFLIGHT": "500"})
+    first = start_worker()
+    admitted = load(r, [f"t{i}" for i in range(200)], heat_every=4)
+    poll(lambda: len(late_entries(r)) >= 3, what="some plans recorded before the stop")
+    assert first.stop(signal.SIGTERM) == 0
+    stopped_at = time.monotonic()
+    start_worker()
+    poll(lambda: inflight(r) == 0, timeout=60, interval=0.2, what="every lease recorded")
+    assert time.monotonic() - stopped_at < 6 + 5  # within the plans' own wait: no 30 s visibility timeout
+    assert_exactly_once(r, admitted)
+    assert int(r.hget("quantum:p28:counters", "recovered") or 0) == 0  # the sweeper had nothing to do
+
+
+@pytest.mark.slow
+def test_redis_restarted_mid_load(env: dict[str, str], private_redis: PrivateRedis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    """Redis (data store and broker) restarts with plans in flight: no silent loss, the worker reconnects."""
+    env.update({"REDIS_URL": private_redis.url, "CELERY_BROKER_URL": private_redis.url,
+                "P28_LATE_OBS_MAX_WAIT_MS": "3000", "P28_LATE_OBS_POLL_MS": "100"})
+    worker = start_worker()
+    r = redis.Redis.from_url(private_redis.url)
+    admitted = load(r, [f"r{i}" for i in range(100)], heat_every=5)
+    poll(lambda: late_entries(r), what="some plans recorded before the restart")
+    private_redis.stop()
+    down = threading.Event()
+    threading.Timer(1.5, down.set).start()
+    poll(down.is_set, timeout=5, what="an outage of 1.5 s")
+    private_redis.start()
+    poll(lambda: inflight(r) == 0, timeout=60, interval=0.2, what="every lease recorded after the restart")
+    broker_idle = lambda: r.hlen("unacked") == 0 and r.llen("late_obs") == 0  # noqa: E731
+    poll(broker_idle, timeout=90, interval=0.5, what="redelivered messages run")
+    assert_exactly_once(r, admitted)
+    reasons = {e["heat_reason"] for e in late_entries(r)}
+    assert "redis_error" in reasons and reasons <= {"ok", "timeout", "redis_error"}
+    # The same worker process goes on observing new plans.
+    r.hset("quantum:harvest:heat:by_plan:after", "heat_level", "hot")
+    assert observe_late("after", "BTCUSDT") == "enqueued"
+    poll(lambda: any(e["plan_id"] == "after" and e["heat_reason"] == "ok" for e in late_entries(r)), timeout=30,
+         what="a new plan observed after the restart")
     assert worker.proc.poll() is None

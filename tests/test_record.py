@@ -77,3 +77,13 @@ def test_lua_scripts_are_loadable_with_redis_cli(r: redis.Redis) -> None:
                           "quantum:p28:late_obs:inflight", "quantum:p28:late_obs:leases", ",", "nothing"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"
+
+
+def test_sweeper_records_redis_error_when_it_saw_an_outage(r: redis.Redis, env: dict[str, str]) -> None:
+    store = make_store(env)
+    now = int(time.time() * 1000)
+    store.admit("during", LeasePayload("BTCUSDT", "", now - 10_000, now - 8_000))
+    store.admit("before", LeasePayload("BTCUSDT", "", now - 30_000, now - 28_000))
+    assert sweep_once(store, now, outages=[(now - 9_000, now - 7_500)]) == 2
+    reasons = {e["plan_id"]: e["heat_reason"] for e in late_entries(r)}
+    assert reasons == {"during": "redis_error", "before": "timeout"}

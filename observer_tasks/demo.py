@@ -1,0 +1,359 @@
+"""observer-tasks demo: the whole pipeline on simulated plans, for a bounded time.
+
+Three actors, as in production: a simulated apply layer (this thread) that
+publishes plans and calls observe() and observe_late() exactly as the real one
+does; a simulated HeatBridge (a thread) that writes each plan's heat hash after
+a lognormal delay, or never; and a real Celery worker consuming late_obs. The
+report counts only this run's plans, read back from the observed stream.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any, cast
+
+import click
+import redis
+
+from . import keys as K
+from . import producer
+from .cli import (
+    QUEUE,
+    REDIS_ERRORS,
+    broker_error,
+    connect,
+    coverage,
+    coverage_table,
+    late_obs_workers,
+    late_waits,
+    load,
+    percentiles,
+    reasons,
+    reasons_table,
+    use_broker,
+)
+from .settings import SWEEP_GRACE_MS, SWEEP_INTERVAL_S, Settings, redact_url
+from .store import redis_client
+
+PLAN_STREAM = "quantum:stream:apply.plan"
+PLAN_STREAM_MAXLEN = 10_000
+SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT", "ADAUSDT")
+DECISIONS, DECISION_WEIGHTS = ("EXECUTE", "SKIP", "BLOCKED"), (0.7, 0.2, 0.1)
+#: Spread of HeatBridge's delay (sigma of its logarithm): p99 is about 4x the median.
+HEAT_SIGMA = 0.6
+#: The simulated heat hashes expire after this (s), as HeatBridge's would.
+HEAT_TTL_S = 3600
+#: How long to wait for a started worker or redis-server to answer (s).
+START_TIMEOUT_S = 30.0
+
+
+class Child:
+    """A process started by the demo, its output in a temporary file, stopped at the end."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"observer-demo-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    def wait_for(self, ready: Any, what: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                state = f"exited with code {self.proc.returncode}" if self.proc.returncode else "did not answer"
+                raise click.ClickException(f"{self.name} {state} ({what}); last output: {self.tail()!r}")
+            time.sleep(0.1)
+
+    def tail(self) -> str:
+        lines = Path(self.log.name).read_text(errors="replace").strip().splitlines()
+        return lines[-1][-200:] if lines else ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def answers(url: str) -> bool:
+    try:
+        return bool(redis_client(url, 0.5).ping())
+    except REDIS_ERRORS:
+        return False
+
+
+def private_redis(stack: ExitStack, url: str, say: Any) -> None:
+    """Start a throw-away redis-server and point REDIS_URL (and an unset CELERY_BROKER_URL) at it."""
+    exe = shutil.which("redis-server")
+    if not exe:
+        raise click.ClickException(f"no Redis at {redact_url(url)} and no redis-server on PATH: "
+                                   "install one (apt-get install redis-server) or set REDIS_URL")
+    port = free_port()
+    server = Child("redis-server", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no"])
+    stack.callback(server.stop)
+    os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    os.environ.setdefault("CELERY_BROKER_URL", f"redis://127.0.0.1:{port}/1")
+    server.wait_for(lambda: answers(os.environ["REDIS_URL"]), f"port {port}")
+    say(f"no Redis at {redact_url(url)}: started a private redis-server on port {port} (stopped at the end)")
+
+
+def ensure_worker(stack: ExitStack, settings: Settings, run_id: str, no_worker: bool, say: Any) -> bool:
+    """True when a worker consumes late_obs: one already running, or one started here."""
+    running = late_obs_workers(settings)
+    if running:
+        say(f"using the running worker(s): {', '.join(running)}")
+        return True
+    if no_worker:
+        say(f"no worker consumes {QUEUE} (--no-worker): publish_plan_post will not be observed")
+        return False
+    name = f"demo-{run_id}@localhost"
+    env = {**os.environ, "P28_METRICS_PORT": "0"}
+    worker = Child("worker", [sys.executable, "-m", "celery", "-A", "observer_tasks", "worker", "-Q", QUEUE,
+                              "-n", name, "--loglevel", "WARNING"], env)
+    stack.callback(worker.stop)
+    app = use_broker(settings)
+    worker.wait_for(lambda: app.control.ping(destination=[name], timeout=0.5), "no reply to ping")
+    say(f"started worker {name} (stopped at the end)")
+    return True
+
+
+class HeatBridge(threading.Thread):
+    """Writes each plan's heat hash when its time comes, like HeatBridge would."""
+
+    def __init__(self, client: redis.Redis, keys: K.Keys) -> None:
+        super().__init__(name="demo-heatbridge", daemon=True)
+        self.client, self.keys = client, keys
+        self.due: list[tuple[float, str, dict[str, str]]] = []
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.written = self.errors = 0
+
+    def schedule(self, at: float, plan_id: str, fields: dict[str, str]) -> None:
+        with self.cond:
+            heapq.heappush(self.due, (at, plan_id, fields))
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.join(5)
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and (not self.due or self.due[0][0] > time.monotonic()):
+                    self.cond.wait(self.due[0][0] - time.monotonic() if self.due else None)
+                if self.stopping:
+                    return
+                _at, plan_id, fields = heapq.heappop(self.due)
+            try:
+                record: dict[Any, Any] = {"ts_epoch": f"{time.time():.3f}", **fields}
+                pipe = self.client.pipeline(transaction=False)
+                pipe.hset(self.keys.heat(plan_id), mapping=record)
+                pipe.expire(self.keys.heat(plan_id), HEAT_TTL_S)
+                pipe.execute()
+                self.written += 1
+            except REDIS_ERRORS:
+                self.errors += 1
+
+
+def heat_fields(rng: random.Random, plan_id: str, symbol: str) -> dict[str, str]:
+    level = rng.choices(("cold", "warm", "hot"), (0.5, 0.3, 0.2))[0]
+    score = {"cold": rng.uniform(0, 0.4), "warm": rng.uniform(0.4, 0.7), "hot": rng.uniform(0.7, 1)}[level]
+    action = rng.choice(("DOWNGRADE_FULL_TO_PARTIAL", "HOLD_CLOSE")) if level == "hot" else "NONE"
+    out_action = {"NONE": "FULL_CLOSE_PROPOSED", "DOWNGRADE_FULL_TO_PARTIAL": "PARTIAL_CLOSE_PROPOSED",
+                  "HOLD_CLOSE": "HOLD"}[action]
+    return {"symbol": symbol, "plan_id": plan_id, "in_action": "FULL_CLOSE_PROPOSED", "out_action": out_action,
+            "heat_level": level, "heat_score": f"{score:.4f}", "heat_action": action,
+            "recommended_partial": "0.5" if action == "DOWNGRADE_FULL_TO_PARTIAL" else "",
+            "reason": f"{level} heat (score {score:.2f})", "mode": "shadow"}
+
+
+class Tally:
+    """This run's observations, read incrementally from the observed stream."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, prefix: str) -> None:
+        self.client, self.stream, self.prefix = client, settings.obs_stream, prefix
+        last = client.xrevrange(self.stream, count=1)
+        self.last_id = cast(bytes, last[0][0]) if last else b"0-0"
+        self.entries: dict[tuple[str, str], dict[str, str]] = {}
+
+    def update(self) -> None:
+        while batch := self.client.xrange(self.stream, min=b"(" + self.last_id, count=1000):
+            self.last_id = cast(bytes, batch[-1][0])
+            for _id, raw in batch:
+                e = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
+                if e.get("plan_id", "").startswith(self.prefix):
+                    self.entries[(e.get("obs_point", ""), e["plan_id"])] = e
+
+    def late(self) -> list[dict[str, str]]:
+        return [e for (point, _), e in self.entries.items() if point == K.OBS_LATE]
+
+
+def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, seed: int | None,
+        no_worker: bool, as_json: bool) -> int:
+    def say(line: str) -> None:
+        click.echo(line, err=as_json)
+
+    rng = random.Random(seed)
+    run_id = uuid.uuid4().hex[:8]
+    prefix = f"demo-{run_id}-"
+    with ExitStack() as stack:
+        url = load().redis_url
+        if not answers(url):
+            private_redis(stack, url, say)
+        settings = load()
+        producer.reset()
+        use_broker(settings)
+        client = connect(settings.redis_url)
+        error = broker_error(settings)
+        if error:
+            raise click.ClickException(f"cannot reach the broker at {redact_url(settings.broker)}: {error}")
+        ensure_worker(stack, settings, run_id, no_worker, say)
+        bridge = HeatBridge(client, K.Keys.from_settings(settings))
+        bridge.start()
+        stack.callback(bridge.stop)
+        tally = Tally(client, settings, prefix)
+        say(f"run {run_id}: {rate:g} plans/s for {seconds:g} s on {redact_url(settings.redis_url)}, heat median "
+            f"{heat_median_ms:g} ms, never shared {never_share:.0%}, MAX_WAIT_MS={settings.late_obs_max_wait_ms}")
+        results = {"early": Counter[str](), "late": Counter[str]()}
+        published = publish(rng, rate, seconds, heat_median_ms, never_share, prefix, client, bridge, tally, results,
+                            say)
+        drain(settings, tally, results, published, say)
+        report = summary(run_id, settings, published, results, tally, heat_median_ms, never_share)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(report_text(report))
+    if published and not tally.late():
+        say("no publish_plan_post observation was recorded: is a worker consuming late_obs with this REDIS_URL?")
+        return 1
+    return 0
+
+
+def publish(rng: random.Random, rate: float, seconds: float, heat_median_ms: float, never_share: float,
+            prefix: str, client: redis.Redis, bridge: HeatBridge, tally: Tally, results: dict[str, Counter[str]],
+            say: Any) -> int:
+    """The simulated apply layer: one plan every 1/rate s for `seconds`; returns how many it published."""
+    start = time.monotonic()
+    next_report, n = start + 1, 0
+    try:
+        while (due := start + n / rate) < start + seconds:
+            now = time.monotonic()
+            if now >= next_report:
+                progress(tally, results, n, f"{now - start:3.0f}s", say)
+                next_report += 1
+            if now < due:
+                time.sleep(min(due, next_report) - now)
+                continue
+            plan_id, symbol = f"{prefix}{n}", rng.choice(SYMBOLS)
+            decision = rng.choices(DECISIONS, DECISION_WEIGHTS)[0]
+            client.xadd(PLAN_STREAM, {"plan_id": plan_id, "symbol": symbol, "decision": decision},
+                        maxlen=PLAN_STREAM_MAXLEN, approximate=True)
+            if rng.random() >= never_share:
+                delay_s = rng.lognormvariate(math.log(heat_median_ms / 1000), HEAT_SIGMA)
+                bridge.schedule(time.monotonic() + delay_s, plan_id, heat_fields(rng, plan_id, symbol))
+            results["early"][producer.observe(plan_id, symbol, decision)] += 1
+            results["late"][producer.observe_late(plan_id, symbol, decision)] += 1
+            n += 1
+    except KeyboardInterrupt:
+        say("interrupted: no more plans; waiting for the ones in flight (Ctrl-C again to stop at once)")
+    return n
+
+
+def drain(settings: Settings, tally: Tally, results: dict[str, Counter[str]], published: int, say: Any) -> None:
+    """Wait until every enqueued plan is recorded, at most until the sweeper would have recorded it."""
+    start = time.monotonic()
+    limit = settings.late_obs_max_wait_ms / 1000 + SWEEP_GRACE_MS / 1000 + SWEEP_INTERVAL_S + 3
+    next_report = start + 1
+    while True:
+        tally.update()
+        now = time.monotonic()
+        if len(tally.late()) >= results["late"]["enqueued"] or now - start > limit:
+            progress(tally, results, published, "done", say)
+            return
+        if now >= next_report:
+            progress(tally, results, published, "wait", say)
+            next_report += 1
+        time.sleep(0.2)
+
+
+def progress(tally: Tally, results: dict[str, Counter[str]], published: int, stage: str, say: Any) -> None:
+    tally.update()
+    late = tally.late()
+    hits = sum(e.get("heat_found") == "1" for e in late)
+    cov = f"{100 * hits / len(late):5.1f}%" if late else "    -"
+    say(f"{stage:>4}  published {published:5d}  in flight {results['late']['enqueued'] - len(late):4d}  "
+        f"observed {len(late):5d}  coverage {cov}")
+
+
+def summary(run_id: str, settings: Settings, published: int, results: dict[str, Counter[str]], tally: Tally,
+            heat_median_ms: float, never_share: float) -> dict[str, Any]:
+    entries = list(tally.entries.values())
+    hits, _timeouts = late_waits(entries)
+    p = percentiles(hits)
+    wait = settings.late_obs_max_wait_ms
+    in_time = NormalDist().cdf((math.log(wait) - math.log(heat_median_ms)) / HEAT_SIGMA)
+    return {
+        "run_id": run_id,
+        "redis_url": redact_url(settings.redis_url),
+        "published": published,
+        "observe": dict(results["early"]),
+        "observe_late": dict(results["late"]),
+        "coverage": coverage(entries),
+        "reasons": reasons(entries),
+        "dropped": results["late"]["dropped"],
+        "unfinished": results["late"]["enqueued"] - len(tally.late()),
+        "latency_ms": {k: p[k] for k in ("p50", "p90", "p99", "max", "n")} if p else None,
+        "max_wait_ms": wait,
+        "expected_late_coverage_pct": round(100 * (1 - never_share) * in_time, 1),
+    }
+
+
+def report_text(r: dict[str, Any]) -> str:
+    lat = r["latency_ms"]
+    latency = (f"p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}  (n={lat['n']})"
+               if lat else "no hits")
+    calls = ", ".join(f"{k} {v}" for k, v in sorted(r["observe_late"].items()))
+    return "\n".join([
+        "",
+        f"run {r['run_id']}: {r['published']} plans published (observe_late: {calls or 'none'})",
+        coverage_table(r["coverage"]),
+        f"expected publish_plan_post coverage ~{r['expected_late_coverage_pct']}% "
+        f"(heat shared and written within MAX_WAIT_MS={r['max_wait_ms']})",
+        "",
+        reasons_table(r["reasons"]),
+        "",
+        f"dropped (MAX_INFLIGHT reached): {r['dropped']}   unfinished at the end: {r['unfinished']}",
+        f"publish_plan_post hit latency, wait_ms: {latency}",
+    ])

@@ -1,0 +1,323 @@
+"""The observer-tasks command line, against the real Redis and real worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+
+from observer_tasks import observe_late
+from observer_tasks.cli import main, recommended_wait
+from tests.conftest import ROOT, Worker, free_port, late_entries, poll, scrape
+
+STREAM = "quantum:stream:apply.heat.observed"
+CLI = str(Path(sys.executable).with_name("observer-tasks"))
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def add_entry(r: redis.Redis, obs_point: str, reason: str, wait_ms: int | None = None, plan_id: str = "p1") -> None:
+    fields: dict[Any, Any] = {"ts_epoch": "1769650000.000", "plan_id": plan_id, "symbol": "BTCUSDT",
+                              "apply_component": "apply", "obs_point": obs_point,
+                              "heat_found": "1" if reason == "ok" else "0", "heat_reason": reason}
+    if wait_ms is not None:
+        fields["wait_ms"] = str(wait_ms)
+    r.xadd(STREAM, fields)
+
+
+def rows(output: str) -> list[list[str]]:
+    return [line.split() for line in output.splitlines()]
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# -- pure and fast --------------------------------------------------------------------
+
+
+def test_coverage_counts_the_newest_entries(r: redis.Redis) -> None:
+    for _ in range(3):
+        add_entry(r, "create_apply_plan", "missing")
+    add_entry(r, "create_apply_plan", "ok")
+    for _ in range(2):
+        add_entry(r, "publish_plan_post", "timeout", 600)
+    for _ in range(6):
+        add_entry(r, "publish_plan_post", "ok", 200)
+
+    result = invoke("coverage")
+    assert result.exit_code == 0, result.output
+    table = rows(result.output)
+    assert ["obs_point", "heat_found", "count", "coverage"] in table
+    assert ["create_apply_plan", "0", "3"] in table
+    assert ["create_apply_plan", "1", "1", "25.0%"] in table
+    assert ["publish_plan_post", "0", "2"] in table
+    assert ["publish_plan_post", "1", "6", "75.0%"] in table
+
+    newest = rows(invoke("coverage", "--count", "4").output)
+    assert ["publish_plan_post", "1", "4", "100.0%"] in newest
+    assert ["create_apply_plan", "0", "0"] in newest
+
+
+def test_latency_percentiles_headroom_and_histogram(r: redis.Redis, env: dict[str, str]) -> None:
+    env["P28_LATE_OBS_MAX_WAIT_MS"] = "2000"
+    env["P28_LATE_OBS_POLL_MS"] = "100"
+    for wait in range(100, 1001, 100):
+        add_entry(r, "publish_plan_post", "ok", wait)
+    add_entry(r, "publish_plan_post", "timeout", 2003)
+    add_entry(r, "publish_plan_post", "timeout", 2010)
+    add_entry(r, "create_apply_plan", "missing")  # no wait_ms: ignored
+    r.hset("quantum:p28:late_obs:heat_wait", mapping={"le:500": 3, "le:1000": 2, "count": 5, "sum": "2.5"})
+
+    result = invoke("latency")
+    assert result.exit_code == 0, result.output
+    table = rows(result.output)
+    # inclusive percentiles of 100..1000: p50 550, p90 910, p95 955, p99 991
+    assert ["hit", "10", "550", "910", "955", "991", "1000"] in table
+    assert [row[:2] for row in table if row[:1] == ["timeout"]][0] == ["timeout", "2"]
+    assert "p99 of hits 991 ms is 1009 ms (50.5%) below MAX_WAIT_MS=2000" in result.output
+    assert "recommended P28_LATE_OBS_MAX_WAIT_MS=1300" in result.output
+    assert "all time: 5 hits, mean 500 ms" in result.output
+    assert ["500", "3", "3", "60.0%"] in table
+    assert ["1000", "2", "5", "100.0%"] in table
+    assert ["+Inf", "0", "5", "100.0%"] in table
+
+
+def test_latency_without_data(r: redis.Redis) -> None:
+    result = invoke("latency")
+    assert result.exit_code == 0, result.output
+    assert "no publish_plan_post hits yet" in result.output
+
+
+def test_recommended_wait_is_a_poll_multiple_of_at_least_two_polls() -> None:
+    assert recommended_wait(991, 100) == 1300
+    assert recommended_wait(10, 100) == 200
+    assert recommended_wait(1600, 50) == 2000
+
+
+def test_config_check_good_env_file(tmp_path: Path, env: dict[str, str]) -> None:
+    env["P28_LATE_OBS_MAX_WAIT_MS"] = "not-read"  # the file is checked, not the environment
+    path = tmp_path / "apply-layer.env"
+    path.write_text("# P2.8A.3 Late Observer\n"
+                    "\n"
+                    "export P28_LATE_OBS_ENABLED=false\n"
+                    'P28_LATE_OBS_MAX_WAIT_MS="3000"   # raised after Alert 2\n'
+                    "P28_LATE_OBS_POLL_MS='100'\n"
+                    "REDIS_URL=redis://:s3cret@10.0.0.5:6379/0\n"
+                    "P28_LATE_OBS_MAX_WAIT=5000\n")
+    result = invoke("config", "check", "--env-file", str(path))
+    assert result.exit_code == 0, result.output
+    table = rows(result.output)
+    assert ["P28_LATE_OBS_ENABLED", "false", f"{path}:3"] in table
+    assert ["P28_LATE_OBS_MAX_WAIT_MS", "3000", f"{path}:4"] in table
+    assert ["P28_LATE_OBS_POLL_MS", "100", f"{path}:5"] in table
+    assert ["P28_LATE_OBS_MAX_INFLIGHT", "200", "default"] in table
+    assert ["REDIS_URL", "redis://:***@10.0.0.5:6379/0", f"{path}:6"] in table
+    assert "s3cret" not in result.output
+    assert "P28_LATE_OBS_MAX_WAIT is not a setting" in result.output
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("P28_LATE_OBS_MAX_WAIT_MS=abc\n", "P28_LATE_OBS_MAX_WAIT_MS='abc' is not a whole number"),
+    ("P28_LATE_OBS_ENABLED=maybe\n", "P28_LATE_OBS_ENABLED='maybe' is not a boolean"),
+    ("P28_LATE_OBS_MAX_INFLIGHT=0\n", "P28_LATE_OBS_MAX_INFLIGHT='0' is out of range"),
+    ("P28_LATE_OBS_POLL_MS='unterminated\n", ":1: No closing quotation"),
+    ("# ok\nP28_LATE_OBS_POLL_MS 100\n", ":2: expected KEY=VALUE"),
+])
+def test_config_check_bad_env_file_is_one_line(tmp_path: Path, env: dict[str, str], text: str, message: str) -> None:
+    path = tmp_path / "bad.env"
+    path.write_text(text)
+    result = invoke("config", "check", "--env-file", str(path))
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert message in result.output
+
+
+def test_config_check_reads_the_environment_by_default(env: dict[str, str]) -> None:
+    result = invoke("config", "check")
+    assert result.exit_code == 0, result.output
+    assert ["P28_LATE_OBS_MAX_WAIT_MS", "600", "env"] in rows(result.output)
+    env["P28_LATE_OBS_POLL_MS"] = "5000"
+    result = invoke("config", "check")
+    assert result.exit_code == 1
+    assert "P28_LATE_OBS_POLL_MS=5000 is above P28_LATE_OBS_MAX_WAIT_MS=600" in result.output
+
+
+@pytest.mark.parametrize("args", [["coverage"], ["latency"], ["verify"], ["status"], ["status", "--check"]])
+def test_unreachable_redis_is_one_clear_line(env: dict[str, str], args: list[str]) -> None:
+    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/11"
+    result = invoke(*args)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert result.output.startswith("Error: cannot reach Redis at redis://127.0.0.1:")
+
+
+def test_unreachable_redis_from_the_shell_has_no_traceback(env: dict[str, str]) -> None:
+    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/11"
+    done = run_cli(env, "coverage", timeout=30)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "cannot reach Redis" in done.stderr
+
+
+def test_every_command_has_examples_in_its_help() -> None:
+    for args in (["demo"], ["verify"], ["coverage"], ["latency"], ["status"], ["metrics"], ["config", "check"]):
+        result = invoke(*args, "--help")
+        assert result.exit_code == 0
+        assert "Examples:" in result.output and "observer-tasks " in result.output, args
+
+
+# -- with real workers ------------------------------------------------------------------
+
+
+def observe_some_plans(r: redis.Redis) -> None:
+    for plan in ("cli-hit-1", "cli-hit-2"):
+        r.hset(f"quantum:harvest:heat:by_plan:{plan}", mapping={"heat_level": "hot", "heat_score": "0.9"})
+    for plan in ("cli-hit-1", "cli-hit-2", "cli-miss-1"):
+        assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
+    poll(lambda: len(late_entries(r)) == 3, what="three publish_plan_post entries")
+
+
+def test_verify_healthy_with_a_worker_then_failing_when_it_stops(r: redis.Redis, worker: Worker) -> None:
+    observe_some_plans(r)
+    url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+
+    result = invoke("verify", "--metrics-url", url, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["healthy"] is True
+    assert report["coverage"]["publish_plan_post"] == {"found": 2, "not_found": 1, "total": 3, "coverage_pct": 66.7}
+    assert report["metrics"] == {"url": url, "timeout": 1.0, "redis_error": 0.0, "dropped": 0.0}
+    assert report["advice"] == []
+
+    text = invoke("verify", "--metrics-url", url)
+    assert text.exit_code == 0, text.output
+    assert "OK    timeout and redis_error series on /metrics: timeout=1 redis_error=0" in text.output
+    assert text.output.rstrip().endswith("healthy")
+
+    worker.stop()
+    result = invoke("verify", "--metrics-url", url)
+    assert result.exit_code == 1
+    assert "FAIL  timeout and redis_error series on /metrics: cannot read" in result.output
+    assert result.output.rstrip().endswith("UNHEALTHY")
+
+
+def test_verify_fails_without_late_hits_and_gives_advice(r: redis.Redis, worker: Worker) -> None:
+    for n in range(3):
+        add_entry(r, "publish_plan_post", "timeout", 600, plan_id=f"t{n}")
+    add_entry(r, "publish_plan_post", "redis_error", 100, plan_id="e1")
+    r.hset("quantum:p28:counters", mapping={"reason|publish_plan_post|redis_error": 1, "dropped": 4})
+
+    result = invoke("verify", "--metrics-url", f"http://127.0.0.1:{worker.metrics_port}/metrics", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    failed = [c["name"] for c in report["checks"] if not c["ok"]]
+    assert failed == ["publish_plan_post entries with hits", "no redis_error in the recent entries"]
+    advice = " | ".join(report["advice"])
+    assert "timeouts are 75% of publish_plan_post" in advice and "fix the drops first" in advice
+    assert "redis_error=1: an infrastructure problem" in advice
+    assert "dropped=4: saturation: raise P28_LATE_OBS_MAX_INFLIGHT first" in advice
+
+
+def test_status_check_needs_a_worker(r: redis.Redis, start_worker: Callable[..., Worker]) -> None:
+    result = invoke("status", "--check")
+    assert result.exit_code == 1
+    assert "workers:    0 consuming late_obs" in result.output
+    assert result.output.rstrip().endswith("status check failed: no worker consumes late_obs")
+    assert ["P28_LATE_OBS_MAX_WAIT_MS", "600", "env"] in rows(result.output)
+    assert ["P28_LATE_OBS_MAX_INFLIGHT", "200", "default"] in rows(result.output)
+
+    start_worker()
+    r.xadd("quantum:stream:harvest.heat.decision", {"plan_id": "x"})
+    r.xgroup_create("quantum:stream:harvest.heat.decision", "heat_bridge", id="0")
+    result = invoke("status", "--check")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"workers: +1 consuming late_obs: test-[0-9a-f]{8}@", result.output)
+    assert "broker:     redis://127.0.0.1:" in result.output and "late_obs queue length 0" in result.output
+    assert "in flight:  0 of P28_LATE_OBS_MAX_INFLIGHT=200" in result.output
+    assert "group heat_bridge on quantum:stream:harvest.heat.decision: lag 1, pending 0" in result.output
+
+
+def test_status_check_fails_when_the_broker_is_down(r: redis.Redis, env: dict[str, str]) -> None:
+    env["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/12"
+    assert invoke("status").exit_code == 0
+    result = invoke("status", "--check")
+    assert result.exit_code == 1
+    assert "UNREACHABLE" in result.output
+    assert "status check failed: broker unreachable" in result.output
+
+
+def test_metrics_exporter_serves_until_sigterm(r: redis.Redis, env: dict[str, str]) -> None:
+    port = free_port()
+    with subprocess.Popen([CLI, "metrics", "--port", str(port), "--addr", "127.0.0.1"], env={**os.environ, **env},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            page = poll(lambda: proc.poll() is not None or scrape(port), what="the exporter's /metrics")
+            assert isinstance(page, str), proc.communicate()
+            assert "p28_late_obs_dropped_total 0.0" in page
+            assert 'p28_heat_reason_total{obs_point="publish_plan_post",reason="redis_error"} 0.0' in page
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert f"serving http://127.0.0.1:{port}/metrics" in err
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+def test_demo_runs_the_pipeline_and_ends_with_the_coverage_table(r: redis.Redis, env: dict[str, str]) -> None:
+    add_entry(r, "publish_plan_post", "ok", 100, plan_id="not-this-run")
+    done = run_cli(env, "demo", "--seconds", "3", "--seed", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "started worker demo-" in out
+    assert re.search(r"^ +1s +published +\d+ +in flight", out, re.M), out
+    published = int(re.search(r"run [0-9a-f]{8}: (\d+) plans published", out).group(1))
+    assert published == 30  # 10 plans/s for 3 s
+    table = rows(out[out.index("obs_point          heat_found"):])
+    late = {row[1]: int(row[2]) for row in table if row[:1] == ["publish_plan_post"] and row[1] in ("0", "1")}
+    early = {row[1]: int(row[2]) for row in table if row[:1] == ["create_apply_plan"] and row[1] in ("0", "1")}
+    assert late["0"] + late["1"] == published and late["1"] > 0  # this run's plans only, all finished
+    assert early["0"] + early["1"] == published
+    assert "unfinished at the end: 0" in out
+    assert re.search(r"hit latency, wait_ms: p50 \d+ +p90 \d+ +p99 \d+ +max \d+", out)
+    # the demo's worker is gone: nobody consumes late_obs any more
+    assert invoke("status", "--check").exit_code == 1
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server on PATH")
+def test_demo_starts_a_private_redis_when_none_answers(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CELERY_BROKER_URL")
+    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    done = run_cli({k: v for k, v in env.items() if k != "CELERY_BROKER_URL"}, "demo", "--seconds", "1", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    port = re.search(r"started a private redis-server on port (\d+)", done.stderr).group(1)
+    report = json.loads(done.stdout)
+    assert report["coverage"]["publish_plan_post"]["total"] == report["published"] > 0
+    assert report["redis_url"] == f"redis://127.0.0.1:{port}/0"
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=int(port), socket_connect_timeout=1).ping()  # stopped at the end
+
+
+def test_demo_without_redis_or_redis_server_says_what_to_install(env: dict[str, str]) -> None:
+    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    done = run_cli({**env, "PATH": "/nonexistent"}, "demo", "--seconds", "1", timeout=30)
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "apt-get install redis-server" in done.stderr
