@@ -102,8 +102,9 @@ class Worker:
         self.env = {**os.environ, **env, "P28_METRICS_PORT": str(self.metrics_port)}
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.hostname_prefix = f"test-{uuid.uuid4().hex[:8]}@"
         self.proc = subprocess.Popen(
-            [CELERY, "-A", "observer_tasks", "worker", "-Q", "late_obs", "-n", f"test-{uuid.uuid4().hex[:8]}@%h",
+            [CELERY, "-A", "observer_tasks", "worker", "-Q", "late_obs", "-n", f"{self.hostname_prefix}%h",
              *extra_args],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
