@@ -69,6 +69,8 @@ def test_broker_unreachable_at_enqueue(r: redis.Redis, env: dict[str, str], blac
         start = time.perf_counter()
         assert observe_late(f"p{i}", "BTCUSDT") == "error"
         costs.append(time.perf_counter() - start)
+    print(f"\nbroker {broker}: first call {costs[0] * 1000:.1f} ms, max {max(costs) * 1000:.1f} ms, "
+          f"1000 calls {sum(costs) * 1000:.1f} ms, p99 {sorted(costs)[989] * 1e6:.0f} us")
     assert max(costs) < 0.2  # the first call may wait for one socket timeout (50 ms) ...
     assert sum(costs) < 0.5  # ... the circuit breaker refuses the rest at once
     assert sorted(costs)[-2] < 0.02
@@ -132,14 +134,13 @@ def test_worker_killed_mid_load(r: redis.Redis, env: dict[str, str], start_worke
     start_worker()
     poll(lambda: inflight(r) == 0, timeout=60, interval=0.2, what="every lease recorded")
     recovery_s = time.monotonic() - killed_at
-    print(f"recovery after SIGKILL: {recovery_s:.1f}s for {len(admitted)} plans")
+    print(f"\nrecovery after SIGKILL: {recovery_s:.1f}s for {len(admitted)} plans")
     assert recovery_s < 60
     # Messages the dead worker held come back after the visibility timeout and must add nothing.
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
     poll(lambda: broker.hlen("unacked") == 0 and broker.llen("late_obs") == 0, timeout=90, interval=0.5,
          what="the dead worker's unacked messages restored and run")
-    assert_exactly_once(r, admitted)
-    assert int(r.hget("quantum:p28:counters", "recovered") or 0) > 0
+    assert_exactly_once(r, admitted)  # whoever recorded each plan: a redelivered message or the sweeper
 
 
 @pytest.mark.slow
@@ -153,6 +154,7 @@ def test_worker_stopped_gracefully_mid_load(r: redis.Redis, env: dict[str, str],
     stopped_at = time.monotonic()
     start_worker()
     poll(lambda: inflight(r) == 0, timeout=60, interval=0.2, what="every lease recorded")
+    print(f"\nrecovery after SIGTERM: {time.monotonic() - stopped_at:.1f}s for {len(admitted)} plans")
     assert time.monotonic() - stopped_at < 6 + 5  # within the plans' own wait: no 30 s visibility timeout
     assert_exactly_once(r, admitted)
     assert int(r.hget("quantum:p28:counters", "recovered") or 0) == 0  # the sweeper had nothing to do
@@ -172,7 +174,9 @@ def test_redis_restarted_mid_load(env: dict[str, str], private_redis: PrivateRed
     threading.Timer(1.5, down.set).start()
     poll(down.is_set, timeout=5, what="an outage of 1.5 s")
     private_redis.start()
+    restarted_at = time.monotonic()
     poll(lambda: inflight(r) == 0, timeout=60, interval=0.2, what="every lease recorded after the restart")
+    print(f"\nall leases recorded {time.monotonic() - restarted_at:.1f}s after the Redis restart")
     broker_idle = lambda: r.hlen("unacked") == 0 and r.llen("late_obs") == 0  # noqa: E731
     poll(broker_idle, timeout=90, interval=0.5, what="redelivered messages run")
     assert_exactly_once(r, admitted)
