@@ -10,10 +10,10 @@ redis-cli, awk and curl.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -536,21 +536,27 @@ def config_check(env_file: Path | None) -> None:
 
 
 def read_env_file(path: Path) -> tuple[dict[str, str], dict[str, int]]:
-    """The file's variables and the line of each: shell-style quoting, # comments, optional `export `."""
+    """The file's variables and the line of each.
+
+    KEY=VALUE lines, optionally after `export `; blank lines and lines starting with # are skipped. A value
+    may be quoted ('...' or "...", shell rules); an unquoted one ends at whitespace followed by # (a comment).
+    """
     values, lines = {}, {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        line = text.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").lstrip()
+        name, eq, raw = line.partition("=")
+        raw = raw.strip()
+        quoted = raw[:1] in ("'", '"')
         try:
-            words = list(itertools.takewhile(lambda w: not w.startswith("#"), shlex.split(line)))
+            words = shlex.split(raw, comments=True) if quoted else [re.split(r"\s+#", raw)[0]]
         except ValueError as exc:
             raise click.ClickException(f"{path}:{number}: {exc}") from None
-        if words[:1] == ["export"]:
-            words = words[1:]
-        if not words:
-            continue
-        name, eq, value = words[0].partition("=")
-        if len(words) > 1 or not eq or not name.isidentifier():
-            raise click.ClickException(f"{path}:{number}: expected KEY=VALUE, got {line.strip()[:80]!r}")
-        values[name], lines[name] = value, number
+        if not eq or not name.isidentifier() or len(words) != 1 or (not quoted and re.search(r"\s", words[0])):
+            raise click.ClickException(f"{path}:{number}: expected KEY=VALUE, got {text.strip()[:80]!r}")
+        values[name], lines[name] = words[0], number
     return values, lines
 
 

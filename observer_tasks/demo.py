@@ -251,6 +251,7 @@ def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, 
                             say)
         drain(settings, tally, results, published, say)
         report = summary(run_id, settings, published, results, tally, heat_median_ms, never_share)
+        report["heat_written"], report["heat_write_errors"] = bridge.written, bridge.errors
     if as_json:
         click.echo(json.dumps(report))
     else:
@@ -354,6 +355,7 @@ def report_text(r: dict[str, Any]) -> str:
         "",
         reasons_table(r["reasons"]),
         "",
-        f"dropped (MAX_INFLIGHT reached): {r['dropped']}   unfinished at the end: {r['unfinished']}",
+        f"dropped (MAX_INFLIGHT reached): {r['dropped']}   unfinished at the end: {r['unfinished']}   "
+        f"heat hashes written: {r['heat_written']} ({r['heat_write_errors']} failed)",
         f"publish_plan_post hit latency, wait_ms: {latency}",
     ])

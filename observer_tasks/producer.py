@@ -82,12 +82,14 @@ class Producer:
         # A connection of its own with short timeouts and no retries: the worker's
         # connection settings (long BRPOP reads) would stall the apply layer.
         self.connection = app.connection_for_write(
+            settings.broker,
             connect_timeout=CALL_TIMEOUT_S,
             transport_options={**app.conf.broker_transport_options, "socket_timeout": CALL_TIMEOUT_S,
                                "socket_connect_timeout": CALL_TIMEOUT_S, "read_timeout": CALL_TIMEOUT_S,
                                "write_timeout": CALL_TIMEOUT_S, "max_retries": 0},
         )
-        self.lock = threading.Lock()
+        self.publish_lock = threading.Lock()  # a kombu connection is not thread-safe
+        self.lock = threading.Lock()  # breakers and owed counts
         self.redis_breaker = Breaker()
         self.broker_breaker = Breaker()
         self.owed: Counter[str] = Counter()
@@ -167,17 +169,24 @@ class Producer:
         self.redis_breaker.succeeded()
         if admitted != "admitted":
             return admitted
-        try:
-            with self.lock:
-                self.task.apply_async(
-                    args=(plan_id, symbol, payload.apply_decision, payload.published_ms, payload.deadline_ms),
-                    connection=self.connection, retry=False, task_id=f"p28-late-{plan_id}",
-                )
-        except Exception as exc:  # kombu wraps broker failures in many types
+        with self.publish_lock:
+            # Another thread may have found the broker dead while this one waited for the lock.
+            failure: BaseException | None = ConnectionError("circuit open") if self.broker_breaker.is_open() else None
+            if failure is None:
+                try:
+                    self.task.apply_async(
+                        args=(plan_id, symbol, payload.apply_decision, payload.published_ms, payload.deadline_ms),
+                        connection=self.connection, retry=False, task_id=f"p28-late-{plan_id}",
+                    )
+                except Exception as exc:  # kombu wraps broker failures in many types
+                    failure = exc
+        if failure is not None:
             # If Redis is down too, the lease ends on its own and the sweeper records the plan.
             with contextlib.suppress(*REDIS_DOWN):
                 self.store.release(plan_id)
-            return self.unavailable(K.OBS_LATE, self.broker_breaker, exc)
+            if self.broker_breaker.is_open():
+                return self.refuse(K.OBS_LATE, "unavailable", "late observer skipped: circuit open")
+            return self.unavailable(K.OBS_LATE, self.broker_breaker, failure)
         self.broker_breaker.succeeded()
         return "enqueued"
 

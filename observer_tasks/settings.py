@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
@@ -161,13 +161,12 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     return text
 
 
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):(?P<password>.*)@(?P<tail>[^@]*)$")
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***', for logs and status output."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """The URL with any password replaced by '***', for logs and status output.
+
+    Matched on the raw text (up to the last '@'), so a password holding '#', '?' or '/' is hidden too.
+    """
+    return _USERINFO.sub(r"\g<head>:***@\g<tail>", url)

@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import signals
 
+from . import kombu_fixes
 from .metrics import serve
 from .settings import Settings, SettingsError
 from .store import redis_client
@@ -23,6 +24,7 @@ log = logging.getLogger("observer_tasks.worker")
 MAIN_TIMEOUT_S = 2.0
 
 _running: dict[str, Any] = {}
+kombu_fixes.install()
 
 
 @signals.celeryd_init.connect

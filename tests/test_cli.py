@@ -112,13 +112,14 @@ def test_recommended_wait_is_a_poll_multiple_of_at_least_two_polls() -> None:
 def test_config_check_good_env_file(tmp_path: Path, env: dict[str, str]) -> None:
     env["P28_LATE_OBS_MAX_WAIT_MS"] = "not-read"  # the file is checked, not the environment
     path = tmp_path / "apply-layer.env"
-    path.write_text("# P2.8A.3 Late Observer\n"
+    path.write_text("# P2.8A.3 Late Observer (HeatBridge's lag)\n"
                     "\n"
                     "export P28_LATE_OBS_ENABLED=false\n"
-                    'P28_LATE_OBS_MAX_WAIT_MS="3000"   # raised after Alert 2\n'
+                    'P28_LATE_OBS_MAX_WAIT_MS="3000"   # raised after Alert 2: it\'s tuning\n'
                     "P28_LATE_OBS_POLL_MS='100'\n"
                     "REDIS_URL=redis://:s3cret@10.0.0.5:6379/0\n"
-                    "P28_LATE_OBS_MAX_WAIT=5000\n")
+                    "P28_LATE_OBS_MAX_WAIT=5000\n"
+                    "  P28_HEAT_OBS_STREAM=obs#1 # a comment after a space\n")
     result = invoke("config", "check", "--env-file", str(path))
     assert result.exit_code == 0, result.output
     table = rows(result.output)
@@ -126,12 +127,22 @@ def test_config_check_good_env_file(tmp_path: Path, env: dict[str, str]) -> None
     assert ["P28_LATE_OBS_MAX_WAIT_MS", "3000", f"{path}:4"] in table
     assert ["P28_LATE_OBS_POLL_MS", "100", f"{path}:5"] in table
     assert ["P28_LATE_OBS_MAX_INFLIGHT", "200", "default"] in table
+    assert ["P28_HEAT_OBS_STREAM", "obs#1", f"{path}:8"] in table
     assert ["REDIS_URL", "redis://:***@10.0.0.5:6379/0", f"{path}:6"] in table
     assert "s3cret" not in result.output
     assert "P28_LATE_OBS_MAX_WAIT is not a setting" in result.output
 
 
+def test_config_check_accepts_the_shipped_env_file(env: dict[str, str]) -> None:
+    path = ROOT / "deploy" / "observer.env"
+    result = invoke("config", "check", "--env-file", str(path))
+    assert result.exit_code == 0, result.output
+    sources = {row[0]: row[-1] for row in rows(result.output)}
+    assert sources["P28_LATE_OBS_MAX_WAIT_MS"].startswith(f"{path}:")
+
+
 @pytest.mark.parametrize(("text", "message"), [
+    ("P28_HEAT_OBS_STREAM=a b\n", ":1: expected KEY=VALUE"),
     ("P28_LATE_OBS_MAX_WAIT_MS=abc\n", "P28_LATE_OBS_MAX_WAIT_MS='abc' is not a whole number"),
     ("P28_LATE_OBS_ENABLED=maybe\n", "P28_LATE_OBS_ENABLED='maybe' is not a boolean"),
     ("P28_LATE_OBS_MAX_INFLIGHT=0\n", "P28_LATE_OBS_MAX_INFLIGHT='0' is out of range"),

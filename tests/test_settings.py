@@ -100,6 +100,9 @@ def test_urls() -> None:
     s = Settings.from_env({"REDIS_URL": "redis://u:secret@h:1/0", "CELERY_BROKER_URL": "amqp://g:secret2@h//"})
     assert "secret" not in str(s.as_env()) and s.as_env()["REDIS_URL"] == "redis://u:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+    assert redact_url("redis://:p#s?s/w@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("rediss://user:a@b@[::1]:6380/0?ssl_cert_reqs=none") == "rediss://user:***@[::1]:6380/0?ssl_cert_reqs=none"
+    assert redact_url("amqp://guest:guest@host:5672//") == "amqp://guest:***@host:5672//"
 
 
 def test_sources() -> None:
