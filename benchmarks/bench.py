@@ -16,8 +16,8 @@ delay (lognormal, or never), wait for the observations to drain, then read the s
 Detection latency = entry ts_epoch (observation) - heat_ts_epoch (Redis TIME at the write).
 Worker CPU = user+sys of the worker process tree (or the baseline's pool threads) over the
 window from the first publish to the end of the drain, from /proc. Redis CPU = INFO cpu delta
-(the server is shared: other clients' work is included). Coverage = hits / plans whose heat
-was written within MAX_WAIT_MS of publishing.
+(the server is shared: other clients' work is included). Coverage = hits / plans that got a
+heat hash (catchable = those written within MAX_WAIT_MS of publishing, in the JSON).
 """
 
 from __future__ import annotations
@@ -227,55 +227,60 @@ def run(args: argparse.Namespace, side: str, rate: float, data, broker) -> dict:
     plans = make_plans(args, rate)
     data.flushdb()
     broker.flushdb()
-    worker = baseline = None
-    if side == "baseline":
-        baseline = Baseline(settings, Store(settings, redis_client(settings.redis_url, 0.5)))
-        call, cpu = baseline.observe_late, baseline.cpu
-    else:
-        worker = start_worker(args, Path(args.json).parent / "worker.log")
-        # Warm up the producer and check the round trip with a plan whose heat is already there.
-        data.hset(prefix + "bench-warmup", mapping={"ts_epoch": f"{time.time():.6f}", "heat_level": "cold"})
-        observe_late("bench-warmup", "BTCUSDT", "EXECUTE")
-        t = time.monotonic()
-        while data.xlen(settings.obs_stream) < 1 and time.monotonic() - t < 10:
+    worker = baseline = bridge = None
+    try:
+        if side == "baseline":
+            baseline = Baseline(settings, Store(settings, redis_client(settings.redis_url, 0.5)))
+            call, cpu = baseline.observe_late, baseline.cpu
+        else:
+            worker = start_worker(args, Path(args.json).parent / "worker.log")
+            # Warm up the producer and check the round trip with a plan whose heat is already there.
+            data.hset(prefix + "bench-warmup", mapping={"ts_epoch": f"{time.time():.6f}", "heat_level": "cold"})
+            observe_late("bench-warmup", "BTCUSDT", "EXECUTE")
+            t = time.monotonic()
+            while data.xlen(settings.obs_stream) < 1 and time.monotonic() - t < 10:
+                time.sleep(0.05)
+            call, cpu = observe_late, (lambda: tree_cpu(worker.pid))
+
+        # The HeatBridge process writes the same heats at the same offsets for both sides.
+        writes = sorted((p.at + p.heat_ms / 1000, p.plan_id, p.symbol) for p in plans if p.heat_ms is not None)
+        ctx = multiprocessing.get_context("spawn")
+        parent_end, child_end = ctx.Pipe()
+        bridge = ctx.Process(target=heat_bridge, args=(settings.redis_url, prefix, writes, child_end), daemon=True)
+        bridge.start()
+        if not parent_end.poll(30):
+            raise RuntimeError("the HeatBridge process did not start")
+        parent_end.recv()
+
+        results: dict[str, int] = {}
+        costs_us, max_lag = [], 0.0
+        cpu0, redis0 = cpu(), redis_cpu(data)
+        t0 = time.time() + 0.1
+        parent_end.send(t0)
+        for p in plans:  # the apply layer: publish at a fixed rate, timing the observer call
+            delay = t0 + p.at - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            max_lag = max(max_lag, -delay)
+            start = time.perf_counter_ns()
+            r = call(p.plan_id, p.symbol, p.decision)
+            costs_us.append((time.perf_counter_ns() - start) / 1000)
+            results[r] = results.get(r, 0) + 1
+        admitted = results.get("enqueued", 0)
+        # Drain: until every admitted plan has an entry, or the cap.
+        cap = time.monotonic() + settings.late_obs_max_wait_ms / 1000 + args.drain
+        n_warm = 0 if side == "baseline" else 1
+        while data.xlen(settings.obs_stream) - n_warm < admitted and time.monotonic() < cap:
             time.sleep(0.05)
-        call, cpu = observe_late, (lambda: tree_cpu(worker.pid))
-
-    # The HeatBridge process writes the same heats at the same offsets for both sides.
-    writes = sorted((p.at + p.heat_ms / 1000, p.plan_id, p.symbol) for p in plans if p.heat_ms is not None)
-    ctx = multiprocessing.get_context("spawn")
-    parent_end, child_end = ctx.Pipe()
-    bridge = ctx.Process(target=heat_bridge, args=(settings.redis_url, prefix, writes, child_end), daemon=True)
-    bridge.start()
-    parent_end.recv()
-
-    results: dict[str, int] = {}
-    costs_us, max_lag = [], 0.0
-    cpu0, redis0 = cpu(), redis_cpu(data)
-    t0 = time.time() + 0.1
-    parent_end.send(t0)
-    for p in plans:  # the apply layer: publish at a fixed rate, timing the observer call
-        delay = t0 + p.at - time.time()
-        if delay > 0:
-            time.sleep(delay)
-        max_lag = max(max_lag, -delay)
-        start = time.perf_counter_ns()
-        r = call(p.plan_id, p.symbol, p.decision)
-        costs_us.append((time.perf_counter_ns() - start) / 1000)
-        results[r] = results.get(r, 0) + 1
-    admitted = results.get("enqueued", 0)
-    # Drain: until every admitted plan has an entry, or the cap.
-    cap = time.monotonic() + settings.late_obs_max_wait_ms / 1000 + args.drain
-    n_warm = 0 if side == "baseline" else 1
-    while data.xlen(settings.obs_stream) - n_warm < admitted and time.monotonic() < cap:
-        time.sleep(0.05)
-    cpu_s, redis_s = cpu() - cpu0, redis_cpu(data) - redis0
-    entries = data.xrange(settings.obs_stream)
-    bridge.terminate()
-    if worker:
-        stop_worker(worker)
-    if baseline:
-        baseline.pool.shutdown(wait=True, cancel_futures=True)
+        cpu_s, redis_s = cpu() - cpu0, redis_cpu(data) - redis0
+        entries = data.xrange(settings.obs_stream)
+    finally:
+        if bridge:
+            bridge.terminate()
+        if worker:
+            stop_worker(worker)
+        if baseline:
+            baseline.pool.shutdown(wait=True, cancel_futures=True)
     return summarise(side, rate, args, settings, plans, results, entries, costs_us, cpu_s, redis_s, max_lag)
 
 
@@ -296,6 +301,7 @@ def summarise(side, rate, args, settings, plans, results, entries, costs_us, cpu
         elif e["heat_reason"] == "timeout":
             timeout_wait.append(float(e.get("wait_ms") or 0))
     admitted = results.get("enqueued", 0)
+    with_heat = sum(1 for p in plans if p.heat_ms is not None)
     catchable = sum(1 for p in plans if p.heat_ms is not None and p.heat_ms <= settings.late_obs_max_wait_ms)
     per = lambda n: round(cpu_s * 1000 / n, 3) if n else None  # noqa: E731
     return {
@@ -303,8 +309,8 @@ def summarise(side, rate, args, settings, plans, results, entries, costs_us, cpu
         "dropped": results.get("dropped", 0), "other_returns": {k: v for k, v in results.items()
                                                                if k not in ("enqueued", "dropped")},
         "observed": len(seen), "missing": admitted - len(seen), "duplicates": sum(n - 1 for n in seen.values()),
-        "swept": swept, "reasons": reasons, "hits": len(detect), "catchable": catchable,
-        "coverage": round(len(detect) / catchable, 4) if catchable else None,
+        "swept": swept, "reasons": reasons, "hits": len(detect), "with_heat": with_heat,
+        "catchable": catchable, "coverage": round(len(detect) / with_heat, 4) if with_heat else None,
         "detect_ms": dist(detect), "timeout_wait_ms": dist(timeout_wait, 0),
         "polls": polls, "polls_per_plan": round(polls / len(seen), 2) if seen else None,
         "worker_cpu_ms": round(cpu_s * 1000), "worker_cpu_ms_per_plan": per(admitted),
@@ -357,7 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="10,50,100,150", help="plans/s, comma separated")
     ap.add_argument("--seconds", type=float, default=20.0, help="load duration per rate")
-    ap.add_argument("--quick", action="store_true", help="rates 10,50,150 for 4 s each (under two minutes)")
+    ap.add_argument("--quick", action="store_true", help="rates 10,50,100,150 for 4 s each (about 80 s)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/latest.json"))
     ap.add_argument("--seed", type=int, default=28)
     ap.add_argument("--sides", default="baseline,observer_tasks")
@@ -370,7 +376,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--worker-args", default="", help="extra celery worker options (experiments only)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.rates, args.seconds, args.drain = "10,50,150", 4.0, 1.0
+        args.rates, args.seconds, args.drain = "10,50,100,150", 4.0, 1.0
     bad = set(args.sides.split(",")) - {"baseline", "observer_tasks"}
     if bad:
         ap.error(f"unknown side(s): {', '.join(sorted(bad))}")

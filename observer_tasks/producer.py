@@ -125,16 +125,23 @@ class Producer:
             raise
 
     # -- the two calls ------------------------------------------------------
-    def observe(self, plan_id: Any, symbol: Any, apply_decision: Any) -> str:
-        if not self.settings.heat_obs_enabled:
+    def refusal(self, obs_point: str, enabled: bool, plan_id: Any, symbol: Any, *breakers: Breaker) -> str | None:
+        """Why this call must not observe ('disabled' or 'error'), or None when it may."""
+        if not enabled:
             return "disabled"
         try:
             K.check_plan_id(plan_id)
             check_symbol(symbol)
         except K.InvalidInput as exc:
-            return self.refuse(K.OBS_EARLY, "invalid_input", str(exc))
-        if self.redis_breaker.is_open():
-            return self.refuse(K.OBS_EARLY, "unavailable", "early observer skipped: Redis circuit open")
+            return self.refuse(obs_point, "invalid_input", str(exc))
+        if any(breaker.is_open() for breaker in breakers):
+            return self.refuse(obs_point, "unavailable", f"{obs_point} skipped: circuit open")
+        return None
+
+    def observe(self, plan_id: Any, symbol: Any, apply_decision: Any) -> str:
+        refused = self.refusal(K.OBS_EARLY, self.settings.heat_obs_enabled, plan_id, symbol, self.redis_breaker)
+        if refused:
+            return refused
         try:
             self.pay_owed()
             heat, debug = look(self.store, plan_id)
@@ -149,15 +156,10 @@ class Producer:
         return reason if recorded else "duplicate"
 
     def observe_late(self, plan_id: Any, symbol: Any, apply_decision: Any) -> str:
-        if not self.settings.late_obs_enabled:
-            return "disabled"
-        try:
-            K.check_plan_id(plan_id)
-            check_symbol(symbol)
-        except K.InvalidInput as exc:
-            return self.refuse(K.OBS_LATE, "invalid_input", str(exc))
-        if self.redis_breaker.is_open() or self.broker_breaker.is_open():
-            return self.refuse(K.OBS_LATE, "unavailable", "late observer skipped: circuit open")
+        refused = self.refusal(K.OBS_LATE, self.settings.late_obs_enabled, plan_id, symbol, self.redis_breaker,
+                               self.broker_breaker)
+        if refused:
+            return refused
         now_ms = int(time.time() * 1000)
         payload = LeasePayload(symbol, normalise_decision(apply_decision), now_ms,
                                now_ms + self.settings.late_obs_max_wait_ms)
@@ -185,7 +187,7 @@ class Producer:
             with contextlib.suppress(*REDIS_DOWN):
                 self.store.release(plan_id)
             if self.broker_breaker.is_open():
-                return self.refuse(K.OBS_LATE, "unavailable", "late observer skipped: circuit open")
+                return self.refuse(K.OBS_LATE, "unavailable", f"{K.OBS_LATE} skipped: circuit open")
             return self.unavailable(K.OBS_LATE, self.broker_breaker, failure)
         self.broker_breaker.succeeded()
         return "enqueued"
