@@ -24,9 +24,11 @@ accept_content = ["json"]
 event_serializer = "json"
 
 task_default_queue = "late_obs"
-task_routes = {"observer_tasks.late_observe": {"queue": "late_obs"}}
+task_routes = {"observer_tasks.late_*": {"queue": "late_obs"}}
 
-# Flower and celery-exporter see every task (sent events carry the queue name).
+# Flower and celery-exporter see every plan: observe_late's message sends task-sent (with the queue name)
+# and its first look sends received/started/succeeded. Later looks (observer_tasks.late_poll) send no
+# events and the worker sends no task-sent for them (worker.py): a poll then costs a third as much.
 worker_send_task_events = True
 task_send_sent_event = True
 

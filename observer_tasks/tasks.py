@@ -81,9 +81,22 @@ def worker_store() -> tuple[Settings, Store]:
     return _worker_state[1], _worker_state[2]
 
 
-@app.task(name="observer_tasks.late_observe", bind=True, ignore_result=True, acks_late=True,
-          reject_on_worker_lost=True)
+TASK_OPTIONS: dict[str, Any] = {"bind": True, "ignore_result": True, "acks_late": True, "reject_on_worker_lost": True}
+
+
+@app.task(name="observer_tasks.late_observe", **TASK_OPTIONS)
 def late_observe(self: Task, *args: Any, **kwargs: Any) -> str:
+    """A plan's first look: sent by observe_late, with task events, so Flower and exporters see every plan."""
+    return look_once(self, args, kwargs)
+
+
+@app.task(name="observer_tasks.late_poll", send_events=False, **TASK_OPTIONS)
+def late_poll(self: Task, *args: Any, **kwargs: Any) -> str:
+    """Every later look: the same work without task events, which would triple the cost of each poll."""
+    return look_once(self, args, kwargs)
+
+
+def look_once(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     settings, store = worker_store()
     try:
         msg = LateMessage.parse(args, kwargs)
@@ -91,7 +104,7 @@ def late_observe(self: Task, *args: Any, **kwargs: Any) -> str:
         return reject(store, args, kwargs, str(exc))
     if msg.deadline_ms - time.time() * 1000 > settings.late_obs_max_wait_ms + DEADLINE_SLACK_MS:
         return reject(store, args, kwargs, f"deadline_ms={msg.deadline_ms} is too far in the future")
-    return observe_until_done(self, settings, store, msg)
+    return observe_until_done(task, settings, store, msg)
 
 
 def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMessage) -> str:
@@ -114,8 +127,8 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
             return finish(store, msg, now_ms, heat, "timeout", debug)
         countdown_s = min(settings.late_obs_poll_ms, msg.deadline_ms - now_ms) / 1000
         try:
-            task.apply_async(args=msg.args(), kwargs={"polls": polls, "errors": errors}, countdown=countdown_s,
-                             task_id=task.request.id, retry=False)
+            late_poll.apply_async(args=msg.args(), kwargs={"polls": polls, "errors": errors},
+                                  countdown=countdown_s, task_id=task.request.id, retry=False)
             return "rescheduled"
         except PUBLISH_ERRORS as exc:
             log.warning("P2.8A.3: cannot reschedule plan %s (%r); looking again in this worker", msg.plan_id, exc)

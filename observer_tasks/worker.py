@@ -37,6 +37,9 @@ def refuse_bad_settings(sender: Any = None, conf: Any = None, options: Any = Non
         sys.stdout.flush()
         raise SystemExit(2) from None
     _running["settings"] = settings
+    # The worker only ever sends late_poll messages (reschedules): no task-sent event for those.
+    if conf is not None:
+        conf.task_send_sent_event = False
 
 
 @signals.celeryd_after_setup.connect
