@@ -19,10 +19,8 @@ import time
 from collections import Counter
 from typing import Any
 
-import redis
-
 from . import keys as K
-from .heat import Heat, check_symbol, normalise_decision, read_heat
+from .heat import check_symbol, normalise_decision
 from .settings import Settings, SettingsError
 from .store import REDIS_DOWN, LeasePayload, Store, redis_client
 
@@ -144,7 +142,7 @@ class Producer:
             return refused
         try:
             self.pay_owed()
-            heat, debug = look(self.store, plan_id)
+            heat, debug = self.store.look(plan_id)
             reason = heat.reason or ("redis_error" if debug.get("lookup_error") else "missing")
             recorded = self.store.record(
                 plan_id=plan_id, symbol=symbol, obs_point=K.OBS_EARLY, heat=heat, reason=reason,
@@ -191,21 +189,6 @@ class Producer:
             return self.unavailable(K.OBS_LATE, self.broker_breaker, failure)
         self.broker_breaker.succeeded()
         return "enqueued"
-
-
-def look(store: Store, plan_id: str) -> tuple[Heat, dict[str, Any]]:
-    """One look at the heat hash: the heat seen and what to put in debug_json.
-
-    A key of the wrong Redis type is a parse_error; Redis being unreachable is
-    reported as debug['lookup_error'] and an empty Heat.
-    """
-    try:
-        raw = store.lookup(plan_id)
-    except redis.ResponseError as exc:
-        return Heat(found=True, reason="parse_error"), {"parse": str(exc)[:80]}
-    except REDIS_DOWN as exc:
-        return Heat(found=False, reason=""), {"lookup_error": type(exc).__name__}
-    return read_heat(raw), {}
 
 
 _producer: Producer | None = None

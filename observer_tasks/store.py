@@ -18,7 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import keys as K
-from .heat import Heat, cap_debug, entry_fields
+from .heat import Heat, cap_debug, entry_fields, read_heat
 from .settings import STREAM_MAXLEN, SWEEP_GRACE_MS, Settings
 
 #: Errors that mean "Redis could not be asked", as opposed to a bad reply.
@@ -76,9 +76,19 @@ class Store:
         self._record = _script(client, "record.lua")
         self._release = _script(client, "release.lua")
 
-    def lookup(self, plan_id: str) -> dict[bytes, bytes]:
-        """HGETALL of the plan's heat hash. Raises ResponseError (WRONGTYPE) or a REDIS_DOWN error."""
-        return self.client.hgetall(self.keys.heat(plan_id))  # type: ignore[return-value]
+    def look(self, plan_id: str) -> tuple[Heat, dict[str, Any]]:
+        """One look at the plan's heat hash: what it saw and what to put in debug_json.
+
+        A key of the wrong Redis type is a parse_error; Redis being unreachable is
+        reported as debug['lookup_error'] with an empty Heat.
+        """
+        try:
+            raw = self.client.hgetall(self.keys.heat(plan_id))
+        except redis.ResponseError as exc:
+            return Heat(found=True, reason="parse_error"), {"parse": str(exc)[:80]}
+        except REDIS_DOWN as exc:
+            return Heat(found=False, reason=""), {"lookup_error": type(exc).__name__}
+        return read_heat(raw), {}  # type: ignore[arg-type]
 
     def admit(self, plan_id: str, payload: LeasePayload) -> str:
         """Take a lease for the plan ('admitted'), or count a drop ('dropped'), or 'duplicate'."""

@@ -109,14 +109,12 @@ def look_once(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMessage) -> str:
     """Look, then reschedule through the broker; look again here only if the broker is down."""
-    from .producer import look
-
     while True:
         now_ms = int(time.time() * 1000)
         if now_ms > msg.deadline_ms + settings.late_obs_poll_ms:
             late = now_ms - msg.deadline_ms
             return finish(store, msg, now_ms, Heat(False, ""), "timeout", {"cause": f"arrived {late}ms late"})
-        heat, debug = look(store, msg.plan_id)
+        heat, debug = store.look(msg.plan_id)
         polls, errors = msg.polls + 1, msg.errors + (1 if "lookup_error" in debug else 0)
         msg = dataclasses.replace(msg, polls=polls, errors=errors)
         if heat.found:
