@@ -18,7 +18,7 @@ OBS_POINTS = (OBS_EARLY, OBS_LATE)
 #: The closed set of reasons (metrics cardinality depends on it).
 REASONS = ("ok", "missing", "timeout", "redis_error", "parse_error")
 #: Why an observe call refused to observe (the p28_observe_refused_total causes).
-REFUSAL_CAUSES = ("invalid_input", "unavailable", "bad_config")
+REFUSAL_CAUSES = ("invalid_input", "unavailable")
 
 PLAN_ID_MAX = 128
 _PLAN_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.\-]{{0,{PLAN_ID_MAX - 1}}}")

@@ -35,8 +35,6 @@ LOOKUP_TIMEOUT_S = 0.5
 RECORD_PATIENCE_S = 30.0
 #: A deadline further ahead than MAX_WAIT_MS plus this is not from our producer (ms).
 DEADLINE_SLACK_MS = 60_000
-#: Errors from publishing the next look (kombu wraps broker failures in many types).
-PUBLISH_ERRORS = (Exception,)
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,7 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
             late_poll.apply_async(args=msg.args(), kwargs={"polls": polls, "errors": errors},
                                   countdown=countdown_s, task_id=task.request.id, retry=False)
             return "rescheduled"
-        except PUBLISH_ERRORS as exc:
+        except Exception as exc:  # kombu wraps broker failures in many types
             log.warning("P2.8A.3: cannot reschedule plan %s (%r); looking again in this worker", msg.plan_id, exc)
             time.sleep(countdown_s)
 
