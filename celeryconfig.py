@@ -1,7 +1,7 @@
 """Celery settings of the late observer, derived from observer_tasks' settings object.
 
 A bad environment falls back to the defaults here only so that importing the
-app never fails: the worker refuses bad settings in its celeryd_init hook, and
+app never fails: the worker refuses bad settings in its start-up step (services.py), and
 the apply layer's calls return "error".
 """
 
@@ -28,7 +28,7 @@ task_routes = {"observer_tasks.late_*": {"queue": "late_obs"}}
 
 # Flower and celery-exporter see every plan: observe_late's message sends task-sent (with the queue name)
 # and its first look sends received/started/succeeded. Later looks (observer_tasks.late_poll) send no
-# events and the worker sends no task-sent for them (worker.py): a poll then costs a third as much.
+# events and the worker sends no task-sent for them (services.py): a poll then costs a third as much.
 worker_send_task_events = True
 task_send_sent_event = True
 
@@ -46,9 +46,10 @@ task_publish_retry = False
 broker_connection_timeout = 1.0
 
 broker_transport_options = {
-    # A killed worker's unacked messages come back after 30 s (every look finishes in well under that),
-    # and the restore sweep runs every 5 s instead of kombu's default ~100 s.
-    "visibility_timeout": 30,
+    # A killed worker's unacked messages come back after this; derived from the settings so it is longer
+    # than any message is legitimately held (see Settings.visibility_timeout_s). The restore sweep runs
+    # every 5 s instead of kombu's default ~100 s.
+    "visibility_timeout": _settings.visibility_timeout_s,
     "unacked_restore_interval": 5,
     "unacked_restore_throttle": 1,
     # Above kombu's 1 s BRPOP wait, so a blocked read is not mistaken for a dead socket.

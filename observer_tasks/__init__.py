@@ -2,10 +2,10 @@
 
 The apply layer calls ``observe`` (early, synchronous) and ``observe_late``
 (admission + first message on queue ``late_obs``); neither ever raises.
-``celery -A observer_tasks worker -Q late_obs`` finds the Celery app here.
+``celery -A observer_tasks worker -Q late_obs`` finds the Celery app here; the worker's
+services are a bootstep (services.py) that only the worker loads.
 """
 
-from . import worker as _worker_signals  # noqa: F401  (connects the worker's signal handlers)
 from .producer import observe, observe_late
 from .tasks import app
 

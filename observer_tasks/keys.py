@@ -27,6 +27,16 @@ COUNTERS = "quantum:p28:counters"
 INFLIGHT = "quantum:p28:late_obs:inflight"
 LEASES = "quantum:p28:late_obs:leases"
 HEAT_WAIT = "quantum:p28:late_obs:heat_wait"
+#: plan -> why its first message was never sent (the producer's hand-off failed); read by the sweeper.
+UNSENT = "quantum:p28:late_obs:unsent"
+#: Exists (PX) while some worker's wake listener is connected.
+WAKE_OK = "quantum:p28:late_obs:wake_ok"
+#: Exists (PX) while some live worker's wake listener is not connected: the chain polls at POLL_MS.
+WAKE_DEGRADED = "quantum:p28:late_obs:wake_degraded"
+#: Worker nodename -> JSON heartbeat (seen_ms on Redis's clock, wake state, last push, resyncs).
+WORKERS = "quantum:p28:workers"
+#: How a publish_plan_post entry was recorded (p28_late_obs_recorded_total{path}).
+RECORD_PATHS = ("look", "wake", "sweep")
 
 
 class InvalidInput(ValueError):
@@ -56,6 +66,12 @@ class Keys:
 
     def heat(self, plan_id: str) -> str:
         return self.heat_prefix + check_plan_id(plan_id)
+
+    def plan_of_heat_key(self, key: bytes | str) -> str | None:
+        """The plan id of a heat key, or None for a key that is not one (another prefix, a bad id)."""
+        text = key.decode(errors="replace") if isinstance(key, bytes) else key
+        plan_id = text[len(self.heat_prefix):] if text.startswith(self.heat_prefix) else None
+        return plan_id if valid_plan_id(plan_id) else None
 
     @staticmethod
     def dedupe(obs_point: str, plan_id: str) -> str:

@@ -8,6 +8,7 @@ only this collector, so nothing else in the process leaks into the page.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -18,25 +19,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from . import keys as K
-from .settings import Settings
-from .store import REDIS_DOWN
+from .settings import WORKER_STALE_MS, Settings
+from .store import heat_wait_buckets
 
 log = logging.getLogger("observer_tasks.metrics")
-
-
-def heat_wait_buckets(settings: Settings) -> list[int]:
-    """Upper bounds (ms) around POLL_MS and MAX_WAIT_MS, so MAX_WAIT_MS can be tuned from data."""
-    poll, wait = settings.late_obs_poll_ms, settings.late_obs_max_wait_ms
-    bounds = {poll, 2 * poll, 5 * poll, *(int(wait * f) for f in (0.125, 0.25, 0.5, 0.75, 1.0, 1.25))}
-    return sorted(b for b in bounds if 0 < b <= wait * 1.25)
-
-
-def heat_wait_bucket(settings: Settings, wait_ms: int) -> str:
-    """The histogram field a late hit of wait_ms is counted under ('le:<ms>' or 'le:+Inf')."""
-    for bound in heat_wait_buckets(settings):
-        if wait_ms <= bound:
-            return f"le:{bound}"
-    return "le:+Inf"
 
 
 class RedisCollector(Collector):
@@ -51,8 +37,10 @@ class RedisCollector(Collector):
             pipe.hgetall(K.COUNTERS)
             pipe.zcard(K.INFLIGHT)
             pipe.hgetall(K.HEAT_WAIT)
-            raw_counters, inflight, raw_hist = pipe.execute()
-        except (*REDIS_DOWN, redis.RedisError) as exc:
+            pipe.hvals(K.WORKERS)
+            pipe.time()
+            raw_counters, inflight, raw_hist, raw_workers, (sec, usec) = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
             # Leave the counters out rather than show zeros, which Prometheus would read as a reset.
             log.warning("P2.8A metrics: cannot read Redis: %r", exc)
             up.add_metric([], 0)
@@ -62,6 +50,22 @@ class RedisCollector(Collector):
         yield up
         yield from self.families({k.decode(): int(v) for k, v in raw_counters.items()}, inflight,
                                  {k.decode(): v.decode() for k, v in raw_hist.items()})
+        yield from self.worker_families(raw_workers, sec * 1000 + usec // 1000)
+
+    def worker_families(self, raw_workers: list[bytes], now_ms: int) -> Iterator[Metric]:
+        """Workers with a fresh heartbeat (Redis time), and how many of them have their wake listener up."""
+        alive = listening = 0
+        for raw in raw_workers:
+            try:
+                entry = json.loads(raw)
+                fresh = now_ms - int(entry["seen_ms"]) <= WORKER_STALE_MS
+            except (ValueError, TypeError, KeyError):
+                continue
+            alive += fresh
+            listening += fresh and entry.get("wake") == "connected"
+        yield GaugeMetricFamily("p28_late_obs_workers", "Workers with a fresh heartbeat in Redis", value=alive)
+        yield GaugeMetricFamily("p28_late_obs_wake_listeners_up", "Workers whose wake listener is connected",
+                                value=listening)
 
     def families(self, counts: dict[str, int], inflight: int, hist: dict[str, str]) -> Iterator[Metric]:
         observed = CounterMetricFamily("p28_observed", "Observations recorded", labels=["obs_point", "heat_found"])
@@ -82,6 +86,13 @@ class RedisCollector(Collector):
                                   value=counts.get("dropped", 0))
         yield CounterMetricFamily("p28_late_obs_recovered", "Plans recorded by the sweeper (no record by deadline"
                                   " + grace)", value=counts.get("recovered", 0))
+        recorded = CounterMetricFamily("p28_late_obs_recorded", "publish_plan_post entries by who recorded them",
+                                       labels=["path"])
+        for path in K.RECORD_PATHS:
+            recorded.add_metric([path], counts.get(f"recorded|{path}", 0))
+        yield recorded
+        yield CounterMetricFamily("p28_late_obs_wake_resyncs", "Wake listener resyncs after a (re)connect",
+                                  value=counts.get("wake_resyncs", 0))
         yield GaugeMetricFamily("p28_late_obs_inflight", "Plans under late observation (leases not yet recorded)",
                                 value=inflight)
         yield self.histogram(hist)

@@ -21,12 +21,31 @@ FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 
 #: Stream length kept by XADD ... MAXLEN ~ (approximate trimming, entries).
 STREAM_MAXLEN = 10_000
-#: How long past a plan's deadline its lease may stay unrecorded before the
-#: sweeper records it as a timeout (ms). Longer than a normal final run takes,
-#: shorter than the minute a killed worker's plans may take to recover.
-SWEEP_GRACE_MS = 5_000
-#: How often each worker's sweeper looks for overdue leases (seconds).
+
+# The interlocked timings, in one place. Each must cover the ones it depends on; Settings derives the
+# ones that depend on settings (sweep_grace_ms, visibility_timeout_s) and checks the rest at start-up.
+#: Socket timeout of the apply layer's Redis and broker calls (s): the most a call can stall its caller.
+CALL_TIMEOUT_S = 0.05
+#: Socket timeout of the worker's Redis client (s): a look that takes longer is a failed look.
+LOOKUP_TIMEOUT_S = 0.5
+#: How long a task keeps trying to record redis_error before leaving the plan to the sweeper (s).
+RECORD_PATIENCE_S = 2.0
+#: Least time a lease outlives its plan's deadline before the sweeper records it (ms); see sweep_grace_ms.
+MIN_SWEEP_GRACE_MS = 5_000
+#: How often each worker's sweeper looks for overdue leases (s).
 SWEEP_INTERVAL_S = 1.0
+#: How often each worker writes its heartbeat and wake-path health to Redis (s).
+HEARTBEAT_S = 0.5
+#: How long one heartbeat vouches for the wake path (ms): four missed beats and the chain polls at POLL_MS.
+WAKE_HEALTH_TTL_MS = 2_000
+#: A worker whose heartbeat is older than this is counted as gone (ms).
+WORKER_STALE_MS = 10_000
+#: A gone worker's heartbeat entry is removed after this (ms).
+WORKER_FORGET_MS = 60_000
+#: Least visibility timeout of the Redis broker (s): kombu restores a killed worker's messages after it.
+MIN_VISIBILITY_TIMEOUT_S = 30
+#: The safety interval used when P28_LATE_OBS_SAFETY_POLL_MS is not set (ms), clamped to POLL..MAX_WAIT.
+DEFAULT_SAFETY_POLL_MS = 500
 
 
 class SettingsError(ValueError):
@@ -72,6 +91,16 @@ class Settings:
         default=200,
         metadata=_var("P28_LATE_OBS_MAX_INFLIGHT", "plans under late observation at once", lo=1, hi=1_000_000),
     )
+    late_obs_wake: bool = field(
+        default=True,
+        metadata=_var("P28_LATE_OBS_WAKE", "record a plan the moment its heat hash is written (polls stay as safety)"),
+    )
+    # 0 means "not set": DEFAULT_SAFETY_POLL_MS clamped to POLL_MS..MAX_WAIT_MS (see safety_poll_ms).
+    late_obs_safety_poll_ms: int = field(
+        default=0,
+        metadata=_var("P28_LATE_OBS_SAFETY_POLL_MS", "interval between looks while the wake path is healthy (ms)",
+                      lo=0, hi=600_000),
+    )
     redis_url: str = field(
         default="redis://localhost:6379/0", metadata=_var("REDIS_URL", "Redis holding heat, stream and counters")
     )
@@ -83,13 +112,46 @@ class Settings:
     metrics_addr: str = field(
         default="0.0.0.0", metadata=_var("P28_METRICS_ADDR", "address the /metrics server binds to")
     )
+    kombu_guard: bool = field(
+        default=True,
+        metadata=_var("P28_KOMBU_GUARD", "worker: guard kombu's Redis transport against a restart crash (diagnosis)"),
+    )
 
     def __post_init__(self) -> None:
-        if self.late_obs_poll_ms > self.late_obs_max_wait_ms:
-            raise SettingsError(
-                f"P28_LATE_OBS_POLL_MS={self.late_obs_poll_ms} is above "
-                f"P28_LATE_OBS_MAX_WAIT_MS={self.late_obs_max_wait_ms}: the observer would never look twice"
-            )
+        poll, wait, safety = self.late_obs_poll_ms, self.late_obs_max_wait_ms, self.late_obs_safety_poll_ms
+        if poll > wait:
+            raise SettingsError(f"P28_LATE_OBS_POLL_MS={poll} is above P28_LATE_OBS_MAX_WAIT_MS={wait}: "
+                                "the observer would never look twice")
+        if safety and not poll <= safety <= wait:
+            raise SettingsError(f"P28_LATE_OBS_SAFETY_POLL_MS={safety} is outside P28_LATE_OBS_POLL_MS={poll}"
+                                f"..P28_LATE_OBS_MAX_WAIT_MS={wait}")
+
+    @property
+    def safety_poll_ms(self) -> int:
+        """The chain's interval while the wake path is healthy (ms)."""
+        if self.late_obs_safety_poll_ms:
+            return self.late_obs_safety_poll_ms
+        return min(max(DEFAULT_SAFETY_POLL_MS, self.late_obs_poll_ms), self.late_obs_max_wait_ms)
+
+    @property
+    def sweep_grace_ms(self) -> int:
+        """How long past the deadline a lease waits for its task before the sweeper records it (ms).
+
+        Covers a final look that runs one POLL_MS late, its lookup and the task's record patience,
+        so the sweeper never records a plan whose task is about to.
+        """
+        task_ms = self.late_obs_poll_ms + int(1000 * (2 * LOOKUP_TIMEOUT_S + RECORD_PATIENCE_S))
+        return max(MIN_SWEEP_GRACE_MS, task_ms + 1000)
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """The Redis broker's visibility timeout (s): longer than any message is legitimately unacked.
+
+        A countdown message stays unacked in the worker until its ETA (at most the longer poll interval)
+        and then runs (lookups plus the record patience); a shorter timeout would redeliver live messages.
+        """
+        held_ms = max(self.late_obs_poll_ms, self.safety_poll_ms) + 1000 * (2 * LOOKUP_TIMEOUT_S + RECORD_PATIENCE_S)
+        return max(MIN_VISIBILITY_TIMEOUT_S, int(held_ms / 1000) + 10)
 
     @property
     def broker(self) -> str:
@@ -134,6 +196,12 @@ class Settings:
             )
         return [f"P2.8A Heat Observer: {self.heat_obs_enabled}", late]
 
+    def wake_line(self) -> str:
+        """The worker's fourth start-up line."""
+        if self.late_obs_enabled and self.late_obs_wake:
+            return f"P2.8A.3: wake path on (safety_poll={self.safety_poll_ms}ms)"
+        return "P2.8A.3: wake path off"
+
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     env, text = f.metadata["env"], raw.strip()
@@ -155,7 +223,8 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
         raise SettingsError(f"{env}={raw!r} must be a non-empty string without spaces")
     if env in ("REDIS_URL", "CELERY_BROKER_URL"):
         scheme = urlsplit(text).scheme
-        allowed = ("redis", "rediss", "unix") if env == "REDIS_URL" else ("redis", "rediss", "amqp", "amqps", "pyamqp")
+        # No unix://: kombu has no such transport, so the broker (which defaults to REDIS_URL) could not start.
+        allowed = ("redis", "rediss") if env == "REDIS_URL" else ("redis", "rediss", "amqp", "amqps", "pyamqp")
         if scheme not in allowed:
             raise SettingsError(f"{env}={redact_url(text)!r} must be a URL with scheme {'/'.join(allowed)}")
     return text

@@ -1,35 +1,44 @@
-"""The observer's Redis state: clients, and the three atomic steps (admit, record, release).
+"""The observer's Redis state: clients, error classes, and the atomic steps (admit, observe, heartbeat).
 
-Each step is one Lua script under ``redis_scripts/`` (loadable on its own with
-``redis-cli --eval``), called through redis-py's ``Script`` (EVALSHA, loading
-the script again after a Redis restart).
+Each step is one Lua script under ``redis_scripts/`` (loadable on its own with ``redis-cli --eval``),
+called through redis-py's ``Script`` (EVALSHA, loading the script again after a Redis restart). Every
+time that decides an outcome is Redis's own ``TIME``, read inside the script: hosts' clocks never count.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import keys as K
-from .heat import Heat, cap_debug, entry_fields, read_heat
-from .settings import STREAM_MAXLEN, SWEEP_GRACE_MS, Settings
+from .settings import STREAM_MAXLEN, WAKE_HEALTH_TTL_MS, WORKER_FORGET_MS, Settings
 
-#: Errors that mean "Redis could not be asked", as opposed to a bad reply.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Replies that mean "Redis cannot answer now", not "the data is bad": the server is busy with a script,
+#: loading, a replica that is read-only or lost its master, refusing for memory or permissions.
+UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "NOPERM", "OOM", "TRYAGAIN", "CLUSTERDOWN",
+                       "NOREPLICAS", "NOAUTH", "WRONGPASS")
 
 
-def redis_client(url: str, timeout_s: float) -> redis.Redis:
-    """A client that fails fast: no retries, no backoff, bounded connect and reads.
+class Unavailable(Exception):
+    """Redis could not be asked (connection, timeout) or refused to answer now (BUSY, READONLY, OOM ...)."""
 
-    redis-py 8 retries three times with exponential backoff by default, and its
-    sockets wait forever; the observer must never stall its caller that way.
+
+def is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, redis.ResponseError):
+        return str(exc).split(" ", 1)[0].upper() in UNAVAILABLE_REPLIES
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError)
+
+
+def redis_client(url: str, timeout_s: float, role: str) -> redis.Redis:
+    """A client that fails fast (no retries, bounded connect and reads), named ``observer_tasks:<role>``.
+
+    redis-py 8 retries three times with exponential backoff by default, and its sockets wait forever;
+    the observer must never stall its caller that way. The name shows in CLIENT LIST.
     """
     return redis.Redis.from_url(
         url,
@@ -38,6 +47,7 @@ def redis_client(url: str, timeout_s: float) -> redis.Redis:
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,
+        client_name=f"observer_tasks:{role}",
     )
 
 
@@ -45,26 +55,26 @@ def _script(client: redis.Redis, name: str) -> Any:
     return client.register_script(files("observer_tasks.redis_scripts").joinpath(name).read_text())
 
 
-@dataclass
-class LeasePayload:
-    """What the ledger keeps per admitted plan, so the sweeper can record it."""
+class Admission(NamedTuple):
+    """admit()'s answer: 'admitted', 'duplicate' or 'dropped', with the plan's times (Redis ms)."""
 
-    symbol: str
-    apply_decision: str
+    status: str
     published_ms: int
     deadline_ms: int
 
-    def dumps(self) -> str:
-        return json.dumps(self.__dict__, separators=(",", ":"))
 
-    @classmethod
-    def loads(cls, raw: bytes | str | None) -> LeasePayload | None:
-        try:
-            data = json.loads(raw or "")
-            return cls(str(data["symbol"]), str(data["apply_decision"]), int(data["published_ms"]),
-                       int(data["deadline_ms"]))
-        except (ValueError, TypeError, KeyError):
-            return None
+class Look(NamedTuple):
+    """One look's answer: 'recorded' (with its reason), 'gone' (no lease: nothing to do) or 'pending'."""
+
+    status: str
+    reason: str = ""
+    now_ms: int = 0
+    deadline_ms: int = 0
+    wake_healthy: bool = False
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Store:
@@ -73,78 +83,111 @@ class Store:
         self.client = client
         self.keys = K.Keys.from_settings(settings)
         self._admit = _script(client, "admit.lua")
-        self._record = _script(client, "record.lua")
-        self._release = _script(client, "release.lua")
+        self._observe = _script(client, "observe.lua")
+        self._heartbeat = _script(client, "heartbeat.lua")
+        self._bounds = " ".join(str(b) for b in heat_wait_buckets(settings))
 
-    def look(self, plan_id: str) -> tuple[Heat, dict[str, Any]]:
-        """One look at the plan's heat hash: what it saw and what to put in debug_json.
-
-        A key of the wrong Redis type is a parse_error; Redis being unreachable is
-        reported as debug['lookup_error'] with an empty Heat.
-        """
+    def _call(self, script: Any, keys: list[str], args: list[Any], client: Any = None) -> Any:
         try:
-            raw = self.client.hgetall(self.keys.heat(plan_id))
-        except redis.ResponseError as exc:
-            return Heat(found=True, reason="parse_error"), {"parse": str(exc)[:80]}
-        except REDIS_DOWN as exc:
-            return Heat(found=False, reason=""), {"lookup_error": type(exc).__name__}
-        return read_heat(raw), {}  # type: ignore[arg-type]
+            return script(keys=keys, args=args, client=client)
+        except redis.RedisError as exc:
+            if is_unavailable(exc):
+                raise Unavailable(f"{type(exc).__name__}: {exc}"[:200]) from exc
+            raise
 
-    def admit(self, plan_id: str, payload: LeasePayload) -> str:
-        """Take a lease for the plan ('admitted'), or count a drop ('dropped'), or 'duplicate'."""
-        lease_end = payload.deadline_ms + SWEEP_GRACE_MS
-        result = self._admit(
-            keys=[K.INFLIGHT, K.LEASES, K.COUNTERS, self.keys.dedupe(K.OBS_LATE, plan_id)],
-            args=[plan_id, int(time.time() * 1000), lease_end, self.settings.late_obs_max_inflight,
-                  payload.dumps()],
+    def _observe_call(self, mode: str, plans: list[str], obs_point: str = K.OBS_LATE, a: Any = "", b: Any = "",
+                      context: dict[str, Any] | None = None, client: Any = None) -> Any:
+        s = self.settings
+        plan_keys = [k for p in plans for k in (self.keys.heat(p), self.keys.dedupe(obs_point, p))]
+        return self._call(
+            self._observe,
+            [K.INFLIGHT, K.LEASES, self.keys.stream, K.COUNTERS, K.HEAT_WAIT, K.UNSENT, K.WAKE_OK, K.WAKE_DEGRADED,
+             *plan_keys],
+            [mode, s.dedupe_ttl_sec, STREAM_MAXLEN, s.max_debug_chars, s.late_obs_poll_ms, self._bounds,
+             json.dumps(context or {}), a, b, *plans],
+            client,
         )
-        return result.decode() if isinstance(result, bytes) else str(result)
+
+    # -- the apply layer's steps ------------------------------------------------
+    def admit(self, plan_id: str, symbol: str, apply_decision: str) -> Admission:
+        """Take a lease for the plan (publish time and deadline from Redis TIME), or count a drop."""
+        s = self.settings
+        status, published, deadline = self._call(
+            self._admit, [K.INFLIGHT, K.LEASES, K.COUNTERS, self.keys.dedupe(K.OBS_LATE, plan_id)],
+            [plan_id, s.late_obs_max_wait_ms, s.sweep_grace_ms, s.late_obs_max_inflight, symbol, apply_decision],
+        )
+        return Admission(_text(status), int(published), int(deadline))
+
+    def observe_early(self, plan_id: str, symbol: str, apply_decision: str) -> str:
+        """The early observer in one round trip: the reason recorded, or 'duplicate'."""
+        return _text(self._observe_call("early", [plan_id], K.OBS_EARLY, symbol, apply_decision))
 
     def add_counts(self, counts: dict[str, int]) -> None:
         """Add counts kept while Redis could not be reached (one round trip)."""
         pipe = self.client.pipeline(transaction=False)
         for field, n in counts.items():
             pipe.hincrby(K.COUNTERS, field, n)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            if is_unavailable(exc):
+                raise Unavailable(str(exc)[:200]) from exc
+            raise
 
-    def release(self, plan_id: str) -> None:
-        self._release(keys=[K.INFLIGHT, K.LEASES], args=[plan_id])
+    def note_unsent(self, plan_ids: list[str], cause: str) -> None:
+        """Remember why plans' first messages were never sent; the sweeper puts it in debug_json."""
+        if plan_ids:
+            try:
+                self.client.hset(K.UNSENT, mapping=dict.fromkeys(plan_ids, cause[:200]))
+            except redis.RedisError as exc:
+                raise Unavailable(str(exc)[:200]) from exc
 
-    def record(
-        self,
-        *,
-        plan_id: str,
-        symbol: str,
-        obs_point: str,
-        heat: Heat,
-        reason: str,
-        apply_decision: str,
-        debug: dict[str, Any],
-        extra: dict[str, str] | None = None,
-        also_count: tuple[str, ...] = (),
-        heat_wait: tuple[str, float] | None = None,
-    ) -> bool:
-        """Write the observation once; False when this plan and point were already recorded."""
-        found = "1" if reason == "ok" else "0"
-        counters = [K.Keys.observed_field(obs_point, found), K.Keys.reason_field(obs_point, reason), *also_count]
-        fields = entry_fields(
-            ts_epoch=time.time(), plan_id=plan_id, symbol=symbol, obs_point=obs_point, heat=heat, reason=reason,
-            apply_decision=apply_decision, debug_json=cap_debug({**debug, **heat.debug}, self.settings.max_debug_chars),
-            extra=extra,
-        )
-        bucket, wait_s = heat_wait or ("", 0.0)
-        entry_id = self._record(
-            keys=[self.keys.dedupe(obs_point, plan_id), self.keys.stream, K.COUNTERS, K.INFLIGHT, K.LEASES,
-                  K.HEAT_WAIT],
-            args=[plan_id, self.settings.dedupe_ttl_sec, STREAM_MAXLEN, "1" if obs_point == K.OBS_LATE else "0",
-                  " ".join(counters), bucket, f"{wait_s:.6f}", *fields],
-        )
-        return entry_id is not None
+    # -- the worker's steps -------------------------------------------------------
+    def look(self, plan_id: str, polls: int, errors: int) -> Look:
+        """One look at a leased plan: recorded (heat there or deadline passed), gone, or pending."""
+        reply = self._observe_call("look", [plan_id], a=polls, b=errors)
+        status = _text(reply[0])
+        if status == "recorded":
+            return Look(status, _text(reply[1]))
+        if status == "pending":
+            return Look(status, "", int(reply[1]), int(reply[2]), bool(int(reply[3])))
+        return Look(status)
 
-    def overdue_leases(self, now_ms: int, limit: int = 100) -> list[tuple[str, LeasePayload | None]]:
-        """Leases whose end has passed with no record: the sweeper's work list."""
-        plans = [p.decode() for p in self.client.zrangebyscore(K.INFLIGHT, "-inf", now_ms, start=0, num=limit)]
-        if not plans:
-            return []
-        payloads = self.client.hmget(K.LEASES, plans)
-        return [(plan, LeasePayload.loads(raw)) for plan, raw in zip(plans, payloads, strict=True)]
+    def finish(self, plan_id: str, reason: str, context: dict[str, Any]) -> bool:
+        """Record an outcome decided outside Redis (redis_error); False when the lease was already gone."""
+        reply = self._observe_call("finish", [plan_id], a=reason, b="look", context=context)
+        return _text(reply[0]) == "recorded"
+
+    def wake(self, plan_ids: list[str], client: Any = None) -> dict[str, str]:
+        """The wake step for a batch of plans whose heat hash was written: {plan: reason} of those recorded."""
+        if not plan_ids:
+            return {}
+        reply = self._observe_call("wake", plan_ids, client=client)
+        return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+    def sweep(self, outages: list[tuple[int, int]]) -> tuple[int, int, int]:
+        """Record overdue leases (up to 200): (Redis now ms, recorded, freed); call again while it records."""
+        windows = " ".join(f"{start} {end}" for start, end in outages)
+        now, recorded, freed, _seen = self._observe_call(
+            "sweep", [], a=windows, b=f"quantum:dedupe:p28:{K.OBS_LATE}:", context={})
+        return int(now), int(recorded), int(freed)
+
+    def leased_plans(self) -> list[str]:
+        """Every plan under observation (for the wake listener's resync)."""
+        try:
+            return [_text(p) for p in self.client.hkeys(K.LEASES)]
+        except redis.RedisError as exc:
+            raise Unavailable(str(exc)[:200]) from exc
+
+    def heartbeat(self, nodename: str, state: dict[str, Any], wake_state: str) -> int:
+        """Write this worker's heartbeat and the wake path's health; returns Redis time (ms)."""
+        return int(self._call(self._heartbeat, [K.WORKERS, K.WAKE_OK, K.WAKE_DEGRADED],
+                              [nodename, json.dumps(state), wake_state, WAKE_HEALTH_TTL_MS, WORKER_FORGET_MS]))
+
+
+def heat_wait_buckets(settings: Settings) -> list[int]:
+    """Upper bounds (ms) of the heat-wait histogram: fine below 1 s (the wake path detects in ms),
+    then fractions of MAX_WAIT_MS so it can be tuned from data."""
+    wait = settings.late_obs_max_wait_ms
+    bounds = {5, 10, 25, 50, 100, 250, 500, 1000, *(int(wait * f) for f in (0.25, 0.5, 0.75, 1.0, 1.25))}
+    return sorted(b for b in bounds if 0 < b <= wait * 1.25)

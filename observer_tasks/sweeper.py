@@ -1,89 +1,94 @@
-"""The ledger's sweeper: records every lease that outlived its deadline with no observation.
+"""The ledger's sweeper and the worker's heartbeat: one thread in each worker's main process.
 
-kombu's Redis transport can lose a message when a worker dies between popping
-it and recording it as unacked, and a message can be lost with a broker that
-keeps nothing on disk. The lease set knows every admitted plan, so any lease
-still present SWEEP_GRACE_MS after its plan's deadline is recorded here, with
-the cause in debug_json, and counted in p28_late_obs_recovered_total: as
-redis_error when the sweeper itself found Redis unreachable during the plan's
-wait (an outage, not a slow HeatBridge: operators must not raise MAX_WAIT_MS
-for it), otherwise as timeout. Recording is deduplicated, so sweepers in many
-workers can run at once.
+Sweeper: kombu's Redis transport can lose a message when a worker dies between popping it and recording it
+as unacked, a broker without persistence loses messages on restart, and an apply process can die before its
+publisher sends a first message. The lease set knows every admitted plan, so every lease still present
+``sweep_grace_ms`` after its deadline (Redis time) is recorded by the sweep step (observe.lua, mode 'sweep'),
+with the cause in debug_json, and counted in p28_late_obs_recovered_total: as redis_error when this sweeper
+found Redis unreachable during the plan's wait (an outage, not a slow HeatBridge: operators must not raise
+MAX_WAIT_MS for it), otherwise as timeout. Outage windows are kept in Redis time too.
+
+Heartbeat: every HEARTBEAT_S the worker writes its entry in ``quantum:p28:workers`` and the wake path's
+health (heartbeat.lua); it restarts a wake listener thread that died.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable
 
-from . import keys as K
-from .heat import Heat
-from .settings import SWEEP_GRACE_MS, SWEEP_INTERVAL_S
-from .store import REDIS_DOWN, Store
+from .settings import HEARTBEAT_S, SWEEP_INTERVAL_S, Settings
+from .store import Store, Unavailable
+from .wake import WakeListener
 
 log = logging.getLogger("observer_tasks.sweeper")
 
-
-Outage = tuple[int, int]  # (last good contact, first good contact after failures), epoch ms
-
-
-def sweep_once(store: Store, now_ms: int | None = None, outages: Sequence[Outage] = ()) -> int:
-    """Record every overdue lease; returns how many this call recorded."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    recorded = 0
-    while True:
-        batch = store.overdue_leases(now_ms)
-        if not batch:
-            return recorded
-        for plan_id, payload in batch:
-            if payload is None or not K.valid_plan_id(plan_id):  # not written by our admission: just free it
-                log.error("P2.8A.3: sweeper freed a lease it cannot record: %.200r", plan_id)
-                store.release(plan_id)
-                continue
-            cause = f"no observation {SWEEP_GRACE_MS}ms after the deadline (message lost or worker stopped)"
-            in_outage = any(start <= payload.deadline_ms and end >= payload.published_ms for start, end in outages)
-            if in_outage:
-                cause += "; Redis was unreachable during the wait"
-            if store.record(plan_id=plan_id, symbol=payload.symbol, obs_point=K.OBS_LATE, heat=Heat(False, ""),
-                            reason="redis_error" if in_outage else "timeout", apply_decision=payload.apply_decision,
-                            debug={"cause": cause, "swept": True},
-                            extra={"wait_ms": str(max(0, now_ms - payload.published_ms)), "polls": "0"},
-                            also_count=("recovered",)):
-                recorded += 1
+Outage = tuple[int, int]  # (last good contact, first good contact after failures), Redis ms
 
 
 class Sweeper(threading.Thread):
-    """A daemon thread that sweeps every SWEEP_INTERVAL_S until stopped."""
+    """Heartbeat every HEARTBEAT_S, sweep every SWEEP_INTERVAL_S, until stopped."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, nodename: str,
+                 make_listener: Callable[[], WakeListener] | None) -> None:
         super().__init__(name="p28-sweeper", daemon=True)
+        self.settings = settings
         self.store = store
+        self.nodename = nodename
+        self.make_listener = make_listener
+        self.listener = make_listener() if make_listener else None
         self.stopped = threading.Event()
         # Recent Redis outages this sweeper saw; old ones cannot overlap a lease still in the ledger.
         self.outages: deque[Outage] = deque(maxlen=32)
-        self.last_contact_ms = int(time.time() * 1000)
+        self.last_contact_ms: int | None = None
         self.down_since_ms: int | None = None
+        self.next_sweep = 0.0
 
     def run(self) -> None:
-        while not self.stopped.wait(SWEEP_INTERVAL_S):
+        if self.listener:
+            self.listener.start()
+        while True:
             try:
-                if self.down_since_ms is not None:
-                    self.store.client.ping()
-                    self.outages.append((self.down_since_ms, int(time.time() * 1000)))
-                    self.down_since_ms = None
-                n = sweep_once(self.store, outages=self.outages)
-                self.last_contact_ms = int(time.time() * 1000)
-                if n:
-                    log.warning("P2.8A.3: sweeper recorded %d overdue plan(s)", n)
-            except REDIS_DOWN as exc:
-                if self.down_since_ms is None:
+                self.beat()
+                if time.monotonic() >= self.next_sweep:
+                    self.next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                    self.sweep()
+            except Unavailable as exc:
+                if self.down_since_ms is None and self.last_contact_ms is not None:
                     self.down_since_ms = self.last_contact_ms
-                log.warning("P2.8A.3: sweeper cannot reach Redis: %r", exc)
+                    log.warning("P2.8A.3: sweeper cannot reach Redis: %s", exc)
             except Exception:
-                log.exception("P2.8A.3: sweeper failed; trying again in %ss", SWEEP_INTERVAL_S)
+                log.exception("P2.8A.3: sweeper failed; trying again in %ss", HEARTBEAT_S)
+            if self.stopped.wait(HEARTBEAT_S):
+                break
+        if self.listener:
+            self.listener.stop()
 
+    def beat(self) -> None:
+        listener = self.listener
+        if listener is not None and not listener.is_alive() and self.make_listener and not self.stopped.is_set():
+            log.error("P2.8A.3: wake listener thread died; starting a new one")
+            listener = self.listener = self.make_listener()
+            listener.start()
+        state = listener.state() if listener else {"wake": "off", "last_push_age_ms": None, "resyncs": 0}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), **state}
+        now = self.store.heartbeat(self.nodename, info, str(state["wake"]))
+        if self.down_since_ms is not None:
+            self.outages.append((self.down_since_ms, now))
+            self.down_since_ms = None
+        self.last_contact_ms = now
 
-
+    def sweep(self) -> None:
+        while True:
+            _now, recorded, freed = self.store.sweep(list(self.outages))
+            if recorded:
+                log.warning("P2.8A.3: sweeper recorded %d overdue plan(s)", recorded)
+            if freed:
+                log.error("P2.8A.3: sweeper freed %d lease(s) it could not read", freed)
+            if recorded + freed < 200:
+                return

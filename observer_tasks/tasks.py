@@ -1,16 +1,16 @@
-"""The Celery app and the late task: look once, then reschedule or record.
+"""The Celery app and the late task: one look, then reschedule or stop.
 
-One message per look. The message carries the plan's absolute deadline
-(publish time + MAX_WAIT_MS, epoch ms), so a slow or restarted worker makes
-fewer looks, never a longer wait. Stop conditions, first one wins:
-heat found (ok, or parse_error when unreadable), the second failed lookup
-(redis_error), the deadline reached (timeout). A message that arrives more than
-one poll interval after its deadline records timeout without looking.
+A look is one atomic Redis step (observe.lua, mode 'look') on Redis's clock: it records the plan when
+its heat is there or its deadline has passed, says 'gone' when the plan's lease is already removed
+(recorded by the wake step, the sweeper or another look: the chain ends without looking again), and
+otherwise says how long is left and whether the wake path is healthy. The chain then reschedules with
+the safety interval while the wake path is healthy, POLL_MS otherwise, never past the deadline, so the
+last look at the deadline always happens. Two failed looks end the plan as redis_error.
+The message's times are informational: no decision trusts the sender's clock.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -20,21 +20,16 @@ from typing import Any
 from celery import Celery, Task
 
 from . import keys as K
-from .heat import Heat, check_symbol, normalise_decision
-from .settings import Settings
-from .store import REDIS_DOWN, Store, redis_client
+from .heat import check_symbol
+from .settings import LOOKUP_TIMEOUT_S, RECORD_PATIENCE_S, Settings
+from .store import Store, Unavailable, redis_client
 
 log = logging.getLogger("observer_tasks.late")
 
 app = Celery("observer_tasks")
 app.config_from_object("celeryconfig")
-
-#: Socket timeout of the worker's Redis client (s): a look that takes longer is a failed look.
-LOOKUP_TIMEOUT_S = 0.5
-#: How long a finished observation keeps trying to reach Redis before leaving it to the sweeper (s).
-RECORD_PATIENCE_S = 30.0
-#: A deadline further ahead than MAX_WAIT_MS plus this is not from our producer (ms).
-DEADLINE_SLACK_MS = 60_000
+# The worker's services, named (not imported): only `celery worker` loads them.
+app.steps["worker"].add("observer_tasks.services:ObserverServices")
 
 
 @dataclass(frozen=True)
@@ -59,8 +54,6 @@ class LateMessage:
             value = getattr(msg, name)
             if type(value) is not int or value < 0:
                 raise K.InvalidInput(f"{name}={value!r} is not a non-negative integer")
-        if msg.deadline_ms < msg.published_ms:
-            raise K.InvalidInput(f"deadline_ms={msg.deadline_ms} is before published_ms={msg.published_ms}")
         return msg
 
     def args(self) -> tuple[Any, ...]:
@@ -75,7 +68,8 @@ def worker_store() -> tuple[Settings, Store]:
     global _worker_state
     if _worker_state is None or _worker_state[0] != os.getpid():
         settings = Settings.from_env()
-        _worker_state = (os.getpid(), settings, Store(settings, redis_client(settings.redis_url, LOOKUP_TIMEOUT_S)))
+        _worker_state = (os.getpid(), settings,
+                         Store(settings, redis_client(settings.redis_url, LOOKUP_TIMEOUT_S, "look")))
     return _worker_state[1], _worker_state[2]
 
 
@@ -95,35 +89,43 @@ def late_poll(self: Task, *args: Any, **kwargs: Any) -> str:
 
 
 def look_once(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    settings, store = worker_store()
+    """Never raises: whatever happens, the plan's lease is either recorded here or left to the sweeper."""
     try:
         msg = LateMessage.parse(args, kwargs)
     except K.InvalidInput as exc:
-        return reject(store, args, kwargs, str(exc))
-    if msg.deadline_ms - time.time() * 1000 > settings.late_obs_max_wait_ms + DEADLINE_SLACK_MS:
-        return reject(store, args, kwargs, f"deadline_ms={msg.deadline_ms} is too far in the future")
-    return observe_until_done(task, settings, store, msg)
+        # The lease (if any) stays: a bad message must not free a live plan; the sweeper records it.
+        log.error("P2.8A.3: rejected late_observe message (%s): args=%.200r kwargs=%.200r", exc, args, kwargs)
+        return "rejected"
+    try:
+        settings, store = worker_store()
+        return observe_until_done(task, settings, store, msg)
+    except Exception:  # a task that raises would lose its chain; the sweeper still has the lease
+        log.exception("P2.8A.3: late look of plan %s failed; the sweeper will record it", msg.plan_id)
+        return "failed"
 
 
 def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMessage) -> str:
     """Look, then reschedule through the broker; look again here only if the broker is down."""
     while True:
-        now_ms = int(time.time() * 1000)
-        if now_ms > msg.deadline_ms + settings.late_obs_poll_ms:
-            late = now_ms - msg.deadline_ms
-            return finish(store, msg, now_ms, Heat(False, ""), "timeout", {"cause": f"arrived {late}ms late"})
-        heat, debug = store.look(msg.plan_id)
-        polls, errors = msg.polls + 1, msg.errors + (1 if "lookup_error" in debug else 0)
-        msg = dataclasses.replace(msg, polls=polls, errors=errors)
-        if heat.found:
-            return finish(store, msg, now_ms, heat, heat.reason, debug)
-        if errors >= 2:
-            return finish(store, msg, now_ms, heat, "redis_error", debug)
-        if now_ms >= msg.deadline_ms:
-            return finish(store, msg, now_ms, heat, "timeout", debug)
-        countdown_s = min(settings.late_obs_poll_ms, msg.deadline_ms - now_ms) / 1000
+        polls = msg.polls + 1
         try:
-            late_poll.apply_async(args=msg.args(), kwargs={"polls": polls, "errors": errors},
+            look = store.look(msg.plan_id, polls, msg.errors)
+        except Unavailable as exc:
+            errors = msg.errors + 1
+            if errors >= 2:
+                return finish_redis_error(store, msg, polls, errors, str(exc))
+            interval_ms = settings.late_obs_poll_ms
+            msg = LateMessage(*msg.args(), polls=polls, errors=errors)  # type: ignore[misc]
+        else:
+            if look.status != "pending":
+                return look.reason or look.status
+            healthy = look.wake_healthy and settings.late_obs_wake
+            interval = settings.safety_poll_ms if healthy else settings.late_obs_poll_ms
+            interval_ms = min(interval, look.deadline_ms - look.now_ms)
+            msg = LateMessage(*msg.args(), polls=polls, errors=msg.errors)  # type: ignore[misc]
+        countdown_s = max(interval_ms, 0) / 1000
+        try:
+            late_poll.apply_async(args=msg.args(), kwargs={"polls": msg.polls, "errors": msg.errors},
                                   countdown=countdown_s, task_id=task.request.id, retry=False)
             return "rescheduled"
         except Exception as exc:  # kombu wraps broker failures in many types
@@ -131,36 +133,17 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
             time.sleep(countdown_s)
 
 
-def finish(store: Store, msg: LateMessage, now_ms: int, heat: Heat, reason: str, debug: dict[str, Any]) -> str:
-    """Record the observation, waiting out a Redis outage for up to RECORD_PATIENCE_S."""
-    from .metrics import heat_wait_bucket
-
-    wait_ms = max(0, now_ms - msg.published_ms)
-    extra = {"wait_ms": str(wait_ms), "polls": str(msg.polls)}
-    debug = {"polls": msg.polls, "wait_ms": wait_ms, **({"errors": msg.errors} if msg.errors else {}), **debug}
-    hit = heat_wait_bucket(store.settings, wait_ms) if reason == "ok" else None
+def finish_redis_error(store: Store, msg: LateMessage, polls: int, errors: int, why: str) -> str:
+    """Record redis_error, trying for RECORD_PATIENCE_S; then the sweeper records it (as redis_error)."""
     give_up = time.monotonic() + RECORD_PATIENCE_S
     pause = 0.1
     while True:
         try:
-            store.record(plan_id=msg.plan_id, symbol=msg.symbol, obs_point=K.OBS_LATE, heat=heat, reason=reason,
-                         apply_decision=normalise_decision(msg.apply_decision), debug=debug, extra=extra,
-                         heat_wait=(hit, wait_ms / 1000) if hit else None)
-            return reason
-        except REDIS_DOWN as exc:
-            if time.monotonic() > give_up:
-                log.error("P2.8A.3: could not record plan %s (%r); the sweeper will record it", msg.plan_id, exc)
+            store.finish(msg.plan_id, "redis_error", {"polls": polls, "errors": errors, "lookup_error": why[:80]})
+            return "redis_error"
+        except Unavailable as exc:
+            if time.monotonic() + pause > give_up:
+                log.error("P2.8A.3: could not record plan %s (%s); the sweeper will record it", msg.plan_id, exc)
                 return "unrecorded"
             time.sleep(pause)
-            pause = min(pause * 2, 2.0)
-
-
-def reject(store: Store, args: tuple[Any, ...], kwargs: dict[str, Any], why: str) -> str:
-    """Drop a message we cannot trust: log it, free its lease, never retry it."""
-    log.error("P2.8A.3: rejected late_observe message (%s): args=%.200r kwargs=%.200r", why, args, kwargs)
-    plan_id = args[0] if args else kwargs.get("plan_id")
-    try:
-        store.release(K.check_plan_id(plan_id))
-    except (K.InvalidInput, *REDIS_DOWN):
-        pass
-    return "rejected"
+            pause = min(pause * 2, 1.0)

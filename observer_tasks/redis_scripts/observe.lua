@@ -1,0 +1,275 @@
+-- Every observation is written here, in one atomic step, on Redis's own clock (TIME).
+-- Modes (ARGV[1]):
+--   early   the early observer: dedupe (SET NX EX), read the heat hash, record create_apply_plan
+--   look    one look of the late task: record publish_plan_post if heat is there or the deadline passed
+--   wake    the wake step: for each pushed plan still leased, record it if its heat hash is readable
+--   finish  record a publish_plan_post outcome decided outside (the task's redis_error)
+--   sweep   record every lease past its end (deadline + grace) as timeout, or redis_error in an outage
+-- A publish_plan_post entry is written only by the call that removes the plan's lease: the lease is the
+-- exactly-once token, whatever the dedupe TTL.
+--
+-- KEYS[1] inflight ZSET (plan -> lease end ms)  KEYS[2] leases HASH (plan -> JSON)  KEYS[3] stream
+-- KEYS[4] counters HASH  KEYS[5] heat-wait histogram HASH  KEYS[6] unsent HASH (plan -> cause)
+-- KEYS[7] wake_ok  KEYS[8] wake_degraded  KEYS[9], KEYS[10], ...: heat key and dedupe key of each plan
+-- ARGV[2] dedupe TTL (s)  ARGV[3] stream MAXLEN  ARGV[4] debug_json cap (characters)
+-- ARGV[5] slack (ms): heat seen later than deadline + slack is a timeout
+-- ARGV[6] histogram bounds (ms, ascending, space separated)  ARGV[7] context JSON for debug_json
+-- ARGV[8], ARGV[9]: early: symbol, decision | look: polls, errors | finish: reason, path
+--                   sweep: outage windows 'start end ...' (Redis ms), dedupe key prefix
+-- ARGV[10..] plan ids (one per heat/dedupe key pair)
+
+local mode = ARGV[1]
+local LATE = 'publish_plan_post'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ts_epoch = string.format('%d.%03d', tonumber(t[1]), math.floor(tonumber(t[2]) / 1000))
+
+local LEVELS = {cold = true, warm = true, hot = true, unknown = true}
+local ACTIONS = {NONE = true, DOWNGRADE_FULL_TO_PARTIAL = true, HOLD_CLOSE = true}
+-- Stream field -> heat hash field, in the contract's order.
+local COPIED = {{'heat_ts_epoch', 'ts_epoch'}, {'heat_level', 'heat_level'}, {'heat_score', 'heat_score'},
+                {'heat_action', 'heat_action'}, {'heat_out_action', 'out_action'},
+                {'heat_recommended_partial', 'recommended_partial'}}
+local MAX_COPIED = 64
+
+local function utf8_ok(s)
+  if not string.find(s, '[\128-\255]') then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    local extra
+    if c < 0x80 then extra = 0
+    elseif c >= 0xC2 and c <= 0xDF then extra = 1
+    elseif c >= 0xE0 and c <= 0xEF then extra = 2
+    elseif c >= 0xF0 and c <= 0xF4 then extra = 3
+    else return false end
+    for j = 1, extra do
+      local cc = string.byte(s, i + j)
+      if not cc or cc < 0x80 or cc > 0xBF then return false end
+    end
+    i = i + extra + 1
+  end
+  return true
+end
+
+local function problem(name, value)
+  if #value > MAX_COPIED then return 'longer than ' .. MAX_COPIED .. ' characters' end
+  if value == '' then return nil end
+  if name == 'heat_level' and not LEVELS[value] then return 'unknown level ' .. value end
+  if name == 'heat_action' and not ACTIONS[value] then return 'unknown action ' .. value end
+  if name == 'ts_epoch' or name == 'heat_score' then
+    local n = tonumber(value)
+    if not n or string.find(value, '[xX]') then return 'not a number' end
+    if n ~= n or n == math.huge or n == -math.huge then return 'not a finite number' end
+  end
+  return nil
+end
+
+-- Read a heat hash: nil when absent, else {reason = 'ok'|'parse_error', copied = {...}, debug = {...}}.
+-- Only WRONGTYPE or unreadable content makes a record unreadable.
+local function read_heat(key)
+  local raw = redis.pcall('HGETALL', key)
+  if type(raw) == 'table' and raw.err then
+    return {reason = 'parse_error', copied = {}, debug = {parse = string.sub(raw.err, 1, 80)}}
+  end
+  if #raw == 0 then return nil end
+  local rec = {}
+  for i = 1, #raw, 2 do
+    if not utf8_ok(raw[i]) or not utf8_ok(raw[i + 1]) then
+      return {reason = 'parse_error', copied = {}, debug = {parse = 'heat hash is not UTF-8'}}
+    end
+    rec[raw[i]] = raw[i + 1]
+  end
+  local copied = {}
+  for _, pair in ipairs(COPIED) do
+    local value = rec[pair[2]] or ''
+    local why = problem(pair[2], value)
+    if why then
+      return {reason = 'parse_error', copied = {}, debug = {parse = pair[2] .. ': ' .. why}}
+    end
+    copied[pair[1]] = value
+  end
+  local debug = {}
+  for _, k in ipairs({'reason', 'mode', 'debug_json'}) do
+    if rec[k] and rec[k] ~= '' then debug[k] = rec[k] end
+  end
+  return {reason = 'ok', copied = copied, debug = debug}
+end
+
+-- debug_json: the caller's context plus what the heat record says, at most ARGV[4] characters.
+local function debug_json(extra, heat_debug)
+  local ctx = cjson.decode(ARGV[7])
+  for k, v in pairs(extra) do ctx[k] = v end
+  for k, v in pairs(heat_debug or {}) do ctx[k] = v end
+  local limit = tonumber(ARGV[4])
+  local text = cjson.encode(ctx)
+  for _, k in ipairs({'debug_json', 'mode', 'reason', 'parse', 'cause'}) do
+    if #text <= limit then return text end
+    if ctx[k] ~= nil then
+      ctx[k] = nil
+      ctx.truncated = true
+      text = cjson.encode(ctx)
+    end
+  end
+  if #text <= limit then return text end
+  if limit >= 18 then return '{"truncated":true}' end
+  return '{}'
+end
+
+local function write_entry(plan, symbol, obs_point, reason, copied, decision, debug, extra)
+  local found = (reason == 'ok') and '1' or '0'
+  local entry = {'ts_epoch', ts_epoch, 'plan_id', plan, 'symbol', symbol, 'apply_component', 'apply',
+                 'obs_point', obs_point, 'heat_found', found}
+  for _, pair in ipairs(COPIED) do
+    entry[#entry + 1] = pair[1]
+    entry[#entry + 1] = copied[pair[1]] or ''
+  end
+  for _, v in ipairs({'heat_reason', reason, 'apply_decision', decision, 'debug_json', debug}) do
+    entry[#entry + 1] = v
+  end
+  for _, v in ipairs(extra) do entry[#entry + 1] = v end
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(entry))
+  redis.call('HINCRBY', KEYS[4], 'observed|' .. obs_point .. '|' .. found, 1)
+  redis.call('HINCRBY', KEYS[4], 'reason|' .. obs_point .. '|' .. reason, 1)
+end
+
+-- Record a leased plan's publish_plan_post outcome and remove its lease (the exactly-once step).
+local function record_late(plan, lease, dedupe_key, reason, heat, path, polls, extra_debug)
+  redis.call('ZREM', KEYS[1], plan)
+  redis.call('HDEL', KEYS[2], plan)
+  local unsent = redis.call('HGET', KEYS[6], plan)
+  if unsent then
+    redis.call('HDEL', KEYS[6], plan)
+    extra_debug.unsent = unsent
+  end
+  -- Marks the plan recorded for admission, so a second observe_late is a duplicate within the TTL.
+  redis.call('SET', dedupe_key, '1', 'EX', ARGV[2])
+  local published, deadline = tonumber(lease.published_ms), tonumber(lease.deadline_ms)
+  local wait = now - published
+  if reason == 'timeout' then
+    -- The observation window, whenever the deciding look ran (a late look must not stretch it).
+    wait = deadline - published
+    if now > deadline then extra_debug.late_ms = now - deadline end
+  end
+  if wait < 0 then wait = 0 end
+  extra_debug.wait_ms = wait
+  extra_debug.polls = polls
+  extra_debug.by = path
+  local debug = debug_json(extra_debug, heat and heat.debug)
+  write_entry(plan, lease.symbol, LATE, reason, heat and heat.copied or {}, lease.apply_decision, debug,
+              {'wait_ms', tostring(wait), 'polls', tostring(polls), 'recorded_by', path})
+  redis.call('HINCRBY', KEYS[4], 'recorded|' .. path, 1)
+  if path == 'sweep' then redis.call('HINCRBY', KEYS[4], 'recovered', 1) end
+  if reason == 'ok' then
+    local bucket = 'le:+Inf'
+    for bound in string.gmatch(ARGV[6], '%d+') do
+      if wait <= tonumber(bound) then bucket = 'le:' .. bound; break end
+    end
+    redis.call('HINCRBY', KEYS[5], bucket, 1)
+    redis.call('HINCRBY', KEYS[5], 'count', 1)
+    redis.call('HINCRBYFLOAT', KEYS[5], 'sum', string.format('%.3f', wait / 1000))
+  end
+  return reason
+end
+
+local function lease_of(plan)
+  local raw = redis.call('HGET', KEYS[2], plan)
+  if not raw then return nil end
+  local ok, lease = pcall(cjson.decode, raw)
+  if not ok or type(lease) ~= 'table' or not tonumber(lease.published_ms) or not tonumber(lease.deadline_ms) then
+    return false
+  end
+  return lease
+end
+
+-- Heat seen: ok or parse_error, unless it was seen after deadline + slack (then it came too late).
+local function heat_reason(lease, heat)
+  if now > tonumber(lease.deadline_ms) + tonumber(ARGV[5]) then return 'timeout' end
+  return heat.reason
+end
+
+if mode == 'early' then
+  if not redis.call('SET', KEYS[10], '1', 'NX', 'EX', ARGV[2]) then return 'duplicate' end
+  local heat = read_heat(KEYS[9])
+  local reason = heat and heat.reason or 'missing'
+  write_entry(ARGV[10], ARGV[8], 'create_apply_plan', reason, heat and heat.copied or {}, ARGV[9],
+              debug_json({}, heat and heat.debug), {})
+  return reason
+end
+
+if mode == 'look' then
+  local plan = ARGV[10]
+  local lease = lease_of(plan)
+  if not lease then return {'gone'} end
+  local polls = tonumber(ARGV[8])
+  local extra = {}
+  if tonumber(ARGV[9]) > 0 then extra.errors = tonumber(ARGV[9]) end
+  local heat = read_heat(KEYS[9])
+  if heat then
+    local reason = heat_reason(lease, heat)
+    if reason == 'timeout' then extra.heat_after_deadline = true end
+    return {'recorded', record_late(plan, lease, KEYS[10], reason, reason ~= 'timeout' and heat or nil, 'look',
+                                    polls, extra)}
+  end
+  if now >= tonumber(lease.deadline_ms) then
+    return {'recorded', record_late(plan, lease, KEYS[10], 'timeout', nil, 'look', polls, extra)}
+  end
+  local healthy = redis.call('EXISTS', KEYS[7]) == 1 and redis.call('EXISTS', KEYS[8]) == 0
+  return {'pending', tostring(now), tostring(lease.deadline_ms), healthy and 1 or 0}
+end
+
+if mode == 'wake' then
+  local out = {}
+  for i = 10, #ARGV do
+    local plan = ARGV[i]
+    local lease = lease_of(plan)
+    if lease then
+      local heat = read_heat(KEYS[9 + 2 * (i - 10)])
+      if heat then
+        local reason = heat_reason(lease, heat)
+        out[#out + 1] = plan
+        out[#out + 1] = record_late(plan, lease, KEYS[10 + 2 * (i - 10)], reason,
+                                    reason ~= 'timeout' and heat or nil, 'wake', 0,
+                                    {heat_after_deadline = (reason == 'timeout') or nil})
+      end
+    end
+  end
+  return out
+end
+
+if mode == 'finish' then
+  local plan = ARGV[10]
+  local lease = lease_of(plan)
+  if not lease then return {'gone'} end
+  local polls = tonumber(cjson.decode(ARGV[7]).polls) or 0
+  return {'recorded', record_late(plan, lease, KEYS[10], ARGV[8], nil, ARGV[9], polls, {})}
+end
+
+if mode == 'sweep' then
+  local outages = {}
+  for n in string.gmatch(ARGV[8], '%d+') do outages[#outages + 1] = tonumber(n) end
+  local plans = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 200)
+  local recorded, freed = 0, 0
+  for _, plan in ipairs(plans) do
+    local lease = lease_of(plan)
+    if not lease then
+      -- Not written by our admission: nothing to record, just free the slot.
+      redis.call('ZREM', KEYS[1], plan)
+      redis.call('HDEL', KEYS[2], plan)
+      freed = freed + 1
+    else
+      local reason, cause = 'timeout', 'no observation by deadline + grace (message lost or worker stopped)'
+      for j = 1, #outages, 2 do
+        if outages[j] <= tonumber(lease.deadline_ms) and outages[j + 1] >= tonumber(lease.published_ms) then
+          reason, cause = 'redis_error', cause .. '; Redis was unreachable during the wait'
+          break
+        end
+      end
+      record_late(plan, lease, ARGV[9] .. plan, reason, nil, 'sweep', 0, {cause = cause, swept = true})
+      recorded = recorded + 1
+    end
+  end
+  return {tostring(now), recorded, freed, #plans}
+end
+
+return redis.error_reply('observe.lua: unknown mode ' .. tostring(mode))

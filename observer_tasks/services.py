@@ -1,0 +1,90 @@
+"""The worker's services, as one Celery bootstep loaded by ``celery worker`` alone.
+
+tasks.py adds this step to the worker blueprint by name (a string), so importing the API loads nothing of
+it: no signal handler, no transport, no thread. Created with the worker, the step refuses bad settings (exit
+code 2 and one line), logs the operators' start-up lines, names the guarded Redis transport for the broker,
+and turns off task-sent events for the worker's own reschedules. Started with the worker, it serves /metrics
+and runs the sweeper thread (heartbeat, sweeps, and the wake listener it supervises); stopped with it, it
+stops them. Everything lives on the step instance: no module-level state.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import bootsteps
+
+from . import kombu_guard
+from .metrics import serve
+from .settings import Settings, SettingsError
+from .store import Store, redis_client
+from .sweeper import Sweeper
+from .wake import WakeListener
+
+log = logging.getLogger("observer_tasks.worker")
+
+#: Socket timeout of the main process's Redis clients (metrics, sweeper, wake step), seconds.
+MAIN_TIMEOUT_S = 2.0
+
+
+class ObserverServices(bootsteps.StartStopStep):
+    """Settings refusal and start-up lines at creation; /metrics, sweeper and wake listener while running."""
+
+    label = "observer_tasks"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        try:
+            self.settings = Settings.from_env()
+        except SettingsError as exc:
+            print(f"P2.8A.3: refusing to start: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        app = worker.app
+        # The worker only ever sends late_poll reschedules: no task-sent event for those.
+        app.conf.task_send_sent_event = False
+        if urlsplit(self.settings.broker).scheme == "redis" and self.settings.kombu_guard:
+            why_not = kombu_guard.applicable()
+            if why_not:
+                log.warning("P2.8A.3: kombu guard off: %s", why_not)
+            else:
+                app.conf.broker_transport = kombu_guard.TRANSPORT
+        concurrency = getattr(worker, "concurrency", None) or self.settings.late_obs_max_workers
+        # Logged at WARNING: Celery's default worker log level, where operators grep for them.
+        for line in self.settings.startup_lines(workers=concurrency):
+            log.warning(line)
+        log.warning("P2.8A.3: Late observer pool created (max_workers=%s)", concurrency)
+        log.warning(self.settings.wake_line())
+        self.metrics: Any = None
+        self.sweeper: Sweeper | None = None
+
+    def start(self, worker: Any) -> None:
+        s = self.settings
+        store = Store(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "worker"))
+        if s.metrics_port:
+            try:
+                self.metrics = serve(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "metrics"))
+                log.warning("observer_tasks: /metrics served on http://%s:%s/metrics", s.metrics_addr, s.metrics_port)
+            except OSError as exc:
+                log.error("P2.8A.3: cannot serve metrics on %s:%s: %s", s.metrics_addr, s.metrics_port, exc)
+        make_listener = None
+        if s.late_obs_enabled and s.late_obs_wake:
+            def make_listener() -> WakeListener:
+                return WakeListener(Store(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "wake_step")),
+                                    s.redis_url, MAIN_TIMEOUT_S)
+        self.sweeper = Sweeper(s, store, worker.hostname, make_listener)
+        self.sweeper.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stopped.set()
+            self.sweeper.join(5)
+            self.sweeper = None
+        if self.metrics is not None:
+            server, _thread = self.metrics
+            server.shutdown()
+            self.metrics = None
+
+    shutdown = stop
