@@ -54,7 +54,7 @@ class RedisCollector(Collector):
 
     def worker_families(self, raw_workers: list[bytes], now_ms: int) -> Iterator[Metric]:
         """Workers with a fresh heartbeat (Redis time), and how many of them have their wake listener up."""
-        alive = listening = 0
+        alive = waking = listening = 0
         for raw in raw_workers:
             try:
                 entry = json.loads(raw)
@@ -62,8 +62,11 @@ class RedisCollector(Collector):
             except (ValueError, TypeError, KeyError):
                 continue
             alive += fresh
+            waking += fresh and entry.get("wake") != "off"
             listening += fresh and entry.get("wake") == "connected"
         yield GaugeMetricFamily("p28_late_obs_workers", "Workers with a fresh heartbeat in Redis", value=alive)
+        yield GaugeMetricFamily("p28_late_obs_wake_workers", "Workers with a fresh heartbeat and the wake path on",
+                                value=waking)
         yield GaugeMetricFamily("p28_late_obs_wake_listeners_up", "Workers whose wake listener is connected",
                                 value=listening)
 

@@ -109,8 +109,20 @@ class Worker:
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
+    @property
+    def nodename(self) -> str:
+        return self.hostname_prefix + socket.gethostname()
+
     def wait_ready(self, timeout: float = 30) -> Worker:
-        poll(lambda: self.proc.poll() is not None or scrape(self.metrics_port), timeout, 0.1, "worker ready")
+        """Ready when /metrics answers (the services step started) and the worker answers a ping (consuming)."""
+        from observer_tasks.tasks import app
+
+        poll(lambda: self.proc.poll() is not None or scrape(self.metrics_port), timeout, 0.1, "worker /metrics")
+        assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
+        with app.connection_for_write(self.env["CELERY_BROKER_URL"]) as conn:
+            poll(lambda: self.proc.poll() is not None or app.control.ping([self.nodename], timeout=0.3,
+                                                                          connection=conn),
+                 timeout, 0.05, "worker consuming")
         assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
         return self
 

@@ -60,7 +60,10 @@ def test_services_and_commands(compose: dict[str, Any]) -> None:
     assert set(s) >= {"redis", "worker", "flower", "prometheus", "grafana", "demo"}
     assert s["redis"]["image"] == "redis:7"
     assert s["worker"]["command"] == ["celery", "-A", "observer_tasks", "worker", "-Q", "late_obs"]
-    assert "8043" in s["worker"]["expose"] and any(p.endswith(":8043:8043") for p in s["worker"]["ports"])
+    # Scale-friendly: the worker publishes /metrics on an ephemeral loopback port per replica (a fixed
+    # host port lets only one replica start) and has no fixed container name.
+    assert "8043" in s["worker"]["expose"] and s["worker"]["ports"] == ["127.0.0.1::8043"]
+    assert "container_name" not in s["worker"]
     flower = " ".join(s["flower"]["command"])
     assert flower.startswith("celery -A observer_tasks flower --port=5555")
     assert "--basic-auth=${FLOWER_BASIC_AUTH:?" in flower, "Flower must refuse to start without auth"
@@ -113,8 +116,13 @@ def test_env_file_holds_every_variable_at_its_default() -> None:
 
 def test_prometheus_and_grafana_provisioning(compose: dict[str, Any]) -> None:
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert targets == {"worker:8043", "flower:5555"}
+    jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
+    assert set(jobs) == {"late-observer", "flower"}
+    # Every worker replica: the compose service name resolves to each one (not one static target).
+    observer = jobs["late-observer"]
+    assert "static_configs" not in observer
+    assert observer["dns_sd_configs"] == [{"names": ["worker"], "type": "A", "port": 8043, "refresh_interval": "15s"}]
+    assert jobs["flower"]["static_configs"] == [{"targets": ["flower:5555"]}]
     mounts = dict(v.split(":")[:2] for v in compose["services"]["prometheus"]["volumes"])
     for rule_file in prom["rule_files"]:
         assert str(Path("/etc/prometheus") / rule_file) in mounts.values(), f"rule file {rule_file} is not mounted"

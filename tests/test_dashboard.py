@@ -1,4 +1,5 @@
-"""The Grafana dashboard: the checklist's panels with its exact queries, only metrics the collector exports."""
+"""The Grafana dashboard: the checklist's panels with their queries (each rate deduplicated across the
+scraped workers, otherwise verbatim), the wake and liveness panels, only metrics the collector exports."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 
 from observer_tasks.metrics import RedisCollector
 from observer_tasks.settings import Settings
+from tests.test_rules_promtool import dedupe, rules
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "late-observer.json"
 
-#: The deployment checklist's panels, title -> query, verbatim.
+#: The deployment checklist's panels, title -> query, verbatim (the dashboard holds dedupe(query)).
 CHECKLIST_PANELS = {
     "Late Observer Saturation (drops/min)": "60 * rate(p28_late_obs_dropped_total[5m])",
     "Late Observer Outcome Split (publish_plan_post)":
@@ -25,14 +27,46 @@ CHECKLIST_PANELS = {
 }
 
 
+#: The families every worker's /metrics serves (the preamble's list), and their labels.
+CONTRACT_FAMILIES = {
+    "p28_observed_total": {"obs_point", "heat_found"},
+    "p28_heat_reason_total": {"obs_point", "reason"},
+    "p28_late_obs_dropped_total": set(),
+    "p28_observe_refused_total": {"obs_point", "cause"},
+    "p28_late_obs_recovered_total": set(),
+    "p28_late_obs_inflight": set(),
+    "p28_late_obs_heat_wait_seconds_bucket": {"le"},
+    "p28_late_obs_heat_wait_seconds_sum": set(),
+    "p28_late_obs_heat_wait_seconds_count": set(),
+    "p28_metrics_redis_up": set(),
+    "p28_late_obs_recorded_total": {"path"},
+    "p28_late_obs_workers": set(),
+    "p28_late_obs_wake_workers": set(),
+    "p28_late_obs_wake_listeners_up": set(),
+    "p28_late_obs_wake_resyncs_total": set(),
+}
+
+#: What an empty Redis answers to each command the collector pipelines.
+_EMPTY_REPLIES: dict[str, Any] = {"hgetall": {}, "hvals": [], "zcard": 0, "hlen": 0, "get": None,
+                                  "time": (1_700_000_000, 0)}
+
+
 class _Pipeline:
-    """Stands in for a Redis pipeline holding no counters yet, so the real collector yields every family."""
+    """Stands in for a Redis pipeline over an empty database, so the real collector yields every family."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
-        return lambda *a, **k: self
+        assert name in _EMPTY_REPLIES, f"the collector now pipelines {name!r}: add its empty reply here"
+
+        def queue(*args: Any, **kwargs: Any) -> _Pipeline:
+            self.calls.append(name)
+            return self
+        return queue
 
     def execute(self) -> list[Any]:
-        return [{}, 0, {}]
+        return [_EMPTY_REPLIES[name] for name in self.calls]
 
 
 class _Client:
@@ -73,37 +107,66 @@ def test_identity_and_datasource_variable(dash: dict[str, Any]) -> None:
             assert t["datasource"]["uid"] == "${datasource}", p["title"]
 
 
-def test_checklist_panels_have_exact_queries(dash: dict[str, Any]) -> None:
+def test_checklist_panels_keep_their_queries_deduplicated(dash: dict[str, Any]) -> None:
     by_title = {p["title"]: p for p in dash["panels"]}
     for title, query in CHECKLIST_PANELS.items():
         assert title in by_title, f"missing checklist panel {title!r}"
-        assert [t["expr"] for t in by_title[title]["targets"]] == [query]
+        assert [t["expr"] for t in by_title[title]["targets"]] == [dedupe(query)]
+
+
+def test_every_rate_and_global_gauge_is_deduplicated(dash: dict[str, Any]) -> None:
+    """Every worker serves the same global values: a bare rate or gauge would show (or sum) one per worker."""
+    per_worker = {"p28_metrics_redis_up"}  # whether each exporter reads Redis: per instance on purpose
+    for expr in exprs(dash):
+        for name in set(re.findall(r"\bp28_\w+", expr)) - per_worker:
+            assert re.search(rf"max without\(instance\) \((?:rate|increase)?\(?{name}\b", expr), expr
 
 
 def test_extra_panels(dash: dict[str, Any]) -> None:
     by_title = {p["title"]: p for p in dash["panels"]}
     inflight = by_title["Plans in flight"]
-    assert [t["expr"] for t in inflight["targets"]] == ["p28_late_obs_inflight"]
+    assert [t["expr"] for t in inflight["targets"]] == ["max without(instance) (p28_late_obs_inflight)"]
     assert "MAX_INFLIGHT" in inflight["description"]
-    quantiles = [t["expr"] for t in by_title["Heat wait quantiles"]["targets"]]
-    assert quantiles == [f"histogram_quantile({q}, sum by (le) (rate(p28_late_obs_heat_wait_seconds_bucket[5m])))"
-                         for q in ("0.5", "0.9", "0.99")]
+    quantiles = by_title["Heat wait quantiles (ms)"]
+    assert quantiles["fieldConfig"]["defaults"]["unit"] == "ms"
+    assert [t["expr"] for t in quantiles["targets"]] == [
+        f"1000 * histogram_quantile({q}, sum by (le) "
+        f"(max without(instance) (rate(p28_late_obs_heat_wait_seconds_bucket[5m]))))" for q in ("0.5", "0.9", "0.99")]
+    by_path = by_title["Recorded by path (look/wake/sweep)"]
+    assert [t["expr"] for t in by_path["targets"]] == [
+        "sum by (path) (max without(instance) (rate(p28_late_obs_recorded_total[5m])))"]
+    wake = " ".join(t["expr"] for t in by_title["Wake listeners up vs workers"]["targets"])
+    assert "p28_late_obs_wake_listeners_up" in wake and "p28_late_obs_workers" in wake
+    resyncs = " ".join(t["expr"] for t in by_title["Wake resyncs (per 5m)"]["targets"])
+    assert "p28_late_obs_wake_resyncs_total" in resyncs
     other = " ".join(exprs(dash))
     assert "p28_late_obs_recovered_total" in other and "p28_observe_refused_total" in other
 
 
+def test_collector_exports_the_contract() -> None:
+    names, labels = exported()
+    assert set(CONTRACT_FAMILIES) <= names, f"not exported: {sorted(set(CONTRACT_FAMILIES) - names)}"
+    assert labels["path"] == {"look", "wake", "sweep"}
+
+
 def test_queries_use_only_exported_metrics_and_label_values(dash: dict[str, Any]) -> None:
     names, labels = exported()
-    assert {"p28_observed_total", "p28_late_obs_dropped_total", "p28_late_obs_heat_wait_seconds_bucket"} <= names
+    contract_labels = set().union(*CONTRACT_FAMILIES.values())
+    # Prometheus' own `up` of the job the rules watch (deploy/prometheus/prometheus.yml) is allowed too.
+    scraped_jobs = {j for r in rules().values() for j in re.findall(r'job="([^"]+)"', str(r["expr"]))}
     for expr in exprs(dash):
         used = set(re.findall(r"\bp28_\w+", expr))
-        assert used, expr
-        assert used <= names, f"{expr}: not exported: {sorted(used - names)}"
+        own = re.findall(r'\bup\{job="([^"]+)"\}', expr)
+        assert used or own, expr
+        assert used <= set(CONTRACT_FAMILIES) and used <= names, f"{expr}: not exported: {sorted(used - names)}"
+        assert set(own) <= scraped_jobs, expr
         for label, value in re.findall(r'(\w+)\s*=~?\s*"([^"]*)"', expr):
+            if label == "job":
+                continue
             assert value in labels.get(label, set()), f"{expr}: {label}={value!r} is never exported"
         for group in re.findall(r"by \(([^)]*)\)", expr):
             for label in (x.strip() for x in group.split(",")):
-                assert label in labels, f"{expr}: label {label!r} is never exported"
+                assert label in labels and label in contract_labels, f"{expr}: label {label!r} is never exported"
 
 
 def test_unique_panel_ids_and_no_overlap(dash: dict[str, Any]) -> None:

@@ -1,16 +1,22 @@
-"""Reading heat hashes and building stream entries (pure logic, plain values)."""
+"""Reading heat hashes (inside observe.lua, against a real Redis) and the apply layer's input checks."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from hypothesis import given
+import redis
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from observer_tasks.heat import Heat, cap_debug, entry_fields, normalise_decision, read_heat
+from observer_tasks.heat import normalise_decision
 from observer_tasks.keys import InvalidInput, check_plan_id
+from observer_tasks.settings import Settings
+from observer_tasks.store import Store, redis_client
 
+from .conftest import DATA_URL, stream_entries
+
+HEAT = "quantum:harvest:heat:by_plan:"
 CONTRACT_ORDER = [
     "ts_epoch", "plan_id", "symbol", "apply_component", "obs_point", "heat_found", "heat_ts_epoch", "heat_level",
     "heat_score", "heat_action", "heat_out_action", "heat_recommended_partial", "heat_reason", "apply_decision",
@@ -18,37 +24,62 @@ CONTRACT_ORDER = [
 ]
 
 
-def test_missing_and_found() -> None:
-    assert read_heat({}) == Heat(found=False, reason="")
-    heat = read_heat({b"heat_level": b"hot", b"heat_action": b"HOLD_CLOSE", b"ts_epoch": b"1700000000.5",
-                      b"out_action": b"PARTIAL", b"recommended_partial": b"0.5", b"reason": b"vol", b"mode": b"live"})
-    assert heat.found and heat.reason == "ok"
-    assert heat.copied == {"heat_ts_epoch": "1700000000.5", "heat_level": "hot", "heat_score": "",
-                           "heat_action": "HOLD_CLOSE", "heat_out_action": "PARTIAL", "heat_recommended_partial": "0.5"}
-    assert heat.debug == {"reason": "vol", "mode": "live"}
+def make_store(env: dict[str, str], **overrides: str) -> Store:
+    return Store(Settings.from_env({**env, **overrides}), redis_client(DATA_URL, 1.0, "test"))
+
+
+def read(r: redis.Redis, store: Store, raw: dict[bytes, bytes], plan: str = "p1") -> dict[str, str]:
+    """Write raw as the plan's heat hash, run the early observer on it, return the entry."""
+    r.delete(HEAT + plan, "quantum:dedupe:p28:create_apply_plan:" + plan, "quantum:stream:apply.heat.observed")
+    if raw:
+        r.hset(HEAT + plan, mapping=raw)  # type: ignore[arg-type]
+    store.observe_early(plan, "BTCUSDT", "EXECUTE")
+    (entry,) = stream_entries(r)
+    return entry
+
+
+def test_missing_and_found(r: redis.Redis, env: dict[str, str]) -> None:
+    store = make_store(env)
+    assert read(r, store, {})["heat_reason"] == "missing"
+    entry = read(r, store, {b"heat_level": b"hot", b"heat_action": b"HOLD_CLOSE", b"ts_epoch": b"1700000000.5",
+                            b"out_action": b"PARTIAL", b"recommended_partial": b"0.5", b"reason": b"vol",
+                            b"mode": b"live"})
+    assert (entry["heat_found"], entry["heat_reason"]) == ("1", "ok")
+    assert {k: entry[k] for k in CONTRACT_ORDER[6:12]} == {
+        "heat_ts_epoch": "1700000000.5", "heat_level": "hot", "heat_score": "", "heat_action": "HOLD_CLOSE",
+        "heat_out_action": "PARTIAL", "heat_recommended_partial": "0.5"}
+    assert json.loads(entry["debug_json"]) == {"reason": "vol", "mode": "live"}
+
+
+def test_entry_fields_follow_the_contract_order(r: redis.Redis, env: dict[str, str]) -> None:
+    entry = read(r, make_store(env), {b"heat_level": b"cold"})
+    assert list(entry) == CONTRACT_ORDER
+    sec, usec = r.time()
+    assert abs(float(entry["ts_epoch"]) - (sec + usec / 1e6)) < 2  # Redis's clock, not the host's
 
 
 @pytest.mark.parametrize("raw", [
     {b"heat_level": b"\xff\xfe"},
+    {b"\xc3": b"x"},
     {b"heat_level": b"boiling"},
     {b"heat_action": b"SELL"},
     {b"heat_score": b"high"},
+    {b"heat_score": b"0x10"},
     {b"ts_epoch": b"nan"},
+    {b"ts_epoch": b"1e999"},
     {b"heat_score": b"1" * 65},
 ])
-def test_unreadable_records_are_parse_errors(raw: dict[bytes, bytes]) -> None:
-    heat = read_heat(raw)
-    assert heat.found and heat.reason == "parse_error" and heat.copied == {}
+def test_unreadable_records_are_parse_errors(r: redis.Redis, env: dict[str, str], raw: dict[bytes, bytes]) -> None:
+    entry = read(r, make_store(env), raw)
+    assert (entry["heat_found"], entry["heat_reason"], entry["heat_level"]) == ("0", "parse_error", "")
+    assert "parse" in json.loads(entry["debug_json"])
 
 
-def test_entry_fields_follow_the_contract_order() -> None:
-    fields = entry_fields(ts_epoch=1.0, plan_id="p", symbol="BTCUSDT", obs_point="publish_plan_post",
-                          heat=Heat(False, ""), reason="timeout", apply_decision="SKIP", debug_json="{}",
-                          extra={"wait_ms": "5", "polls": "2"})
-    names = fields[0::2]
-    assert names == [*CONTRACT_ORDER, "wait_ms", "polls"]
-    assert names.index("obs_point") < names.index("heat_found")
-    assert dict(zip(fields[0::2], fields[1::2], strict=True))["heat_found"] == "0"
+def test_wrong_type_is_a_parse_error(r: redis.Redis, env: dict[str, str]) -> None:
+    r.sadd(HEAT + "p1", "member")
+    make_store(env).observe_early("p1", "BTCUSDT", "")
+    (entry,) = stream_entries(r)
+    assert entry["heat_reason"] == "parse_error" and "WRONGTYPE" in entry["debug_json"]
 
 
 def test_decisions() -> None:
@@ -67,19 +98,26 @@ def test_plan_ids_accepted() -> None:
         assert check_plan_id(ok) == ok
 
 
-@given(st.dictionaries(st.text(max_size=12), st.one_of(st.text(max_size=600), st.integers(), st.none()), max_size=8),
-       st.integers(min_value=2, max_value=500))
-def test_cap_debug_is_valid_json_within_the_limit(context: dict[str, object], limit: int) -> None:
-    text = cap_debug(context, limit)
-    assert len(text) <= limit
-    assert isinstance(json.loads(text), dict)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=2000), st.text(max_size=300), st.integers(min_value=2, max_value=500))
+def test_debug_json_is_valid_json_within_the_cap(r: redis.Redis, env: dict[str, str], debug: str, reason: str,
+                                                 limit: int) -> None:
+    store = make_store(env, P28_MAX_DEBUG_CHARS=str(limit))
+    entry = read(r, store, {b"heat_level": b"warm", b"debug_json": debug.encode(), b"reason": reason.encode()})
+    assert len(entry["debug_json"]) <= limit
+    assert isinstance(json.loads(entry["debug_json"]), dict)
 
 
-@given(st.dictionaries(st.binary(max_size=20), st.binary(max_size=80), max_size=12))
-def test_any_hash_reads_as_ok_parse_error_or_missing(raw: dict[bytes, bytes]) -> None:
-    heat = read_heat(raw)
-    assert heat.reason in (("ok", "parse_error") if raw else ("",))
-    assert all(len(v) <= 64 for v in heat.copied.values())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.binary(min_size=1, max_size=20), st.binary(max_size=80), max_size=12))
+def test_any_hash_reads_as_ok_parse_error_or_missing(r: redis.Redis, env: dict[str, str],
+                                                     raw: dict[bytes, bytes]) -> None:
+    entry = read(r, make_store(env), raw)
+    assert entry["heat_reason"] in (("ok", "parse_error") if raw else ("missing",))
+    assert all(len(entry[k]) <= 64 for k in CONTRACT_ORDER[6:12])
+    if entry["heat_reason"] == "ok":  # what Python would accept as UTF-8, Lua accepted too
+        for k, v in raw.items():
+            k.decode(), v.decode()
 
 
 @given(st.one_of(st.text(max_size=200), st.binary(max_size=50), st.integers(), st.none()))
@@ -89,3 +127,11 @@ def test_plan_id_check_never_lets_key_syntax_through(plan_id: object) -> None:
     except InvalidInput:
         return
     assert checked.isascii() and not set(checked) & set("*:?[] \n\r\t{}") and 0 < len(checked) <= 128
+
+
+@pytest.mark.parametrize("value", [b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf0\x80\x80\x80", b"\xf4\x90\x80\x80",
+                                   b"\xc0\xaf", b"ok\xe2\x82"])
+def test_utf8_is_checked_as_strictly_as_python(r: redis.Redis, env: dict[str, str], value: bytes) -> None:
+    with pytest.raises(UnicodeDecodeError):
+        value.decode()
+    assert read(r, make_store(env), {b"reason": value})["heat_reason"] == "parse_error"

@@ -1,19 +1,23 @@
-"""The late task against a real worker process: found, timeout, parse_error, stale, rejected, many plans."""
+"""The late task and the wake path against a real worker process: found, timeout, parse_error, forged and
+redelivered messages, many plans."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
 
+import pytest
 import redis
 
 from observer_tasks import observe_late
 from observer_tasks.tasks import late_observe
 
-from .conftest import Worker, inflight, late_entries, poll
+from .conftest import BROKER_URL, Worker, inflight, late_entries, poll
 
 HEAT = "quantum:harvest:heat:by_plan:"
+LEASES = "quantum:p28:late_obs:leases"
 
 
 def one_entry(r: redis.Redis, plan: str) -> dict[str, str]:
@@ -22,26 +26,49 @@ def one_entry(r: redis.Redis, plan: str) -> dict[str, str]:
     return entries[0]
 
 
-def test_found_after_a_few_polls(r: redis.Redis, worker: Worker) -> None:
-    assert observe_late("p1", "BTCUSDT", "EXECUTE") == "enqueued"
-    timer = threading.Timer(0.2, r.hset, (HEAT + "p1",), {"mapping": {"heat_level": "hot", "heat_action": "NONE"}})
+def broker_idle() -> bool:
+    """No late_obs message ready or parked (countdown messages wait in kombu's unacked hash)."""
+    broker = redis.Redis.from_url(BROKER_URL)
+    return broker.llen("late_obs") == 0 and broker.hlen("unacked") == 0
+
+
+def write_heat_after(r: redis.Redis, plan: str, delay_s: float) -> threading.Timer:
+    timer = threading.Timer(delay_s, r.hset, (HEAT + plan,), {"mapping": {"heat_level": "hot", "heat_action": "NONE"}})
     timer.start()
+    return timer
+
+
+def test_wake_records_the_moment_heat_is_written(r: redis.Redis, worker: Worker) -> None:
+    assert observe_late("p1", "BTCUSDT", "EXECUTE") == "enqueued"
+    write_heat_after(r, "p1", 0.2).join()
     entry = one_entry(r, "p1")
-    timer.join()
     assert (entry["heat_found"], entry["heat_reason"], entry["heat_level"], entry["apply_decision"]) == (
         "1", "ok", "hot", "EXECUTE")
+    assert entry["recorded_by"] == "wake" and 200 <= int(entry["wait_ms"]) < 300
+    # The chain's next look finds the plan gone and ends without rescheduling.
+    poll(lambda: inflight(r) == 0 and broker_idle(), what="chain ended")
+
+
+def test_polling_only_finds_heat_after_a_few_looks(r: redis.Redis, env: dict[str, str],
+                                                   start_worker: object) -> None:
+    env["P28_LATE_OBS_WAKE"] = "false"
+    w = start_worker()  # type: ignore[operator]
+    assert "P2.8A.3: wake path off" in w.output()
+    assert observe_late("p1", "BTCUSDT", "EXECUTE") == "enqueued"
+    write_heat_after(r, "p1", 0.2).join()
+    entry = one_entry(r, "p1")
+    assert (entry["heat_reason"], entry["recorded_by"]) == ("ok", "look")
     assert int(entry["polls"]) >= 2 and 200 <= int(entry["wait_ms"]) < 600
-    poll(lambda: inflight(r) == 0, what="lease released")
 
 
 def test_timeout_after_max_wait(r: redis.Redis, worker: Worker) -> None:
     started = time.time()
     assert observe_late("p1", "BTCUSDT") == "enqueued"
     entry = one_entry(r, "p1")
-    assert (entry["heat_found"], entry["heat_reason"]) == ("0", "timeout")
-    assert 600 <= int(entry["wait_ms"]) <= 600 + 50 + 500  # the deadline, plus at most one poll and some slack
-    assert float(entry["ts_epoch"]) - started >= 0.6
-    assert int(entry["polls"]) >= 5
+    assert (entry["heat_found"], entry["heat_reason"], entry["wait_ms"], entry["recorded_by"]) == (
+        "0", "timeout", "600", "look")
+    assert float(entry["ts_epoch"]) - started >= 0.59
+    assert int(entry["polls"]) >= 2
     assert inflight(r) == 0
 
 
@@ -53,44 +80,60 @@ def test_wrong_type_is_a_parse_error(r: redis.Redis, worker: Worker) -> None:
     assert "WRONGTYPE" in entry["debug_json"]
 
 
-def test_stale_message_records_timeout_without_looking(r: redis.Redis, worker: Worker) -> None:
-    r.hset(HEAT + "p1", "heat_level", "hot")  # present, but the message comes too late to count it
-    now = int(time.time() * 1000)
-    late_observe.apply_async(args=("p1", "BTCUSDT", "", now - 5000, now - 3000), queue="late_obs")
+def test_a_message_after_the_deadline_records_timeout(r: redis.Redis, env: dict[str, str],
+                                                      start_worker: object) -> None:
+    env["P28_LATE_OBS_ENABLED"] = "true"
+    observe_late_plan = "p1"
+    # Admit with no worker running, so the first message waits in the broker past the deadline.
+    assert observe_late(observe_late_plan, "BTCUSDT") == "enqueued"
+    lease = json.loads(r.hget(LEASES, "p1"))  # type: ignore[arg-type]
+    poll(lambda: r.time()[0] * 1000 > lease["deadline_ms"] + 300, what="deadline passed")
+    r.hset(HEAT + "p1", "heat_level", "hot")  # present, but after the deadline: it does not count
+    start_worker()  # type: ignore[operator]
     entry = one_entry(r, "p1")
-    assert (entry["heat_reason"], entry["polls"]) == ("timeout", "0")
-    assert "late" in entry["debug_json"]
+    assert (entry["heat_reason"], entry["wait_ms"]) == ("timeout", "600")
+    assert json.loads(entry["debug_json"])["late_ms"] >= 300
 
 
-def test_duplicate_delivery_yields_one_entry(r: redis.Redis, worker: Worker) -> None:
+def test_redelivered_and_forged_messages_add_nothing(r: redis.Redis, worker: Worker) -> None:
     assert observe_late("p1", "BTCUSDT") == "enqueued"
     assert observe_late("p1", "BTCUSDT") == "duplicate"
-    now = int(time.time() * 1000)
-    late_observe.apply_async(args=("p1", "BTCUSDT", "", now, now + 300), queue="late_obs")
+    # A second message for the live plan, with forged times: decisions use the lease's Redis times.
+    late_observe.apply_async(args=("p1", "BTCUSDT", "", 1, 2), queue="late_obs")
     r.hset(HEAT + "p1", "heat_level", "cold")
     one_entry(r, "p1")
-    # Both messages run to their end; still one entry, one count.
-    poll(lambda: inflight(r) == 0 and r.llen("late_obs") == 0, what="all messages done")
-    assert int(r.hget("quantum:p28:counters", "observed|publish_plan_post|1") or 0) + int(
-        r.hget("quantum:p28:counters", "observed|publish_plan_post|0") or 0) == 1
+    # A message for a plan with no lease (already recorded, or never admitted) writes nothing.
+    late_observe.apply_async(args=("p1", "BTCUSDT", "", 1, 2), queue="late_obs")
+    late_observe.apply_async(args=("never", "BTCUSDT", "", 1, 2), queue="late_obs")
+    poll(lambda: inflight(r) == 0 and broker_idle(), what="all messages done")
+    assert [e["plan_id"] for e in late_entries(r)] == ["p1"]
+    counters = {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
+    assert counters["observed|publish_plan_post|1"] == 1 and "observed|publish_plan_post|0" not in counters
 
 
-def test_bad_messages_are_rejected_and_release_the_lease(r: redis.Redis, worker: Worker) -> None:
-    observe_late("p1", "BTCUSDT")
-    now = int(time.time() * 1000)
+def test_bad_messages_are_rejected_and_keep_the_lease(r: redis.Redis, env: dict[str, str],
+                                                      start_worker: object) -> None:
+    env["P28_LATE_OBS_MAX_WAIT_MS"] = "5000"
+    w = start_worker()  # type: ignore[operator]
+    assert observe_late("p1", "BTCUSDT") == "enqueued"
     late_observe.apply_async(args=("p1",), queue="late_obs")  # missing arguments
-    late_observe.apply_async(args=("p2", "BTCUSDT", "", "soon", now), queue="late_obs")  # mistyped
-    late_observe.apply_async(args=("p3", "BTCUSDT", "", now, now + 10**9), queue="late_obs")  # far future
-    late_observe.apply_async(args=("a*b", "BTCUSDT", "", now, now + 100), queue="late_obs")  # bad plan id
-    poll(lambda: worker.output().count("rejected late_observe message") >= 4, what="four rejections logged")
-    out = worker.output()
-    assert "bad task arguments" in out and "published_ms='soon'" in out and "too far in the future" in out
-    assert "plan_id 'a*b'" in out
-    poll(lambda: inflight(r) == 0, what="p1's lease released by the rejection")
-    assert "Traceback" not in out
+    late_observe.apply_async(args=("p1", "BTCUSDT", "", "soon", 5), queue="late_obs")  # mistyped
+    late_observe.apply_async(args=("a*b", "BTCUSDT", "", 1, 2), queue="late_obs")  # bad plan id
+    poll(lambda: w.output().count("rejected late_observe message") >= 3, what="three rejections logged")
+    out = w.output()
+    assert "bad task arguments" in out and "published_ms='soon'" in out and "plan_id 'a*b'" in out
+    # p1 is still under observation: the rejections did not free its lease.
+    assert r.hexists(LEASES, "p1") and not late_entries(r)
+    r.hset(HEAT + "p1", "heat_level", "warm")
+    assert one_entry(r, "p1")["heat_reason"] == "ok"
+    assert "Traceback" not in w.output()
 
 
-def test_many_plans_each_recorded_once(r: redis.Redis, worker: Worker) -> None:
+@pytest.mark.parametrize("wake", ["true", "false"])
+def test_many_plans_each_recorded_once(r: redis.Redis, env: dict[str, str], start_worker: object,
+                                       wake: str) -> None:
+    env["P28_LATE_OBS_WAKE"] = wake
+    start_worker()  # type: ignore[operator]
     plans = [f"m{i}" for i in range(60)]
     for i, plan in enumerate(plans):
         assert observe_late(plan, "BTCUSDT") == "enqueued"
@@ -99,5 +142,4 @@ def test_many_plans_each_recorded_once(r: redis.Redis, worker: Worker) -> None:
     poll(lambda: len(late_entries(r)) >= len(plans) and inflight(r) == 0, timeout=30, what="all plans recorded")
     entries = late_entries(r)
     assert sorted(e["plan_id"] for e in entries) == sorted(plans)
-    reasons = Counter(e["heat_reason"] for e in entries)
-    assert reasons == {"ok": 20, "timeout": 40}
+    assert Counter(e["heat_reason"] for e in entries) == {"ok": 20, "timeout": 40}

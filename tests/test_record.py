@@ -1,89 +1,163 @@
-"""Recording an observation: one atomic step, at most once per plan and point (real Redis)."""
+"""Recording: the lease is the exactly-once token, and Redis TIME is the clock (real Redis, no worker)."""
 
 from __future__ import annotations
 
-import time
+import json
+import subprocess
+from pathlib import Path
 
 import redis
 
-from observer_tasks.heat import Heat
 from observer_tasks.settings import Settings
-from observer_tasks.store import LeasePayload, Store, redis_client
-from observer_tasks.sweeper import sweep_once
+from observer_tasks.store import Store, redis_client
 
-from .conftest import DATA_URL, inflight, late_entries, stream_entries
+from .conftest import DATA_URL, inflight, late_entries, poll, stream_entries
+
+HEAT = "quantum:harvest:heat:by_plan:"
+LEASES = "quantum:p28:late_obs:leases"
 
 
 def make_store(env: dict[str, str], **overrides: str) -> Store:
-    return Store(Settings.from_env({**env, **overrides}), redis_client(DATA_URL, 1.0))
+    return Store(Settings.from_env({**env, **overrides}), redis_client(DATA_URL, 1.0, "test"))
 
 
-def record(store: Store, plan: str, reason: str = "timeout", point: str = "publish_plan_post") -> bool:
-    return store.record(plan_id=plan, symbol="BTCUSDT", obs_point=point, heat=Heat(False, ""), reason=reason,
-                        apply_decision="EXECUTE", debug={"note": "x" * 1000})
+def counts(r: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
 
 
-def test_second_record_writes_nothing(r: redis.Redis, env: dict[str, str]) -> None:
+def shift_lease(r: redis.Redis, plan: str, by_ms: int) -> None:
+    """Move a lease's publish time and deadline (as if admitted by_ms earlier, when negative)."""
+    lease = json.loads(r.hget(LEASES, plan))  # type: ignore[arg-type]
+    lease["published_ms"] += by_ms
+    lease["deadline_ms"] += by_ms
+    r.hset(LEASES, plan, json.dumps(lease))
+    r.zadd("quantum:p28:late_obs:inflight", {plan: lease["deadline_ms"] + 5000})
+
+
+def test_admission_stamps_redis_time(r: redis.Redis, env: dict[str, str]) -> None:
     store = make_store(env)
-    assert record(store, "p1") is True
-    assert record(store, "p1", reason="ok") is False
-    assert record(store, "p1", point="create_apply_plan", reason="missing") is True
-    entries = stream_entries(r)
-    assert [(e["obs_point"], e["heat_reason"]) for e in entries] == [("publish_plan_post", "timeout"),
-                                                                   ("create_apply_plan", "missing")]
-    counts = {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
-    assert counts == {"observed|publish_plan_post|0": 1, "reason|publish_plan_post|timeout": 1,
-                      "observed|create_apply_plan|0": 1, "reason|create_apply_plan|missing": 1}
-    assert 0 < r.ttl("quantum:dedupe:p28:publish_plan_post:p1") <= 600
+    sec, usec = r.time()
+    admission = store.admit("p1", "BTCUSDT", "EXECUTE")
+    assert admission.status == "admitted"
+    assert abs(admission.published_ms - (sec * 1000 + usec // 1000)) < 1000
+    assert admission.deadline_ms - admission.published_ms == 600
+    assert json.loads(r.hget(LEASES, "p1")) == {  # type: ignore[arg-type]
+        "symbol": "BTCUSDT", "apply_decision": "EXECUTE", "published_ms": admission.published_ms,
+        "deadline_ms": admission.deadline_ms}
+    assert store.admit("p1", "BTCUSDT", "EXECUTE").status == "duplicate"
 
 
-def test_record_releases_the_late_lease_only(r: redis.Redis, env: dict[str, str]) -> None:
+def test_look_records_once_then_the_plan_is_gone(r: redis.Redis, env: dict[str, str]) -> None:
     store = make_store(env)
-    now = int(time.time() * 1000)
-    assert store.admit("p1", LeasePayload("BTCUSDT", "", now, now + 500)) == "admitted"
-    record(store, "p1", point="create_apply_plan", reason="missing")
-    assert inflight(r) == 1
-    record(store, "p1")
-    assert inflight(r) == 0 and r.hlen("quantum:p28:late_obs:leases") == 0
+    store.admit("p1", "BTCUSDT", "EXECUTE")
+    look = store.look("p1", 1, 0)
+    assert look.status == "pending" and 0 < look.deadline_ms - look.now_ms <= 600
+    r.hset(HEAT + "p1", mapping={"heat_level": "hot", "heat_action": "NONE"})
+    assert store.look("p1", 2, 0) == ("recorded", "ok", 0, 0, False)
+    assert store.look("p1", 3, 0).status == "gone"
+    assert store.wake(["p1"]) == {}
+    assert not store.finish("p1", "redis_error", {})
+    (entry,) = late_entries(r)
+    assert (entry["heat_reason"], entry["polls"], entry["recorded_by"], entry["apply_decision"]) == (
+        "ok", "2", "look", "EXECUTE")
+    assert counts(r) == {"observed|publish_plan_post|1": 1, "reason|publish_plan_post|ok": 1, "recorded|look": 1}
+    assert inflight(r) == 0 and r.hlen(LEASES) == 0
+
+
+def test_wake_records_leased_plans_only(r: redis.Redis, env: dict[str, str]) -> None:
+    store = make_store(env)
+    for plan in ("a", "b", "c"):
+        store.admit(plan, "ETHUSDT", "SKIP")
+    r.hset(HEAT + "a", "heat_level", "warm")
+    r.sadd(HEAT + "b", "x")  # unreadable
+    r.hset(HEAT + "free", "heat_level", "warm")  # not under observation
+    assert store.wake(["a", "b", "c", "free"]) == {"a": "ok", "b": "parse_error"}  # c: no heat hash yet
+    assert store.wake(["a", "b"]) == {}
+    assert sorted((e["plan_id"], e["heat_reason"], e["recorded_by"]) for e in late_entries(r)) == [
+        ("a", "ok", "wake"), ("b", "parse_error", "wake")]
+    assert inflight(r) == 1 and counts(r)["recorded|wake"] == 2
+
+
+def test_redelivery_after_the_dedupe_ttl_writes_nothing(r: redis.Redis, env: dict[str, str]) -> None:
+    store = make_store(env, P28_DEDUPE_TTL_SEC="1")
+    store.admit("p1", "BTCUSDT", "")
+    r.hset(HEAT + "p1", "heat_level", "hot")
+    assert store.wake(["p1"]) == {"p1": "ok"}
+    poll(lambda: not r.exists("quantum:dedupe:p28:publish_plan_post:p1"), timeout=5, what="dedupe key expired")
+    before = counts(r)
+    assert store.look("p1", 1, 0).status == "gone"  # a late, redelivered message
+    assert not store.finish("p1", "redis_error", {})
+    assert store.wake(["p1"]) == {}
+    assert len(late_entries(r)) == 1 and counts(r) == before
+
+
+def test_a_late_look_records_timeout_with_the_window_as_wait(r: redis.Redis, env: dict[str, str]) -> None:
+    store = make_store(env)
+    store.admit("quiet", "BTCUSDT", "")
+    store.admit("heat-late", "BTCUSDT", "")
+    shift_lease(r, "quiet", -3000)  # its deadline passed 2.4 s ago
+    shift_lease(r, "heat-late", -3000)
+    r.hset(HEAT + "heat-late", "heat_level", "hot")  # written after the deadline
+    assert store.look("quiet", 4, 0).reason == "timeout"
+    assert store.wake(["heat-late"]) == {"heat-late": "timeout"}
+    entries = {e["plan_id"]: e for e in late_entries(r)}
+    for plan in ("quiet", "heat-late"):
+        assert (entries[plan]["heat_reason"], entries[plan]["wait_ms"]) == ("timeout", "600")
+        assert json.loads(entries[plan]["debug_json"])["late_ms"] >= 2000
+    assert json.loads(entries["heat-late"]["debug_json"])["heat_after_deadline"] is True
 
 
 def test_debug_json_is_capped(r: redis.Redis, env: dict[str, str]) -> None:
     store = make_store(env, P28_MAX_DEBUG_CHARS="50")
-    record(store, "p1")
-    assert len(stream_entries(r)[0]["debug_json"]) <= 50
+    store.admit("p1", "BTCUSDT", "")
+    r.hset(HEAT + "p1", mapping={"heat_level": "hot", "debug_json": "x" * 1000})
+    store.wake(["p1"])
+    (entry,) = stream_entries(r)
+    assert len(entry["debug_json"]) <= 50 and json.loads(entry["debug_json"])["truncated"] is True
 
 
-def test_sweeper_records_overdue_leases_once(r: redis.Redis, env: dict[str, str]) -> None:
+def test_sweep_records_overdue_leases_once(r: redis.Redis, env: dict[str, str]) -> None:
     store = make_store(env)
-    now = int(time.time() * 1000)
-    store.admit("lost", LeasePayload("ETHUSDT", "SKIP", now - 10_000, now - 8_000))
-    store.admit("live", LeasePayload("ETHUSDT", "SKIP", now, now + 2_000))
-    assert sweep_once(store, now) == 1
-    assert sweep_once(store, now) == 0
-    (entry,) = late_entries(r)
-    assert (entry["plan_id"], entry["heat_reason"], entry["symbol"], entry["apply_decision"]) == (
-        "lost", "timeout", "ETHUSDT", "SKIP")
-    assert '"swept":true' in entry["debug_json"]
-    assert int(r.hget("quantum:p28:counters", "recovered") or 0) == 1
-    assert inflight(r) == 1  # the live lease is untouched
+    store.admit("lost", "ETHUSDT", "SKIP")
+    store.admit("unsent", "ETHUSDT", "SKIP")
+    store.admit("live", "ETHUSDT", "SKIP")
+    shift_lease(r, "lost", -60_000)
+    shift_lease(r, "unsent", -60_000)
+    store.note_unsent(["unsent"], "publisher queue full")
+    r.hset(LEASES, "junk", "not json")
+    r.zadd("quantum:p28:late_obs:inflight", {"junk": 1})
+    now, recorded, freed = store.sweep([])
+    assert (recorded, freed) == (2, 1)
+    assert store.sweep([])[1:] == (0, 0)
+    entries = {e["plan_id"]: e for e in late_entries(r)}
+    assert sorted(entries) == ["lost", "unsent"]
+    assert (entries["lost"]["heat_reason"], entries["lost"]["recorded_by"], entries["lost"]["wait_ms"]) == (
+        "timeout", "sweep", "600")
+    assert json.loads(entries["unsent"]["debug_json"])["unsent"] == "publisher queue full"
+    assert counts(r)["recovered"] == 2 and inflight(r) == 1
+    sec, _ = r.time()
+    assert abs(now / 1000 - sec) < 2
+
+
+def test_sweep_records_redis_error_when_it_saw_an_outage(r: redis.Redis, env: dict[str, str]) -> None:
+    store = make_store(env)
+    store.admit("during", "BTCUSDT", "")
+    store.admit("before", "BTCUSDT", "")
+    shift_lease(r, "during", -10_000)
+    shift_lease(r, "before", -30_000)
+    lease = json.loads(r.hget(LEASES, "during"))  # type: ignore[arg-type]
+    outage = (lease["published_ms"] + 100, lease["published_ms"] + 300)
+    assert store.sweep([outage])[1] == 2
+    assert {e["plan_id"]: e["heat_reason"] for e in late_entries(r)} == {"during": "redis_error", "before": "timeout"}
 
 
 def test_lua_scripts_are_loadable_with_redis_cli(r: redis.Redis) -> None:
-    import subprocess
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "observer_tasks" / "redis_scripts" / "release.lua"
-    out = subprocess.run(["redis-cli", "-n", DATA_URL.rsplit("/", 1)[1], "--eval", str(script),
-                          "quantum:p28:late_obs:inflight", "quantum:p28:late_obs:leases", ",", "nothing"],
+    script = Path(__file__).parent.parent / "observer_tasks" / "redis_scripts" / "admit.lua"
+    out = subprocess.run(["redis-cli", "-h", r.connection_pool.connection_kwargs["host"],
+                          "-p", str(r.connection_pool.connection_kwargs["port"]),
+                          "-n", DATA_URL.rsplit("/", 1)[1], "--eval", str(script),
+                          "quantum:p28:late_obs:inflight", "quantum:p28:late_obs:leases", "quantum:p28:counters",
+                          "quantum:dedupe:p28:publish_plan_post:cli", ",", "cli", "600", "5000", "200", "BTCUSDT", ""],
                          capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "0"
-
-
-def test_sweeper_records_redis_error_when_it_saw_an_outage(r: redis.Redis, env: dict[str, str]) -> None:
-    store = make_store(env)
-    now = int(time.time() * 1000)
-    store.admit("during", LeasePayload("BTCUSDT", "", now - 10_000, now - 8_000))
-    store.admit("before", LeasePayload("BTCUSDT", "", now - 30_000, now - 28_000))
-    assert sweep_once(store, now, outages=[(now - 9_000, now - 7_500)]) == 2
-    reasons = {e["plan_id"]: e["heat_reason"] for e in late_entries(r)}
-    assert reasons == {"during": "redis_error", "before": "timeout"}
+    assert out.stdout.splitlines()[0] == "admitted"
+    assert inflight(r) == 1

@@ -1,4 +1,9 @@
-"""The alert rules: the checklist's exact expressions, valid for promtool, and passing their unit tests.
+"""The alert rules: the checklist's expressions (each rate deduplicated across workers), the liveness
+alerts, valid for promtool, and passing their unit tests.
+
+Every worker serves the same global counters (read from Redis) and Prometheus scrapes every worker, so
+each rate is wrapped in `max without(instance) (...)`; `dedupe()` applies exactly that wrapping to the
+checklist's text, so the comparison still pins the checklist's meaning token for token.
 
 promtool comes with Debian's ``prometheus`` package. Without it these tests skip, except when CI is set:
 then they fail, so CI cannot pass without checking the rules.
@@ -7,6 +12,7 @@ then they fail, so CI cannot pass without checking the rules.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "docs" / "prometheus" / "late-observer-rules.yml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "late-observer-rules.test.yml"
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 #: The deployment checklist's alerts, verbatim (compared with whitespace collapsed).
 CHECKLIST_ALERTS = {
@@ -33,6 +40,22 @@ CHECKLIST_ALERTS = {
         )""",
     "P28LateObsRedisError": 'sum(rate(p28_heat_reason_total{reason="redis_error"}[5m])) > 0',
 }
+
+
+#: Alerts beyond the checklist, with their severity.
+OWN_ALERTS = {
+    "P28MetricsRedisDown": "critical",
+    "P28LateObsWorkersDown": "critical",
+    "P28LateObsWorkerDown": "warning",
+    "P28LateObsWakeDegraded": "warning",
+}
+
+_RATE = re.compile(r"\brate\((p28_\w+(?:\{[^{}]*\})?\[\w+\])\)")
+
+
+def dedupe(expr: str) -> str:
+    """expr with every rate of a p28_ family wrapped in `max without(instance) (...)`."""
+    return _RATE.sub(r"max without(instance) (rate(\1))", expr)
 
 
 def tool(name: str) -> str:
@@ -54,10 +77,54 @@ def squash(text: str) -> str:
     return " ".join(text.split())
 
 
-def test_checklist_alerts_have_exact_expressions() -> None:
+def test_checklist_alerts_keep_their_expressions_deduplicated() -> None:
     found = rules()
     for name, expr in CHECKLIST_ALERTS.items():
-        assert squash(str(found[name]["expr"])) == squash(expr), name
+        assert squash(str(found[name]["expr"])) == squash(dedupe(expr)), name
+
+
+def test_every_rate_is_deduplicated_across_workers() -> None:
+    """A bare sum(rate(...)) over several scraped workers multiplies the global rate by their number."""
+    for name, rule in rules().items():
+        expr = squash(str(rule["expr"]))
+        for match in _RATE.finditer(expr):
+            assert expr[:match.start()].endswith("max without(instance) ("), f"{name}: {match.group(0)}"
+
+
+def test_liveness_alerts() -> None:
+    found = rules()
+    for name, severity in OWN_ALERTS.items():
+        assert found[name]["labels"]["severity"] == severity, name  # type: ignore[index]
+    workers_down = squash(str(found["P28LateObsWorkersDown"]["expr"]))
+    assert "absent(" in workers_down and "p28_late_obs_workers" in workers_down
+    assert squash(str(found["P28LateObsWorkerDown"]["expr"])).startswith("up{")
+    wake = squash(str(found["P28LateObsWakeDegraded"]["expr"]))
+    assert wake.index("p28_late_obs_wake_listeners_up") < wake.index("<") < wake.index("p28_late_obs_wake_workers")
+    assert "POLL_MS" in str(found["P28LateObsWakeDegraded"]["annotations"])
+
+
+def test_job_in_the_rules_is_the_scraped_job() -> None:
+    jobs = {job["job_name"] for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
+    used = {j for rule in rules().values() for j in re.findall(r'job="([^"]+)"', str(rule["expr"]))}
+    assert used and used <= jobs, f"rules select {used - jobs}, which prometheus.yml does not scrape"
+
+
+def test_runbook_commands_that_return() -> None:
+    """Plain XINFO output has no "name:"/"lag:" to grep for; --latency(-history) on a terminal never ends."""
+    for name, rule in rules().items():
+        text = squash(str(rule["annotations"]))
+        assert not re.search(r"redis-cli (?!--raw )[^;|]*\bXINFO\b", text), name
+        for m in re.finditer(r"redis-cli [^;|()]*--latency[^;|()]*", text):
+            bounded = "--raw" in m.group(0) or text[:m.start()].endswith("timeout ")
+            said = "until Ctrl-C" in text[m.start():m.end() + 40]
+            assert bounded or said, f"{name}: {m.group(0)} does not return and the runbook does not say so"
+
+
+def test_unit_tests_cover_every_alert_firing_and_silent() -> None:
+    cases = [c for t in yaml.safe_load(RULE_TESTS.read_text())["tests"] for c in t.get("alert_rule_test", [])]
+    for name in rules():
+        assert any(c["alertname"] == name and c["exp_alerts"] for c in cases), f"{name} never fires in a test"
+        assert any(c["alertname"] == name and not c["exp_alerts"] for c in cases), f"{name} never silent"
 
 
 def test_alerts_carry_severity_runbook_and_anchor() -> None:
@@ -73,6 +140,7 @@ def test_alerts_carry_severity_runbook_and_anchor() -> None:
         found["P28LateObsSaturationSustained"]["annotations"])
     assert "2000 → 3000 → 4000" in str(found["P28LateObsTimingTooShort"]["annotations"])
     assert "do not tune config" in str(found["P28LateObsRedisError"]["annotations"])
+    assert set(found) == set(CHECKLIST_ALERTS) | set(OWN_ALERTS)
 
 
 def test_promtool_check_rules() -> None:
