@@ -180,6 +180,8 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "late_obs_safety_poll_ms":
+                value = self.safety_poll_ms  # the interval in force, not the "not set" marker
             text = str(value).lower() if isinstance(value, bool) else str(value)
             if f.name in ("redis_url", "broker_url") and redact:
                 text = redact_url(text)

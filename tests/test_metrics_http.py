@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from observer_tasks import observe, observe_late
 
-from .conftest import Worker, inflight, poll, scrape, stream_entries
+from .conftest import REDIS_HOST, REDIS_PORT, Worker, inflight, poll, scrape, stream_entries
 
 HEAT = "quantum:harvest:heat:by_plan:"
 POINTS = ("create_apply_plan", "publish_plan_post")
@@ -79,7 +79,7 @@ def test_the_checklists_verification_commands(r: redis.Redis, worker: Worker) ->
     db = worker.env["REDIS_URL"].rsplit("/", 1)[1]
     port = worker.metrics_port
     stream = "quantum:stream:apply.heat.observed"
-    v1 = subprocess.run(["bash", "-c", f"""redis-cli -n {db} --raw XREVRANGE {stream} + - COUNT 600 | \\
+    v1 = subprocess.run(["bash", "-c", f"""redis-cli -h {REDIS_HOST} -p {REDIS_PORT} -n {db} --raw XREVRANGE {stream} + - COUNT 600 | \\
 awk '
 tolower($0)=="obs_point"{{getline; op=$0}}
 tolower($0)=="heat_found"{{getline; hf=$0; c[op,hf]++}}
@@ -106,6 +106,6 @@ def test_redis_down_at_scrape_leaves_counters_out(env: dict[str, str]) -> None:
 
     from .conftest import free_port
 
-    reg = registry(Settings.from_env(env), redis_client(f"redis://127.0.0.1:{free_port()}/0", 0.1))
+    reg = registry(Settings.from_env(env), redis_client(f"redis://127.0.0.1:{free_port()}/0", 0.1, "test"))
     text = generate_latest(reg).decode()
     assert "p28_metrics_redis_up 0.0" in text and "p28_observed_total" not in text

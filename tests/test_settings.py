@@ -28,10 +28,13 @@ def test_defaults_are_the_contracts() -> None:
         "P28_LATE_OBS_POLL_MS": "100",
         "P28_LATE_OBS_MAX_WORKERS": "4",
         "P28_LATE_OBS_MAX_INFLIGHT": "200",
+        "P28_LATE_OBS_WAKE": "true",
+        "P28_LATE_OBS_SAFETY_POLL_MS": "500",
         "REDIS_URL": "redis://localhost:6379/0",
         "CELERY_BROKER_URL": "",
         "P28_METRICS_PORT": "8043",
         "P28_METRICS_ADDR": "0.0.0.0",
+        "P28_KOMBU_GUARD": "true",
     }
     assert s.broker == s.redis_url
 
@@ -140,3 +143,31 @@ def test_poll_and_wait_combinations(poll_ms: int, wait_ms: int) -> None:
     else:
         s = Settings.from_env(env)
         assert (s.late_obs_poll_ms, s.late_obs_max_wait_ms) == (poll_ms, wait_ms)
+
+
+def test_safety_poll_defaults_between_poll_and_max_wait() -> None:
+    assert Settings().safety_poll_ms == 500
+    assert Settings.from_env({"P28_LATE_OBS_MAX_WAIT_MS": "300"}).safety_poll_ms == 300
+    assert Settings.from_env({"P28_LATE_OBS_POLL_MS": "800"}).safety_poll_ms == 800
+    assert Settings.from_env({"P28_LATE_OBS_SAFETY_POLL_MS": "1000"}).safety_poll_ms == 1000
+    with pytest.raises(SettingsError, match=r"^P28_LATE_OBS_SAFETY_POLL_MS=50 is outside P28_LATE_OBS_POLL_MS=100"):
+        Settings.from_env({"P28_LATE_OBS_SAFETY_POLL_MS": "50"})
+    with pytest.raises(SettingsError, match="P28_LATE_OBS_MAX_WAIT_MS=2000"):
+        Settings.from_env({"P28_LATE_OBS_SAFETY_POLL_MS": "2500"})
+
+
+def test_interlocked_timings_cover_each_other() -> None:
+    from observer_tasks import settings as S
+
+    for poll, wait in ((10, 10), (100, 2000), (60_000, 600_000), (50, 600_000)):
+        s = Settings.from_env({"P28_LATE_OBS_POLL_MS": str(poll), "P28_LATE_OBS_MAX_WAIT_MS": str(wait)})
+        run_ms = 1000 * (2 * S.LOOKUP_TIMEOUT_S + S.RECORD_PATIENCE_S)
+        # The sweeper waits out a final look one poll late, its lookups and the record patience.
+        assert s.sweep_grace_ms >= poll + run_ms
+        # The broker never redelivers a countdown message the worker still holds.
+        assert s.visibility_timeout_s * 1000 > max(poll, s.safety_poll_ms) + run_ms
+
+
+def test_unix_sockets_are_refused() -> None:
+    with pytest.raises(SettingsError, match=r"^REDIS_URL='unix:///run/redis.sock' must be a URL with scheme redis/rediss"):
+        Settings.from_env({"REDIS_URL": "unix:///run/redis.sock"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +16,7 @@ STARTUP = [
     "P2.8A Heat Observer: True",
     "P2.8A.3 Late Observer: True (wait=600ms, poll=50ms, workers=4, max_inflight=200)",
     "P2.8A.3: Late observer pool created (max_workers=4)",
+    "P2.8A.3: wake path on (safety_poll=500ms)",
 ]
 
 
@@ -23,6 +25,39 @@ def test_startup_lines_at_the_default_log_level(worker: Worker) -> None:
     positions = [out.index(line) for line in STARTUP]
     assert positions == sorted(positions)
     assert "concurrency: 4 (thread)" in out
+    # The operators' grep (runbook) finds exactly these four lines, nothing else of the start-up.
+    grepped = subprocess.run(["grep", "-E", "P2.8A|Late Observer"], input=out, capture_output=True, text=True).stdout
+    assert [line.split("] ", 1)[1] for line in grepped.splitlines()] == STARTUP
+
+
+def test_importing_the_api_loads_nothing_of_the_worker() -> None:
+    """A fresh interpreter, as the apply layer: no signal receiver of ours, kombu untouched, no services."""
+    code = """
+import sys
+import kombu.transport.redis as kr
+from celery import signals
+before = kr.Channel._connparams
+import observer_tasks
+from observer_tasks import observe, observe_late
+assert kr.Channel._connparams is before, "kombu patched"
+ours = [name for name in dir(signals) if isinstance(getattr(signals, name), signals.Signal)
+        for r in getattr(signals, name).receivers
+        if "observer_tasks" in repr(r)]
+assert not ours, ours
+loaded = sorted(m for m in sys.modules if m.startswith("observer_tasks"))
+for worker_only in ("observer_tasks.services", "observer_tasks.kombu_guard", "observer_tasks.sweeper",
+                    "observer_tasks.wake", "observer_tasks.metrics", "observer_tasks.cli", "observer_tasks.demo"):
+    assert worker_only not in loaded, (worker_only, loaded)
+print("clean", loaded)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr
+
+
+def test_the_worker_loads_its_services_and_the_guarded_transport(worker: Worker) -> None:
+    out = worker.output()
+    assert "observer_tasks.kombu_guard:Transport" in out  # the banner's transport line (Redis broker)
+    assert "observer_tasks: wake listener connected" in out
 
 
 def test_concurrency_follows_max_workers(env: dict[str, str], start_worker) -> None:  # type: ignore[no-untyped-def]
@@ -45,15 +80,19 @@ def test_disabled_switch_is_logged(env: dict[str, str], start_worker) -> None:  
     ("P28_LATE_OBS_MAX_INFLIGHT", "0"),
     ("P28_DEDUPE_TTL_SEC", ""),
     ("REDIS_URL", "http://nowhere"),
+    ("REDIS_URL", "unix:///run/redis/redis.sock"),
+    ("P28_LATE_OBS_SAFETY_POLL_MS", "10"),
+    ("P28_LATE_OBS_WAKE", "maybe"),
 ])
 def test_bad_settings_stop_the_worker_with_one_line(env: dict[str, str], name: str, value: str) -> None:
     proc = subprocess.run([CELERY, "-A", "observer_tasks", "worker", "-Q", "late_obs"], cwd=ROOT,
                           env={**os.environ, **env, name: value}, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # the systemd unit's RestartPreventExitStatus=2 relies on it
     lines = [line for line in (proc.stdout + proc.stderr).splitlines()
              if line.strip() and "SecurityWarning" not in line and "superuser" not in line]
     refusal = [line for line in lines if line.startswith("P2.8A.3: refusing to start:")]
-    assert len(refusal) == 1 and f"{name}=" in refusal[0] and repr(value) in refusal[0]
+    assert len(refusal) == 1 and f"{name}=" in refusal[0] and repr(value) in refusal[0] or (
+        name == "P28_LATE_OBS_SAFETY_POLL_MS" and f"{name}={value} is outside" in refusal[0])
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
@@ -61,7 +100,7 @@ def test_poll_above_wait_stops_the_worker(env: dict[str, str]) -> None:
     proc = subprocess.run([CELERY, "-A", "observer_tasks", "worker", "-Q", "late_obs"], cwd=ROOT,
                           env={**os.environ, **env, "P28_LATE_OBS_POLL_MS": "700"}, capture_output=True, text=True,
                           timeout=60)
-    assert proc.returncode != 0 and "P28_LATE_OBS_POLL_MS=700 is above P28_LATE_OBS_MAX_WAIT_MS=600" in proc.stderr
+    assert proc.returncode == 2 and "P28_LATE_OBS_POLL_MS=700 is above P28_LATE_OBS_MAX_WAIT_MS=600" in proc.stderr
 
 
 def test_warm_shutdown_exits_zero(worker: Worker) -> None:
