@@ -71,11 +71,17 @@ class Sweeper(threading.Thread):
 
     def beat(self) -> None:
         listener = self.listener
+        restarted = False
         if listener is not None and not listener.is_alive() and self.make_listener and not self.stopped.is_set():
             log.error("P2.8A.3: wake listener thread died; starting a new one")
+            resyncs = listener.resyncs
             listener = self.listener = self.make_listener()
+            listener.resyncs = resyncs
             listener.start()
+            restarted = True
         state = listener.state() if listener else {"wake": "off", "last_push_age_ms": None, "resyncs": 0}
+        if restarted:
+            state["wake"] = "reconnecting"  # it was down: the chain polls at POLL_MS until the next beat
         info = {"pid": os.getpid(), "host": socket.gethostname(), **state}
         now = self.store.heartbeat(self.nodename, info, str(state["wake"]))
         if self.down_since_ms is not None:

@@ -64,6 +64,10 @@ class WakeListener(threading.Thread):
             except (redis.RedisError, OSError, Unavailable) as exc:
                 if not self.stopped.is_set() and (self.connected or pause == RECONNECT_FIRST_S):
                     log.warning("P2.8A.3: wake listener lost Redis (%r); polls cover until it is back", exc)
+            except Exception:
+                # A bug, not an outage: end the thread; the sweeper's heartbeat starts a new listener.
+                log.exception("P2.8A.3: wake listener failed")
+                return
             finally:
                 self.connected = False
                 if self.conn is not None:
@@ -98,6 +102,8 @@ class WakeListener(threading.Thread):
                     continue
                 if message[2] is None:  # FLUSHDB/FLUSHALL: every key was invalidated
                     flushed = True
+                    continue
+                if not isinstance(message[2], list):  # someone PUBLISHed to the channel: not from tracking
                     continue
                 for key in message[2]:
                     plan = self.store.keys.plan_of_heat_key(key)

@@ -79,7 +79,8 @@ def test_the_checklists_verification_commands(r: redis.Redis, worker: Worker) ->
     db = worker.env["REDIS_URL"].rsplit("/", 1)[1]
     port = worker.metrics_port
     stream = "quantum:stream:apply.heat.observed"
-    v1 = subprocess.run(["bash", "-c", f"""redis-cli -h {REDIS_HOST} -p {REDIS_PORT} -n {db} --raw XREVRANGE {stream} + - COUNT 600 | \\
+    cli = f"redis-cli -h {REDIS_HOST} -p {REDIS_PORT} -n {db}"
+    v1 = subprocess.run(["bash", "-c", f"""{cli} --raw XREVRANGE {stream} + - COUNT 600 | \\
 awk '
 tolower($0)=="obs_point"{{getline; op=$0}}
 tolower($0)=="heat_found"{{getline; hf=$0; c[op,hf]++}}
