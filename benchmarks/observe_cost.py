@@ -1,48 +1,134 @@
-"""The apply layer's cost of observe_late alone: no worker, no load, one caller thread.
+"""What observe_late costs its caller, against the floor: one bare Redis round trip, in the same loop.
 
-    .venv/bin/python benchmarks/observe_cost.py [--calls 2000] [--profile]
+    .venv/bin/python benchmarks/observe_cost.py [--calls 3000] [--gap-ms 2] \\
+        [--redis-url redis://127.0.0.1:6379/9] [--broker-url redis://127.0.0.1:6379/10] [--no-worker] [--profile]
 
-Uses (and flushes) the benchmark databases 9 (data) and 10 (broker), like bench.py.
+Each iteration, one every --gap-ms: a bare one-key script call (EVALSHA of a trivial script, the
+least a call that must consult Redis can cost), then observe_late for a new plan, each timed on its
+own; then (not timed) the plan's heat hash is written, as HeatBridge would, so the worker records
+each plan once instead of polling it to its deadline. A real worker
+(``celery -A observer_tasks worker -Q late_obs``) runs as a subprocess on the same databases, as in
+production, unless --no-worker. Prints p50/p99/max of both and the ratios; the goal (issue 11) is
+observe_late p50 <= 2.5x and p99 <= 3x the bare round trip.
+
+FLUSHES both databases given by --redis-url and --broker-url (FLUSHDB, at start and at the end);
+nothing else is touched. The defaults are the benchmark databases 9 and 10, as for bench.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
+import signal
+import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import redis
 
-DATA, BROKER = "redis://127.0.0.1:6379/9", "redis://127.0.0.1:6379/10"
+ROOT = Path(__file__).resolve().parent.parent
+CELERY = str(Path(sys.executable).with_name("celery"))
+BARE = "return redis.call('EXISTS', KEYS[1])"
+
+
+def start_worker(env: dict[str, str], data: redis.Redis) -> subprocess.Popen[bytes]:
+    """A worker on the benchmark's databases, ready once its heartbeat is in Redis."""
+    proc = subprocess.Popen(
+        [CELERY, "-A", "observer_tasks", "worker", "-Q", "late_obs", "-n", f"cost-{uuid.uuid4().hex[:6]}@%h",
+         "--loglevel", "warning"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        beats = [json.loads(v) for v in data.hvals("quantum:p28:workers")]
+        if any(b.get("pid") == proc.pid for b in beats):
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"the worker did not become ready (exit code {proc.poll()})")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(len(values) * q))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--gap-ms", type=float, default=2.0, help="time between iterations (ms)")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/9",
+                    help="the observer's Redis database (FLUSHED at start and end)")
+    ap.add_argument("--broker-url", default="redis://127.0.0.1:6379/10",
+                    help="the broker's database (FLUSHED at start and end)")
+    ap.add_argument("--no-worker", action="store_true", help="measure without a worker running")
     ap.add_argument("--profile", action="store_true", help="also print the top of a cProfile of 500 calls")
     args = ap.parse_args()
-    os.environ.update(REDIS_URL=DATA, CELERY_BROKER_URL=BROKER, P28_LATE_OBS_MAX_INFLIGHT="1000000")
-    for url in (DATA, BROKER):
+    if args.redis_url == args.broker_url:
+        sys.exit("--redis-url and --broker-url must be different databases")
+    env = {**os.environ, "REDIS_URL": args.redis_url, "CELERY_BROKER_URL": args.broker_url,
+           "P28_LATE_OBS_MAX_INFLIGHT": "1000000", "P28_METRICS_PORT": "0"}
+    os.environ.update(env)
+    data = redis.Redis.from_url(args.redis_url)
+    for url in (args.redis_url, args.broker_url):
         redis.Redis.from_url(url).flushdb()
-    from observer_tasks import observe_late
+    worker = None if args.no_worker else start_worker(env, data)
+    try:
+        measure(args, data)
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(30)
+        for url in (args.redis_url, args.broker_url):
+            redis.Redis.from_url(url).flushdb()
 
-    observe_late("warm-up", "BTCUSDT")
-    costs = []
+
+def measure(args: argparse.Namespace, data: redis.Redis) -> None:
+    from observer_tasks import observe_late
+    from observer_tasks.settings import CALL_TIMEOUT_S
+    from observer_tasks.store import redis_client
+
+    bare_client = redis_client(args.redis_url, CALL_TIMEOUT_S, "bench")  # the producer's client settings
+    bare = bare_client.register_script(BARE)
+    heat_prefix = "quantum:harvest:heat:by_plan:"
+    for i in range(200):  # warm-up: clients, scripts, the publisher's connection
+        bare(keys=["bench:bare"])
+        observe_late(f"w{i}", "BTCUSDT")
+    bare_s, late_s, results = [], [], []
+    start = time.monotonic()
     for i in range(args.calls):
-        start = time.perf_counter()
-        assert observe_late(f"c{i}", "BTCUSDT", "EXECUTE") == "enqueued"
-        costs.append(time.perf_counter() - start)
-    costs.sort()
-    print(f"observe_late x{args.calls}: p50 {costs[len(costs) // 2] * 1e6:.0f} us, "
-          f"p99 {costs[int(len(costs) * 0.99)] * 1e6:.0f} us, max {costs[-1] * 1e6:.0f} us")
+        time.sleep(max(0.0, start + i * args.gap_ms / 1000 - time.monotonic()))
+        t0 = time.perf_counter()
+        bare(keys=["bench:bare"])
+        t1 = time.perf_counter()
+        results.append(observe_late(f"c{i}", "BTCUSDT", "EXECUTE"))
+        t2 = time.perf_counter()
+        bare_s.append(t1 - t0)
+        late_s.append(t2 - t1)
+        data.hset(heat_prefix + f"c{i}", "heat_level", "warm")
+    took = time.monotonic() - start
+    enqueued = results.count("enqueued")
+    b50, b99, l50, l99 = (percentile(v, q) * 1000 for v in (bare_s, late_s) for q in (0.5, 0.99))
+    print(f"{args.calls} iterations, {args.gap_ms:g} ms apart ({args.calls / took:.0f}/s), "
+          f"worker {'off' if args.no_worker else 'on'}; observe_late returned enqueued {enqueued}/{args.calls}")
+    print(f"bare round trip (EVALSHA, one key): p50 {b50:.3f} ms  p99 {b99:.3f} ms  max {max(bare_s) * 1000:.3f} ms")
+    print(f"observe_late:                       p50 {l50:.3f} ms  p99 {l99:.3f} ms  max {max(late_s) * 1000:.3f} ms")
+    p50_met, p99_met = ("met" if ok else "MISSED" for ok in (l50 / b50 <= 2.5, l99 / b99 <= 3))
+    print(f"ratio observe_late / bare:          p50 {l50 / b50:.2f}x (goal <= 2.5x: {p50_met})"
+          f"  p99 {l99 / b99:.2f}x (goal <= 3x: {p99_met})")
+    if not args.no_worker:
+        deadline = time.monotonic() + 30
+        total = 200 + args.calls
+        while time.monotonic() < deadline and data.xlen("quantum:stream:apply.heat.observed") < total:
+            time.sleep(0.2)
+        print(f"recorded by the worker: {data.xlen('quantum:stream:apply.heat.observed')}/{total} plans")
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(lambda: [observe_late(f"p{i}", "BTCUSDT") for i in range(500)])
         pstats.Stats(profile).sort_stats("cumulative").print_stats(18)
-    for url in (DATA, BROKER):
-        redis.Redis.from_url(url).flushdb()
 
 
 if __name__ == "__main__":

@@ -115,14 +115,17 @@ class Worker:
 
     def wait_ready(self, timeout: float = 30) -> Worker:
         """Ready when /metrics answers (the services step started) and the worker answers a ping (consuming)."""
-        from observer_tasks.tasks import app
+        from celery import Celery
 
         poll(lambda: self.proc.poll() is not None or scrape(self.metrics_port), timeout, 0.1, "worker /metrics")
         assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
-        with app.connection_for_write(self.env["CELERY_BROKER_URL"]) as conn:
-            poll(lambda: self.proc.poll() is not None or app.control.ping([self.nodename], timeout=0.3,
-                                                                          connection=conn),
+        # A throwaway app on this worker's broker: the observer's app keeps its import-time broker and pools.
+        ping_app = Celery(broker=self.env["CELERY_BROKER_URL"], set_as_current=False)
+        try:
+            poll(lambda: self.proc.poll() is not None or ping_app.control.ping([self.nodename], timeout=0.3),
                  timeout, 0.05, "worker consuming")
+        finally:
+            ping_app.close()
         assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
         return self
 

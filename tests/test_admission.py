@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-import time
+import base64
+import json
 
 import redis
 
 from observer_tasks import observe_late
-from observer_tasks.settings import SWEEP_GRACE_MS, Settings
-from observer_tasks.store import LeasePayload, Store, redis_client
+from observer_tasks.settings import Settings
+from observer_tasks.store import Store, redis_client
 
-from .conftest import DATA_URL, inflight
+from .conftest import DATA_URL, inflight, poll
+
+INFLIGHT = "quantum:p28:late_obs:inflight"
 
 
 def counters(r: redis.Redis) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
+
+
+def redis_ms(r: redis.Redis) -> int:
+    sec, usec = r.time()
+    return int(sec) * 1000 + int(usec) // 1000
 
 
 def test_drops_beyond_max_inflight_are_counted_exactly(r: redis.Redis, env: dict[str, str]) -> None:
@@ -29,33 +37,46 @@ def test_second_call_for_an_admitted_plan_sends_nothing(r: redis.Redis, env: dic
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
     assert observe_late("p1", "BTCUSDT") == "enqueued"
     assert observe_late("p1", "BTCUSDT") == "duplicate"
-    assert broker.llen("late_obs") == 1
-    assert inflight(r) == 1 and "dropped" not in counters(r)
+    assert observe_late("p2", "BTCUSDT") == "enqueued"
+    # The publisher sends in order: once p2's message is there, p1's duplicate would be too.
+    poll(lambda: broker.llen("late_obs") >= 2, 5, what="messages in late_obs")
+    bodies = [json.loads(m)["headers"]["id"] for m in broker.lrange("late_obs", 0, -1)]
+    assert sorted(bodies) == ["p28-late-p1", "p28-late-p2"]
+    assert inflight(r) == 2 and "dropped" not in counters(r)
 
 
 def test_expired_leases_hold_no_slot_but_stay_in_the_ledger(r: redis.Redis, env: dict[str, str]) -> None:
-    settings = Settings.from_env({**env, "P28_LATE_OBS_MAX_INFLIGHT": "2"})
-    store = Store(settings, redis_client(DATA_URL, 1.0))
-    now = int(time.time() * 1000)
-    stale = LeasePayload("BTCUSDT", "", now - 60_000, now - SWEEP_GRACE_MS - 1)
-    assert store.admit("old1", stale) == "admitted"
-    assert store.admit("old2", stale) == "admitted"
-    fresh = LeasePayload("BTCUSDT", "", now, now + 2000)
-    assert [store.admit(f"new{i}", fresh) for i in range(3)] == ["admitted", "admitted", "dropped"]
+    store = Store(Settings.from_env({**env, "P28_LATE_OBS_MAX_INFLIGHT": "2"}), redis_client(DATA_URL, 1.0, "test"))
+    assert [store.admit(p, "BTCUSDT", "").status for p in ("old1", "old2")] == ["admitted", "admitted"]
+    for plan in ("old1", "old2"):  # their lease ends passed (Redis time), as after a crash nobody recorded
+        r.zadd(INFLIGHT, {plan: redis_ms(r) - 1000})
+    assert [store.admit(f"new{i}", "BTCUSDT", "").status for i in range(3)] == ["admitted", "admitted", "dropped"]
     assert inflight(r) == 4  # the two stale leases wait for the sweeper
-    assert [plan for plan, _ in store.overdue_leases(now)] == ["old1", "old2"]
+    assert r.hexists("quantum:p28:late_obs:leases", "old1") and r.hexists("quantum:p28:late_obs:leases", "old2")
 
 
-def test_lease_ends_shortly_after_the_deadline(r: redis.Redis, env: dict[str, str]) -> None:
-    before = int(time.time() * 1000)
-    assert observe_late("p1", "ETHUSDT", "SKIP") == "enqueued"
-    score = r.zscore("quantum:p28:late_obs:inflight", "p1")
-    assert score is not None
-    wait = int(env["P28_LATE_OBS_MAX_WAIT_MS"])
-    assert before + wait + SWEEP_GRACE_MS <= score <= int(time.time() * 1000) + wait + SWEEP_GRACE_MS
-    payload = LeasePayload.loads(r.hget("quantum:p28:late_obs:leases", "p1"))
-    assert payload is not None and payload.symbol == "ETHUSDT" and payload.apply_decision == "SKIP"
-    assert payload.deadline_ms - payload.published_ms == wait
+def test_lease_ends_grace_after_the_deadline_on_redis_time(r: redis.Redis, env: dict[str, str]) -> None:
+    settings = Settings.from_env()
+    store = Store(settings, redis_client(DATA_URL, 1.0, "test"))
+    before = redis_ms(r)
+    admission = store.admit("p1", "ETHUSDT", "SKIP")
+    after = redis_ms(r)
+    assert admission.status == "admitted" and before <= admission.published_ms <= after
+    assert admission.deadline_ms - admission.published_ms == settings.late_obs_max_wait_ms
+    assert r.zscore(INFLIGHT, "p1") == admission.deadline_ms + settings.sweep_grace_ms
+    lease = json.loads(r.hget("quantum:p28:late_obs:leases", "p1") or "")
+    assert (lease["symbol"], lease["apply_decision"]) == ("ETHUSDT", "SKIP")
+    assert (lease["published_ms"], lease["deadline_ms"]) == (admission.published_ms, admission.deadline_ms)
+    assert store.admit("p1", "ETHUSDT", "SKIP").status == "duplicate"
+
+
+def test_message_carries_the_admission_times(r: redis.Redis, env: dict[str, str]) -> None:
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    assert observe_late("p1", "ETHUSDT", "skip") == "enqueued"
+    raw = poll(lambda: broker.lindex("late_obs", 0), 5, what="the message")
+    lease = json.loads(r.hget("quantum:p28:late_obs:leases", "p1") or "")
+    args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+    assert args == ["p1", "ETHUSDT", "SKIP", lease["published_ms"], lease["deadline_ms"]]
 
 
 def test_disabled_switch(r: redis.Redis, env: dict[str, str]) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
 
 from observer_tasks import observe
 
-from .conftest import stream_entries
+from .conftest import poll, stream_entries
 
 HEAT = "quantum:harvest:heat:by_plan:"
 
@@ -32,18 +33,17 @@ def test_found(r: redis.Redis) -> None:
     assert entry["heat_out_action"] == "PARTIAL" and entry["apply_decision"] == ""
 
 
-@pytest.mark.parametrize("write", [
-    lambda r: r.set(HEAT + "p1", "a string"),
-    lambda r: r.rpush(HEAT + "p1", "x"),
-    lambda r: r.hset(HEAT + "p1", "heat_level", b"\xff\x00garbage"),
-    lambda r: r.hset(HEAT + "p1", mapping={"heat_level": "hot", "debug_json": "x" * 100_000}),
+@pytest.mark.parametrize(("write", "expected"), [
+    (lambda r: r.set(HEAT + "p1", "a string"), "parse_error"),  # WRONGTYPE: unreadable
+    (lambda r: r.rpush(HEAT + "p1", "x"), "parse_error"),
+    (lambda r: r.hset(HEAT + "p1", "heat_level", b"\xff\x00garbage"), "parse_error"),  # not UTF-8
+    (lambda r: r.hset(HEAT + "p1", mapping={"heat_level": "hot", "debug_json": "x" * 100_000}), "ok"),  # capped
 ])
-def test_unreadable_heat(r: redis.Redis, write) -> None:  # type: ignore[no-untyped-def]
+def test_unreadable_heat(r: redis.Redis, write: Callable[[redis.Redis], object], expected: str) -> None:
     write(r)
-    reason = observe("p1", "BTCUSDT")
+    assert observe("p1", "BTCUSDT") == expected
     (entry,) = stream_entries(r)
-    assert entry["heat_reason"] == reason
-    assert reason in ("parse_error", "ok")
+    assert entry["heat_reason"] == expected and entry["heat_found"] == ("1" if expected == "ok" else "0")
     assert len(entry["debug_json"]) <= 400
     assert sum(len(v) for v in entry.values()) < 1200
 
@@ -65,8 +65,10 @@ def test_bad_plan_ids_are_refused_and_counted(r: redis.Redis, plan_id: object,
                                               caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "observer_tasks")
     assert observe(plan_id, "BTCUSDT") == "error"
-    assert observe("good", "BTCUSDT") == "missing"  # the owed count is written with the next call
-    assert int(r.hget("quantum:p28:counters", "refused|create_apply_plan|invalid_input") or 0) == 1
+    # Counted by the publisher thread, without waiting for another call.
+    poll(lambda: r.hget("quantum:p28:counters", "refused|create_apply_plan|invalid_input") == b"1", 5,
+         what="the refusal counted")
+    assert observe("good", "BTCUSDT") == "missing"
     assert {k.decode() for k in r.keys("*")} == {
         "quantum:p28:counters", "quantum:stream:apply.heat.observed", "quantum:dedupe:p28:create_apply_plan:good"}
     assert "plan_id" in caplog.text

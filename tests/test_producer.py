@@ -1,0 +1,355 @@
+"""The apply layer's hand-off: one admission round trip, a background publisher, nothing lost (real Redis, workers).
+
+Processes that exit, die with os._exit or fork run as real subprocesses (the scripts below), so the
+test process itself never forks or exits under pytest.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from observer_tasks import observe, observe_late, producer, publisher
+from observer_tasks.settings import SWEEP_INTERVAL_S, Settings
+
+from .conftest import ROOT, Worker, inflight, late_entries, poll
+
+UNSENT = "quantum:p28:late_obs:unsent"
+LEASES = "quantum:p28:late_obs:leases"
+
+#: Calls observe_late for plans {prefix}-0.. {prefix}-{n-1}, prints the results as JSON, then exits as told:
+#: "exit" (a clean exit: atexit flushes) or "os_exit" (os._exit(0): nothing flushed). Before any import of
+#: observer_tasks it registers an atexit hook that runs last and prints how long the flush took.
+CALLER = """
+import atexit, json, os, sys, time
+prefix, n, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+done = []
+atexit.register(lambda: print(json.dumps({"flush_s": time.monotonic() - done[0]}), flush=True))
+from observer_tasks import observe, observe_late
+bad = int(os.environ.get("BAD_CALLS", "0"))
+for i in range(bad):
+    observe("bad*id", "BTCUSDT")
+    observe_late("bad:id", "BTCUSDT")
+results = {f"{prefix}-{i}": observe_late(f"{prefix}-{i}", "BTCUSDT", "EXECUTE") for i in range(n)}
+print(json.dumps({"results": results}), flush=True)
+done.append(time.monotonic())
+if how == "os_exit":
+    os._exit(0)
+"""
+
+#: The pre-forking server: the first calls in the parent (its publisher running), then four forked children
+#: and the parent calling concurrently. Each process writes {plan: result} and its slowest call to OUT/<tag>.json.
+PREFORK = """
+import json, os, sys, time
+from observer_tasks import observe_late
+prefix, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def calls(tag):
+    results, worst = {}, 0.0
+    for i in range(n):
+        plan = f"{prefix}-{tag}-{i}"
+        start = time.monotonic()
+        results[plan] = observe_late(plan, "BTCUSDT", "EXECUTE")
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.001)
+    with open(os.path.join(out, tag + ".json"), "w") as f:
+        json.dump({"results": results, "worst_s": worst}, f)
+calls("parent0")
+children = []
+for c in range(4):
+    pid = os.fork()
+    if pid == 0:
+        calls(f"child{c}")
+        sys.exit(0)  # a clean exit: the child's own publisher flushes at exit
+    children.append(pid)
+calls("parent1")
+print(json.dumps([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]), flush=True)
+"""
+
+
+def run_script(script: str, env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def json_lines(out: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            merged.update(json.loads(line))
+    return merged
+
+
+def counters(r: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
+
+
+def recorded_once(r: redis.Redis, plans: list[str], timeout: float) -> list[dict[str, str]]:
+    """Wait until every plan has an entry; then check none has two and no other plan has one."""
+    wanted = set(plans)
+    poll(lambda: wanted <= {e["plan_id"] for e in late_entries(r)}, timeout, 0.1, f"{len(plans)} plans recorded")
+    entries = late_entries(r)
+    counts = Counter(e["plan_id"] for e in entries)
+    assert {p: n for p, n in counts.items() if n != 1} == {}
+    assert set(counts) == wanted
+    return entries
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A broker URL whose server accepts connections and never answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(128)
+        yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+
+
+def sent_events(r: redis.Redis) -> Callable[[], list[dict[str, Any]]]:
+    """Collect the task-sent events published on the Redis broker from now on."""
+    pubsub = r.pubsub()
+    pubsub.psubscribe("*celeryev*")
+    poll(lambda: pubsub.get_message(timeout=0.1), 5, what="subscribed")
+    events: list[dict[str, Any]] = []
+
+    def read() -> list[dict[str, Any]]:
+        # Pub/sub channels span every database: keep only this process's task-sent events (workers of other
+        # suites on the same server publish too, some as batches).
+        while (msg := pubsub.get_message(timeout=0.01)) is not None:
+            if msg["type"] == "pmessage":
+                body = json.loads(base64.b64decode(json.loads(msg["data"])["body"]))
+                for event in body if isinstance(body, list) else [body]:
+                    if event.get("type") == "task-sent" and event.get("pid") == os.getpid():
+                        events.append(event)
+        return events
+
+    return read
+
+
+# -- in one process, no worker -----------------------------------------------------------------------------
+def test_enqueued_plans_reach_the_broker_with_one_task_sent_each(r: redis.Redis, env: dict[str, str]) -> None:
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    events = sent_events(broker)
+    assert [observe_late(f"p{i}", "BTCUSDT", "EXECUTE") for i in range(20)] == ["enqueued"] * 20
+    poll(lambda: broker.llen("late_obs") == 20, 5, what="20 messages in late_obs")
+    poll(lambda: len(events()) >= 20, 5, what="20 task-sent events")
+    assert sorted(e["uuid"] for e in events()) == sorted(f"p28-late-p{i}" for i in range(20))
+    assert {(e["name"], e["queue"]) for e in events()} == {("observer_tasks.late_observe", "late_obs")}
+    assert inflight(r) == 20 and r.hlen(UNSENT) == 0
+
+
+def test_refusal_is_counted_without_another_call(r: redis.Redis) -> None:
+    assert observe("bad*id", "BTCUSDT") == "error"
+    assert observe_late("bad:id", "BTCUSDT") == "error"
+    poll(lambda: counters(r).get("refused|publish_plan_post|invalid_input") == 1, 5, what="refusals counted")
+    assert counters(r)["refused|create_apply_plan|invalid_input"] == 1
+
+
+def test_full_queue_and_dead_broker_leave_the_leases_to_the_sweeper(
+        r: redis.Redis, env: dict[str, str], black_hole: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env["CELERY_BROKER_URL"] = black_hole
+    monkeypatch.setattr(publisher, "QUEUE_MAX", 3)
+    start = time.monotonic()
+    results = [observe_late(f"p{i}", "BTCUSDT", "EXECUTE") for i in range(20)]
+    assert time.monotonic() - start < 0.5  # the caller never waits on the broker
+    # The publisher is stuck on the first message until its timeout, so most plans overflow the queue.
+    assert results == ["enqueued"] * 20
+    causes = poll(lambda: r.hlen(UNSENT) == 20 and r.hgetall(UNSENT), 5, what="20 unsent notes")
+    assert b"publisher queue full" in causes.values()
+    assert any(c.startswith(b"broker unavailable") for c in causes.values())
+    assert inflight(r) == 20 and r.hlen(LEASES) == 20  # no lease released
+    # The broker's breaker is now open: further plans are refused and counted, not admitted.
+    assert observe_late("later", "BTCUSDT") == "error"
+    poll(lambda: counters(r).get("refused|publish_plan_post|unavailable") == 1, 5, what="refusal counted")
+
+
+def close_publisher_connection_on_rabbitmq() -> None:
+    """Close this process's publisher connection from the server side, as RabbitMQ does to a dead peer."""
+    p = producer.producer()
+    assert p is not None and p.publisher.connection is not None
+    port = p.publisher.connection.connection.transport.sock.getsockname()[1]
+    listing = subprocess.run(["rabbitmqctl", "-q", "list_connections", "peer_port", "pid"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    (pid,) = [line.split()[1] for line in listing.splitlines() if line.split()[:1] == [str(port)]]
+    subprocess.run(["rabbitmqctl", "close_connection", pid, "test"], capture_output=True, timeout=30, check=True)
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_a_connection_closed_by_the_broker_is_replaced_without_losing_a_plan(
+        request: pytest.FixtureRequest, r: redis.Redis, env: dict[str, str], broker: str) -> None:
+    if broker == "amqp":
+        from kombu import Connection
+
+        request.getfixturevalue("amqp_broker")
+        with Connection(env["CELERY_BROKER_URL"]) as conn:
+            channel = conn.channel()
+            ready = lambda: channel.queue_declare("late_obs", passive=True).message_count  # noqa: E731
+            assert observe_late("p1", "BTCUSDT") == "enqueued"
+            poll(lambda: ready() == 1, 5, what="first message")
+            close_publisher_connection_on_rabbitmq()
+            assert observe_late("p2", "BTCUSDT") == "enqueued"
+            poll(lambda: ready() == 2, 5, what="second message, on a new connection")
+    else:
+        private = request.getfixturevalue("private_redis")
+        env["CELERY_BROKER_URL"] = private.url
+        server = redis.Redis(port=private.port)
+        assert observe_late("p1", "BTCUSDT") == "enqueued"
+        poll(lambda: server.llen("late_obs") == 1, 5, what="first message")
+        server.client_kill_filter(_type="normal", skipme=True)  # e.g. the server's idle timeout
+        assert observe_late("p2", "BTCUSDT") == "enqueued"
+        poll(lambda: server.llen("late_obs") == 2, 5, what="second message, on a new connection")
+    assert r.hlen(UNSENT) == 0 and observe_late("p3", "BTCUSDT") == "enqueued"
+
+
+@pytest.mark.slow
+def test_unsent_plans_are_recorded_by_the_sweeper_with_the_cause(
+        start_worker: Callable[..., Worker], r: redis.Redis, env: dict[str, str], black_hole: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    start_worker()  # on the real broker; this process publishes to the black hole
+    env["CELERY_BROKER_URL"] = black_hole
+    monkeypatch.setattr(publisher, "QUEUE_MAX", 3)
+    plans = [f"p{i}" for i in range(10)]
+    assert [observe_late(p, "BTCUSDT") for p in plans] == ["enqueued"] * 10
+    settings = Settings.from_env()
+    entries = recorded_once(r, plans, (settings.late_obs_max_wait_ms + settings.sweep_grace_ms) / 1000 + 10)
+    for e in entries:
+        debug = json.loads(e["debug_json"])
+        assert e["recorded_by"] == "sweep" and e["heat_reason"] == "timeout"
+        assert debug["unsent"] == "publisher queue full" or debug["unsent"].startswith("broker unavailable")
+    assert r.hlen(UNSENT) == 0
+
+
+def test_redis_busy_refuses_at_once_with_one_line_and_no_traceback(
+        env: dict[str, str], private_redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    env["REDIS_URL"] = private_redis.url
+    admin = redis.Redis(port=private_redis.port)
+    admin.config_set("busy-reply-threshold", 10)
+    assert observe("warm", "BTCUSDT") == "missing"
+
+    def long_script() -> None:
+        with contextlib.suppress(redis.ResponseError):  # "killed by user": the end this test gives it
+            redis.Redis(port=private_redis.port).eval("while true do end", 0)
+
+    script = threading.Thread(target=long_script, daemon=True)
+    script.start()
+    caplog.set_level(logging.WARNING, "observer_tasks")
+    try:
+        poll(lambda: observe("probe", "BTCUSDT") == "error", 5, what="BUSY seen")
+        start = time.monotonic()
+        results = [call(f"p{i}", "BTCUSDT") for i in range(50) for call in (observe, observe_late)]
+        assert results == ["error"] * 100 and time.monotonic() - start < 0.1
+    finally:
+        admin.script_kill()
+        script.join(5)
+    lines = [rec for rec in caplog.records if "unavailable" in rec.getMessage()]
+    assert len(lines) == 1 and "BUSY" in lines[0].getMessage() and not lines[0].exc_info
+    assert "Traceback" not in caplog.text
+    poll(lambda: observe("after", "BTCUSDT") == "missing", 5, what="the breaker closes again")
+    poll(lambda: int(admin.hget("quantum:p28:counters", "refused|create_apply_plan|unavailable") or 0) >= 50, 5,
+         what="refusals paid once Redis answers")
+
+
+# -- processes that exit -------------------------------------------------------------------------------
+def test_clean_exit_flushes_the_queue_within_a_second(r: redis.Redis, env: dict[str, str]) -> None:
+    proc = run_script(CALLER, {**env, "BAD_CALLS": "5", "P28_LATE_OBS_MAX_INFLIGHT": "1000"}, "x", "300", "exit")
+    assert proc.returncode == 0, proc.stderr
+    out = json_lines(proc.stdout)
+    assert set(out["results"].values()) == {"enqueued"}
+    print(f"\nexit flush of 300 queued plans: {out['flush_s'] * 1000:.0f} ms")
+    assert out["flush_s"] <= 1.0
+    assert redis.Redis.from_url(env["CELERY_BROKER_URL"]).llen("late_obs") == 300
+    assert r.hlen(UNSENT) == 0
+    # Every refusal is counted, also in a process that exits right after making them.
+    c = counters(r)
+    assert (c["refused|create_apply_plan|invalid_input"], c["refused|publish_plan_post|invalid_input"]) == (5, 5)
+    assert "Traceback" not in proc.stderr
+
+
+def test_exit_flush_is_bounded_with_a_dead_broker(r: redis.Redis, env: dict[str, str], black_hole: str) -> None:
+    proc = run_script(CALLER, {**env, "CELERY_BROKER_URL": black_hole}, "x", "50", "exit")
+    assert proc.returncode == 0, proc.stderr
+    out = json_lines(proc.stdout)
+    assert set(out["results"].values()) == {"enqueued"} and out["flush_s"] <= 1.0
+    assert inflight(r) == 50 and r.hlen(UNSENT) == 50  # every lease kept, every cause noted
+
+
+@pytest.mark.slow
+def test_os_exit_right_after_200_calls_loses_no_plan(worker: Worker, r: redis.Redis, env: dict[str, str]) -> None:
+    proc = run_script(CALLER, env, "d", "200", "os_exit")
+    assert proc.returncode == 0, proc.stderr
+    results = json_lines(proc.stdout)["results"]
+    assert set(results.values()) == {"enqueued"}
+    settings = Settings.from_env()
+    bound = (settings.late_obs_max_wait_ms + settings.sweep_grace_ms) / 1000 + 2 * SWEEP_INTERVAL_S + 3
+    start = time.monotonic()
+    entries = recorded_once(r, list(results), bound)
+    by = Counter(e["recorded_by"] for e in entries)
+    print(f"\nos._exit after 200 calls: all recorded in {time.monotonic() - start:.1f}s, by {dict(by)}")
+    assert inflight(r) == 0
+
+
+# -- with a worker -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_3000_calls_at_500_per_second_are_each_recorded_once(
+        start_worker: Callable[..., Worker], r: redis.Redis, env: dict[str, str]) -> None:
+    env.update(P28_LATE_OBS_MAX_INFLIGHT="5000", P28_LATE_OBS_MAX_WAIT_MS="2000")
+    start_worker()
+    plans = [f"s{i}" for i in range(3000)]
+    with r.pipeline(transaction=False) as pipe:  # heat for every other plan: half end ok, half by timeout
+        for p in plans[::2]:
+            pipe.hset(f"quantum:harvest:heat:by_plan:{p}", "heat_level", "warm")
+        pipe.execute()
+    start = time.monotonic()
+    results = []
+    for i, plan in enumerate(plans):
+        time.sleep(max(0.0, start + i * 0.002 - time.monotonic()))  # pacing the load, not waiting for a result
+        results.append(observe_late(plan, "BTCUSDT", "EXECUTE"))
+    rate = len(plans) / (time.monotonic() - start)
+    assert results == ["enqueued"] * 3000
+    entries = recorded_once(r, plans, 90)
+    reasons = Counter(e["heat_reason"] for e in entries)
+    print(f"\n3000 calls at {rate:.0f}/s: {dict(reasons)}, by {dict(Counter(e['recorded_by'] for e in entries))}")
+    # How many of the heated plans end ok depends on how far this machine's worker falls behind; a plan
+    # without heat must never read ok.
+    assert set(reasons) <= {"ok", "timeout"} and reasons["ok"] <= 1500
+    assert not [e for e in entries if e["heat_reason"] == "ok" and int(e["plan_id"][1:]) % 2]
+    assert "dropped" not in counters(r) and inflight(r) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_prefork_children_each_get_their_own_publisher(
+        request: pytest.FixtureRequest, start_worker: Callable[..., Worker], r: redis.Redis, env: dict[str, str],
+        broker: str, tmp_path: Path) -> None:
+    if broker == "amqp":
+        request.getfixturevalue("amqp_broker")
+    env.update(P28_LATE_OBS_MAX_INFLIGHT="2000")
+    start_worker()
+    proc = run_script(PREFORK, env, "f", "60", str(tmp_path), timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == [0, 0, 0, 0], proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    outs = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("*.json"))]
+    assert len(outs) == 6  # parent before and after the fork, four children
+    results = {plan: res for out in outs for plan, res in out["results"].items()}
+    assert len(results) == 360 and set(results.values()) == {"enqueued"}
+    worst = max(out["worst_s"] for out in outs)
+    print(f"\nprefork on {broker}: slowest call {worst * 1000:.1f} ms")
+    assert worst < 0.5
+    entries = recorded_once(r, list(results), 60)
+    # Each message was really sent (none left to the sweeper): the children's exit flush worked, and the
+    # parent's publisher kept its connection after the children dropped their inherited copies.
+    assert Counter(e["recorded_by"] for e in entries)["sweep"] == 0
+    producer.reset()
