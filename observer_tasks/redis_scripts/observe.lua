@@ -43,9 +43,14 @@ local function utf8_ok(s)
     elseif c >= 0xE0 and c <= 0xEF then extra = 2
     elseif c >= 0xF0 and c <= 0xF4 then extra = 3
     else return false end
+    -- The second byte's range excludes overlong forms and surrogates, as Python's decoder does.
+    local lo, hi = 0x80, 0xBF
+    if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F
+    elseif c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
     for j = 1, extra do
       local cc = string.byte(s, i + j)
-      if not cc or cc < 0x80 or cc > 0xBF then return false end
+      if not cc or cc < lo or cc > hi then return false end
+      lo, hi = 0x80, 0xBF
     end
     i = i + extra + 1
   end
