@@ -33,22 +33,9 @@ import redis
 
 from . import keys as K
 from . import producer
-from .cli import (
-    QUEUE,
-    REDIS_ERRORS,
-    broker_error,
-    connect,
-    coverage,
-    coverage_table,
-    late_obs_workers,
-    late_waits,
-    load,
-    percentiles,
-    reasons,
-    reasons_table,
-    use_broker,
-)
-from .settings import SWEEP_GRACE_MS, SWEEP_INTERVAL_S, Settings, redact_url
+from .probes import QUEUE, REDIS_ERRORS, broker_error, connect, late_obs_workers, load, use_broker
+from .reports import coverage, coverage_table, late_waits, percentiles, reasons, reasons_table
+from .settings import SWEEP_INTERVAL_S, Settings, redact_url
 from .store import redis_client
 
 PLAN_STREAM = "quantum:stream:apply.plan"
@@ -105,7 +92,7 @@ def free_port() -> int:
 
 def answers(url: str) -> bool:
     try:
-        return bool(redis_client(url, 0.5).ping())
+        return bool(redis_client(url, 0.5, "demo").ping())
     except REDIS_ERRORS:
         return False
 
@@ -140,7 +127,7 @@ def ensure_worker(stack: ExitStack, settings: Settings, run_id: str, no_worker: 
     worker = Child("worker", [sys.executable, "-m", "celery", "-A", "observer_tasks", "worker", "-Q", QUEUE,
                               "-n", name, "--loglevel", "WARNING"], env)
     stack.callback(worker.stop)
-    app = use_broker(settings)
+    app = use_broker(settings.broker)
     worker.wait_for(lambda: app.control.ping(destination=[name], timeout=0.5), "no reply to ping")
     say(f"started worker {name} (stopped at the end)")
     return True
@@ -233,8 +220,7 @@ def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, 
         if not answers(url):
             private_redis(stack, url, say)
         settings = load()
-        producer.reset()
-        use_broker(settings)
+        producer.reset()  # its settings (REDIS_URL, broker) may have just changed
         client = connect(settings.redis_url)
         error = broker_error(settings)
         if error:
@@ -295,7 +281,7 @@ def publish(rng: random.Random, rate: float, seconds: float, heat_median_ms: flo
 def drain(settings: Settings, tally: Tally, results: dict[str, Counter[str]], published: int, say: Any) -> None:
     """Wait until every enqueued plan is recorded, at most until the sweeper would have recorded it."""
     start = time.monotonic()
-    limit = settings.late_obs_max_wait_ms / 1000 + SWEEP_GRACE_MS / 1000 + SWEEP_INTERVAL_S + 3
+    limit = settings.late_obs_max_wait_ms / 1000 + settings.sweep_grace_ms / 1000 + SWEEP_INTERVAL_S + 3
     next_report = start + 1
     while True:
         tally.update()

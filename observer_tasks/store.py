@@ -30,7 +30,10 @@ class Unavailable(Exception):
 
 def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, redis.ResponseError):
-        return str(exc).split(" ", 1)[0].upper() in UNAVAILABLE_REPLIES
+        # redis-py strips the code of replies it maps to a class (READONLY -> ReadOnlyError, OOM, LOADING ...)
+        # and keeps it in status_code; others (BUSY) keep it at the start of the message.
+        code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+        return str(code).upper() in UNAVAILABLE_REPLIES
     return isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError)
 
 

@@ -11,6 +11,7 @@ The message's times are informational: no decision trusts the sender's clock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -105,24 +106,19 @@ def look_once(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMessage) -> str:
-    """Look, then reschedule through the broker; look again here only if the broker is down."""
+    """Look (or, after two failed looks, record redis_error), then reschedule through the broker.
+
+    Nothing here waits in the worker: a slot is held only while Redis answers, so an outage that fails
+    every plan's look cannot starve the plans still looking. Only a dead broker makes it look again here.
+    """
     while True:
-        polls = msg.polls + 1
-        try:
-            look = store.look(msg.plan_id, polls, msg.errors)
-        except Unavailable as exc:
-            errors = msg.errors + 1
-            if errors >= 2:
-                return finish_redis_error(store, msg, polls, errors, str(exc))
-            interval_ms = settings.late_obs_poll_ms
-            msg = LateMessage(*msg.args(), polls=polls, errors=errors)  # type: ignore[misc]
+        if msg.errors >= 2:
+            outcome, interval_ms = finish_redis_error(settings, store, msg)
         else:
-            if look.status != "pending":
-                return look.reason or look.status
-            healthy = look.wake_healthy and settings.late_obs_wake
-            interval = settings.safety_poll_ms if healthy else settings.late_obs_poll_ms
-            interval_ms = min(interval, look.deadline_ms - look.now_ms)
-            msg = LateMessage(*msg.args(), polls=polls, errors=msg.errors)  # type: ignore[misc]
+            outcome, interval_ms = look(settings, store, msg)
+        if isinstance(outcome, str):
+            return outcome
+        msg = outcome
         countdown_s = max(interval_ms, 0) / 1000
         try:
             late_poll.apply_async(args=msg.args(), kwargs={"polls": msg.polls, "errors": msg.errors},
@@ -133,17 +129,30 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
             time.sleep(countdown_s)
 
 
-def finish_redis_error(store: Store, msg: LateMessage, polls: int, errors: int, why: str) -> str:
-    """Record redis_error, trying for RECORD_PATIENCE_S; then the sweeper records it (as redis_error)."""
-    give_up = time.monotonic() + RECORD_PATIENCE_S
-    pause = 0.1
-    while True:
-        try:
-            store.finish(msg.plan_id, "redis_error", {"polls": polls, "errors": errors, "lookup_error": why[:80]})
-            return "redis_error"
-        except Unavailable as exc:
-            if time.monotonic() + pause > give_up:
-                log.error("P2.8A.3: could not record plan %s (%s); the sweeper will record it", msg.plan_id, exc)
-                return "unrecorded"
-            time.sleep(pause)
-            pause = min(pause * 2, 1.0)
+def look(settings: Settings, store: Store, msg: LateMessage) -> tuple[str | LateMessage, int]:
+    """One look: the outcome recorded ('ok', 'timeout', ... or 'gone'), or the next message and its countdown."""
+    polls = msg.polls + 1
+    try:
+        seen = store.look(msg.plan_id, polls, msg.errors)
+    except Unavailable:
+        # A failed look; the second one ends the plan as redis_error (recorded by the next run).
+        return dataclasses.replace(msg, polls=polls, errors=msg.errors + 1), settings.late_obs_poll_ms
+    if seen.status != "pending":
+        return seen.reason or seen.status, 0
+    healthy = seen.wake_healthy and settings.late_obs_wake
+    interval = settings.safety_poll_ms if healthy else settings.late_obs_poll_ms
+    return dataclasses.replace(msg, polls=polls), min(interval, seen.deadline_ms - seen.now_ms)
+
+
+def finish_redis_error(settings: Settings, store: Store, msg: LateMessage) -> tuple[str | LateMessage, int]:
+    """Record redis_error; while Redis still refuses, try again every POLL_MS for RECORD_PATIENCE_S,
+    then leave the plan to the sweeper (which records redis_error too, having seen the outage)."""
+    try:
+        store.finish(msg.plan_id, "redis_error", {"polls": msg.polls, "errors": 2})
+        return "redis_error", 0
+    except Unavailable as exc:
+        attempts = msg.errors - 2 + 1
+        if attempts * settings.late_obs_poll_ms >= RECORD_PATIENCE_S * 1000:
+            log.error("P2.8A.3: could not record plan %s (%s); the sweeper will record it", msg.plan_id, exc)
+            return "unrecorded", 0
+        return dataclasses.replace(msg, errors=msg.errors + 1), settings.late_obs_poll_ms

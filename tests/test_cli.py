@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,8 +18,9 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from observer_tasks import observe_late
-from observer_tasks.cli import main, recommended_wait
+from observer_tasks import observe_late, probes
+from observer_tasks.cli import main
+from observer_tasks.reports import recommended_wait
 from tests.conftest import ROOT, Worker, free_port, late_entries, poll, scrape
 
 STREAM = "quantum:stream:apply.heat.observed"
@@ -114,21 +116,22 @@ def test_config_check_good_env_file(tmp_path: Path, env: dict[str, str]) -> None
     path = tmp_path / "apply-layer.env"
     path.write_text("# P2.8A.3 Late Observer (HeatBridge's lag)\n"
                     "\n"
-                    "export P28_LATE_OBS_ENABLED=false\n"
-                    'P28_LATE_OBS_MAX_WAIT_MS="3000"   # raised after Alert 2: it\'s tuning\n'
-                    "P28_LATE_OBS_POLL_MS='100'\n"
+                    "P28_LATE_OBS_ENABLED=false\n"
+                    "# raised after Alert 2: it's tuning\n"
+                    "P28_LATE_OBS_MAX_WAIT_MS=3000   \n"
+                    "P28_LATE_OBS_POLL_MS=100\n"
                     "REDIS_URL=redis://:s3cret@10.0.0.5:6379/0\n"
                     "P28_LATE_OBS_MAX_WAIT=5000\n"
-                    "  P28_HEAT_OBS_STREAM=obs#1 # a comment after a space\n")
+                    "  P28_HEAT_OBS_STREAM=obs#1\n")
     result = invoke("config", "check", "--env-file", str(path))
     assert result.exit_code == 0, result.output
     table = rows(result.output)
     assert ["P28_LATE_OBS_ENABLED", "false", f"{path}:3"] in table
-    assert ["P28_LATE_OBS_MAX_WAIT_MS", "3000", f"{path}:4"] in table
-    assert ["P28_LATE_OBS_POLL_MS", "100", f"{path}:5"] in table
+    assert ["P28_LATE_OBS_MAX_WAIT_MS", "3000", f"{path}:5"] in table
+    assert ["P28_LATE_OBS_POLL_MS", "100", f"{path}:6"] in table
     assert ["P28_LATE_OBS_MAX_INFLIGHT", "200", "default"] in table
-    assert ["P28_HEAT_OBS_STREAM", "obs#1", f"{path}:8"] in table
-    assert ["REDIS_URL", "redis://:***@10.0.0.5:6379/0", f"{path}:6"] in table
+    assert ["P28_HEAT_OBS_STREAM", "obs#1", f"{path}:9"] in table
+    assert ["REDIS_URL", "redis://:***@10.0.0.5:6379/0", f"{path}:7"] in table
     assert "s3cret" not in result.output
     assert "P28_LATE_OBS_MAX_WAIT is not a setting" in result.output
 
@@ -142,20 +145,34 @@ def test_config_check_accepts_the_shipped_env_file(env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("P28_HEAT_OBS_STREAM=a b\n", ":1: expected KEY=VALUE"),
-    ("P28_LATE_OBS_MAX_WAIT_MS=abc\n", "P28_LATE_OBS_MAX_WAIT_MS='abc' is not a whole number"),
+    ("P28_HEAT_OBS_STREAM=a b\n", ":1: refused: whitespace inside the value"),
+    ("P28_LATE_OBS_MAX_WAIT_MS=abc\n", ":1: P28_LATE_OBS_MAX_WAIT_MS='abc' is not a whole number"),
     ("P28_LATE_OBS_ENABLED=maybe\n", "P28_LATE_OBS_ENABLED='maybe' is not a boolean"),
-    ("P28_LATE_OBS_MAX_INFLIGHT=0\n", "P28_LATE_OBS_MAX_INFLIGHT='0' is out of range"),
-    ("P28_LATE_OBS_POLL_MS='unterminated\n", ":1: No closing quotation"),
-    ("# ok\nP28_LATE_OBS_POLL_MS 100\n", ":2: expected KEY=VALUE"),
+    ("# ok\nP28_LATE_OBS_MAX_INFLIGHT=0\n", ":2: P28_LATE_OBS_MAX_INFLIGHT='0' is out of range"),
+    ("P28_LATE_OBS_POLL_MS='unterminated\n", ":1: refused: a quoted value"),
+    ("# ok\nP28_LATE_OBS_POLL_MS 100\n", ":2: refused: no '='"),
+    ("export P28_LATE_OBS_POLL_MS=100\n", ":1: refused: `export NAME=...`"),
+    ('P28_LATE_OBS_POLL_MS="100"\n', ":1: refused: a quoted value: systemd strips the quotes"),
+    ("P28_LATE_OBS_POLL_MS=100 # tuned\n", ":1: refused: a comment after the value: systemd keeps"),
+    ("P28_LATE_OBS_POLL_MS = 100\n", ":1: refused: spaces around '='"),
+    ("REDIS_URL=redis://h:6379/0\\\n\n", ":1: refused: a backslash continuation"),
+    ("REDIS_URL=unix:///run/redis.sock\n", "REDIS_URL='unix:///run/redis.sock' must be a URL with scheme redis/rediss"),
 ])
-def test_config_check_bad_env_file_is_one_line(tmp_path: Path, env: dict[str, str], text: str, message: str) -> None:
+def test_config_check_refuses_in_one_line_with_exit_2(tmp_path: Path, env: dict[str, str], text: str,
+                                                       message: str) -> None:
     path = tmp_path / "bad.env"
     path.write_text(text)
     result = invoke("config", "check", "--env-file", str(path))
-    assert result.exit_code == 1
+    assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert message in result.output
+
+
+def test_config_check_help_says_what_it_accepts() -> None:
+    text = " ".join(invoke("config", "check", "--help").output.split())
+    assert "read as systemd's EnvironmentFile= reads them" in text
+    assert "Refused (exit 2): `export`, quotes, backslashes" in text
+    assert "allowed" not in text
 
 
 def test_config_check_reads_the_environment_by_default(env: dict[str, str]) -> None:
@@ -164,7 +181,7 @@ def test_config_check_reads_the_environment_by_default(env: dict[str, str]) -> N
     assert ["P28_LATE_OBS_MAX_WAIT_MS", "600", "env"] in rows(result.output)
     env["P28_LATE_OBS_POLL_MS"] = "5000"
     result = invoke("config", "check")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "P28_LATE_OBS_POLL_MS=5000 is above P28_LATE_OBS_MAX_WAIT_MS=600" in result.output
 
 
@@ -245,6 +262,54 @@ def test_verify_fails_without_late_hits_and_gives_advice(r: redis.Redis, worker:
     assert "dropped=4: saturation: raise P28_LATE_OBS_MAX_INFLIGHT first" in advice
 
 
+def test_verify_reads_this_hosts_metrics_port_from_the_settings(r: redis.Redis, worker: Worker,
+                                                                 env: dict[str, str]) -> None:
+    observe_some_plans(r)
+    env["P28_METRICS_PORT"] = str(worker.metrics_port)  # not 8043: the worker's, as in the host's env file
+    env["P28_METRICS_ADDR"] = "0.0.0.0"  # a wildcard bind is reached on loopback
+    result = invoke("verify", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["metrics"]["url"] == f"http://127.0.0.1:{worker.metrics_port}/metrics"
+
+    env["P28_METRICS_ADDR"] = "127.0.0.1"
+    assert invoke("verify").exit_code == 0
+    # an explicit --metrics-url still wins
+    result = invoke("verify", "--metrics-url", f"http://127.0.0.1:{free_port()}/metrics")
+    assert result.exit_code == 1
+    assert "worker or exporter stopped" in result.output
+
+
+def test_verify_with_metrics_port_0_says_how_to_point_it_at_an_exporter(
+        r: redis.Redis, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probes, "EXPORTER_PORT", free_port())  # 8043 may be taken on a shared host
+    env["P28_METRICS_PORT"] = "0"
+    result = invoke("verify")
+    assert result.exit_code == 1
+    assert (f"cannot read http://127.0.0.1:{probes.EXPORTER_PORT}/metrics" in result.output
+            and "P28_METRICS_PORT=0, so no worker on this host serves /metrics, and no `observer-tasks metrics` "
+                "exporter answers on its default port" in result.output
+            and "pass --metrics-url http://HOST:PORT/metrics" in result.output), result.output
+
+
+def test_verify_advises_the_runbooks_next_max_wait_step(r: redis.Redis, env: dict[str, str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    env["P28_LATE_OBS_MAX_WAIT_MS"] = "2000"
+    for n in range(3):
+        add_entry(r, "publish_plan_post", "timeout", 2000, plan_id=f"t{n}")
+    add_entry(r, "publish_plan_post", "ok", 900, plan_id="h1")
+    monkeypatch.setattr(probes, "EXPORTER_PORT", free_port())
+
+    def first_advice() -> str:
+        return str(json.loads(invoke("verify", "--json").output)["advice"][0])
+
+    assert first_advice().startswith("timeouts are 75% of publish_plan_post (>50%): "
+                                     "raise P28_LATE_OBS_MAX_WAIT_MS to 3000")
+    env["P28_LATE_OBS_MAX_WAIT_MS"] = "3000"
+    assert "raise P28_LATE_OBS_MAX_WAIT_MS to 4000" in first_advice()
+    env["P28_LATE_OBS_MAX_WAIT_MS"] = "4000"
+    assert "do not raise it further, look at HeatBridge's lag" in first_advice()
+
+
 def test_status_check_needs_a_worker(r: redis.Redis, start_worker: Callable[..., Worker]) -> None:
     result = invoke("status", "--check")
     assert result.exit_code == 1
@@ -256,12 +321,77 @@ def test_status_check_needs_a_worker(r: redis.Redis, start_worker: Callable[...,
     start_worker()
     r.xadd("quantum:stream:harvest.heat.decision", {"plan_id": "x"})
     r.xgroup_create("quantum:stream:harvest.heat.decision", "heat_bridge", id="0")
-    result = invoke("status", "--check")
-    assert result.exit_code == 0, result.output
+    # the worker serves /metrics (ready) a moment before it answers Celery's control broadcast
+    result = poll(lambda: (x := invoke("status", "--check")).exit_code == 0 and x, what="status --check passing")
     assert re.search(r"workers: +1 consuming late_obs: test-[0-9a-f]{8}@", result.output)
     assert "broker:     redis://127.0.0.1:" in result.output and "late_obs queue length 0" in result.output
     assert "in flight:  0 of P28_LATE_OBS_MAX_INFLIGHT=200" in result.output
     assert "group heat_bridge on quantum:stream:harvest.heat.decision: lag 1, pending 0" in result.output
+
+
+#: Plans that wait: no heat, and 20 s between looks, so each parks in the worker after its first look.
+PARKED = {"P28_LATE_OBS_MAX_WAIT_MS": "60000", "P28_LATE_OBS_POLL_MS": "20000"}
+
+
+def waiting_plans(n: int) -> None:
+    for i in range(n):
+        assert observe_late(f"park-{i}", "BTCUSDT", "EXECUTE") == "enqueued"
+
+
+def broker_line_with(text: str) -> str | None:
+    line = next(x for x in invoke("status").output.splitlines() if x.startswith("broker:"))
+    return line if text in line else None
+
+
+def test_status_counts_ready_messages_on_the_redis_broker(r: redis.Redis, env: dict[str, str]) -> None:
+    env.update(PARKED)
+    waiting_plans(100)  # no worker: every first message waits in the list
+    poll(lambda: broker_line_with("late_obs queue length 100 (100 ready, 0 parked for their countdown)"),
+         what="100 ready messages")
+
+
+def test_status_counts_parked_countdown_messages_on_the_redis_broker(r: redis.Redis, env: dict[str, str],
+                                                                    start_worker: Callable[..., Worker]) -> None:
+    env.update(PARKED)
+    start_worker()
+    waiting_plans(100)  # each plan's message waits its countdown in the worker, in kombu's unacked hash
+    poll(lambda: broker_line_with("late_obs queue length 100 (0 ready, 100 parked for their countdown)"),
+         timeout=30, what="100 parked messages")
+    assert "in flight:  100 of P28_LATE_OBS_MAX_INFLIGHT=200" in invoke("status").output
+    assert redis.Redis.from_url(env["CELERY_BROKER_URL"]).llen("late_obs") == 0  # all LLEN alone would show
+
+
+def test_status_counts_unacknowledged_messages_on_rabbitmq(r: redis.Redis, env: dict[str, str], amqp_broker: str,
+                                                          start_worker: Callable[..., Worker]) -> None:
+    if not shutil.which("rabbitmqctl"):
+        pytest.skip("needs rabbitmqctl on this host")
+    env.update(PARKED)
+    # Ready when status sees it consume: its own Celery app per broker, unlike conftest's wait_ready ping,
+    # whose broadcast goes out on the shared app's pool (bound to whichever broker a test used first).
+    start_worker(wait=False)
+    poll(lambda: "workers:    1 consuming late_obs" in invoke("status").output, timeout=30, what="worker consuming")
+    waiting_plans(100)
+    poll(lambda: broker_line_with("late_obs queue length 100 (0 ready, 100 unacknowledged: parked for their "
+                                  "countdown)"), timeout=30, what="100 unacknowledged messages")
+
+
+def test_status_shows_each_workers_heartbeat(r: redis.Redis, env: dict[str, str]) -> None:
+    now_ms = int(r.time()[0]) * 1000
+    r.hset("quantum:p28:workers", mapping={
+        "celery@alive": json.dumps({"seen_ms": now_ms - 300, "pid": 11, "host": "alive", "wake": "connected",
+                                    "last_push_age_ms": 2200, "resyncs": 1}),
+        "celery@gone": json.dumps({"seen_ms": now_ms - 30_000, "pid": 12, "host": "gone", "wake": "reconnecting",
+                                   "last_push_age_ms": None, "resyncs": 4}),
+    })
+    out = invoke("status").output
+    assert "heartbeats: 1 fresh of 2 in quantum:p28:workers" in out
+    table = rows(out)
+    alive = next(row for row in table if row[:1] == ["celery@alive"])
+    assert alive[1] == "ok" and alive[3] == "connected" and alive[5] == "1"
+    assert 0.3 <= float(alive[2].rstrip("s")) < 10 and 2.5 <= float(alive[4].rstrip("s")) < 12
+    gone = next(row for row in table if row[:1] == ["celery@gone"])
+    assert gone[1] == "STALE" and gone[3:6] == ["reconnecting", "-", "4"]
+    assert "wake path:  P28_LATE_OBS_WAKE=true, P28_LATE_OBS_SAFETY_POLL_MS=" in out
 
 
 def test_status_check_fails_when_the_broker_is_down(r: redis.Redis, env: dict[str, str]) -> None:
@@ -287,6 +417,36 @@ def test_metrics_exporter_serves_until_sigterm(r: redis.Redis, env: dict[str, st
             _out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert f"serving http://127.0.0.1:{port}/metrics" in err
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter binds: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_metrics_exporter_serves_on_8043_when_workers_serve_none(r: redis.Redis, env: dict[str, str]) -> None:
+    """The runbook: P28_METRICS_PORT=0 in the host's env file, `observer-tasks metrics` once; verify finds it."""
+    if not port_is_free(8043):
+        pytest.skip("port 8043 is taken on this host")
+    env["P28_METRICS_PORT"] = "0"
+    with subprocess.Popen([CLI, "metrics", "--addr", "127.0.0.1"], env={**os.environ, **env},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            page = poll(lambda: proc.poll() is not None or scrape(8043), what="the exporter's /metrics on 8043")
+            assert isinstance(page, str), proc.communicate()
+            report = json.loads(invoke("verify", "--json").output)
+            assert report["metrics"]["url"] == "http://127.0.0.1:8043/metrics"
+            assert report["checks"][1]["ok"] and report["checks"][2]["ok"], report
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "serving http://127.0.0.1:8043/metrics" in err
 
 
 # -- demo ---------------------------------------------------------------------------------
@@ -332,3 +492,11 @@ def test_demo_without_redis_or_redis_server_says_what_to_install(env: dict[str, 
     assert done.returncode == 1
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "apt-get install redis-server" in done.stderr
+
+
+def test_rabbitmq_unacked_count_says_what_it_needs_when_it_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert probes.rabbitmqctl_unacked("amqp://guest:guest@10.1.2.3:5672/h2") == (
+        "unknown (the broker is not on this host: needs rabbitmqctl on 10.1.2.3 or the management API)")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert probes.rabbitmqctl_unacked("amqp://guest:guest@127.0.0.1:5672/h2") == (
+        "unknown (needs rabbitmqctl or the management API)")

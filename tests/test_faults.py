@@ -56,7 +56,8 @@ def blackhole() -> Iterator[str]:
 @pytest.mark.parametrize("broker", ["refused", "blackhole-redis", "blackhole-amqp"])
 def test_broker_unreachable_at_enqueue(r: redis.Redis, env: dict[str, str], blackhole: str, broker: str,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    """Each call returns "error" fast; a burst of 1000 costs little; refusals are counted and logged once."""
+    """Calls never wait on the broker (the publisher thread does); once it has failed, the breaker refuses
+    plans at once (counted, logged once); plans admitted before that keep their lease for the sweeper."""
     env["CELERY_BROKER_URL"] = {
         "refused": f"redis://127.0.0.1:{free_port()}/0",
         "blackhole-redis": f"redis://{blackhole}/0",
@@ -64,21 +65,27 @@ def test_broker_unreachable_at_enqueue(r: redis.Redis, env: dict[str, str], blac
     }[broker]
     caplog.set_level(logging.WARNING, "observer_tasks")
     observe("warm-up", "BTCUSDT")  # builds the process's clients
-    costs = []
+    costs, results = [], []
     for i in range(1000):
         start = time.perf_counter()
-        assert observe_late(f"p{i}", "BTCUSDT") == "error"
+        results.append(observe_late(f"p{i}", "BTCUSDT"))
         costs.append(time.perf_counter() - start)
     print(f"\nbroker {broker}: first call {costs[0] * 1000:.1f} ms, max {max(costs) * 1000:.1f} ms, "
-          f"1000 calls {sum(costs) * 1000:.1f} ms, p99 {sorted(costs)[989] * 1e6:.0f} us")
-    assert max(costs) < 0.2  # the first call may wait for one socket timeout (50 ms) ...
-    assert sum(costs) < 0.5  # ... the circuit breaker refuses the rest at once
-    assert sorted(costs)[-2] < 0.02
-    assert inflight(r) == 0  # the lease taken before the failed publish was given back
-    assert caplog.text.count("broker unavailable") == 1
-    # The early observer still works (Redis is up) and writes the refusals owed.
+          f"1000 calls {sum(costs) * 1000:.1f} ms, p99 {sorted(costs)[989] * 1e6:.0f} us, "
+          f"{results.count('enqueued')} admitted before the breaker opened")
+    assert max(costs) < 0.2 and sum(costs) < 0.5 and sorted(costs)[-2] < 0.02
+    admitted, refused = results.count("enqueued"), results.count("error")
+    # Until the publisher has found the broker dead (one socket timeout), plans are admitted, up to MAX_INFLIGHT.
+    assert admitted >= 1 and admitted + refused + results.count("dropped") == 1000
+    # Admitted plans keep their lease, with the cause the sweeper will copy into debug_json.
+    poll(lambda: r.hlen("quantum:p28:late_obs:unsent") == admitted, what="unsent causes noted")
+    assert inflight(r) == admitted
+    assert caplog.text.count("broker unavailable") >= 1
+    assert "Traceback" not in caplog.text
+    poll(lambda: int(r.hget("quantum:p28:counters", "refused|publish_plan_post|unavailable") or 0) == refused,
+         what="refusals counted")
+    # The early observer still works (Redis is up).
     assert observe("after", "BTCUSDT") == "missing"
-    assert int(r.hget("quantum:p28:counters", "refused|publish_plan_post|unavailable") or 0) == 1000
 
 
 def test_pickled_messages_are_refused(r: redis.Redis, env: dict[str, str], worker: Worker) -> None:
@@ -161,11 +168,19 @@ def test_worker_stopped_gracefully_mid_load(r: redis.Redis, env: dict[str, str],
 
 
 @pytest.mark.slow
-def test_redis_restarted_mid_load(env: dict[str, str], private_redis: PrivateRedis, start_worker) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("guard", [
+    "true",
+    # Without the guard kombu 5.7's close path kills the worker (2 of 3 runs when it was found): shown, not told.
+    pytest.param("false", marks=pytest.mark.xfail(reason="kombu 5.7 bug: the worker dies on a Redis restart "
+                                                         "without observer_tasks.kombu_guard", strict=False)),
+])
+def test_redis_restarted_mid_load(env: dict[str, str], private_redis: PrivateRedis, start_worker,  # type: ignore[no-untyped-def]
+                                  guard: str) -> None:
     """Redis (data store and broker) restarts with plans in flight: no silent loss, the worker reconnects."""
     env.update({"REDIS_URL": private_redis.url, "CELERY_BROKER_URL": private_redis.url,
-                "P28_LATE_OBS_MAX_WAIT_MS": "3000", "P28_LATE_OBS_POLL_MS": "100"})
+                "P28_LATE_OBS_MAX_WAIT_MS": "3000", "P28_LATE_OBS_POLL_MS": "100", "P28_KOMBU_GUARD": guard})
     worker = start_worker()
+    assert ("observer_tasks.kombu_guard:Transport" in worker.output()) == (guard == "true")
     r = redis.Redis.from_url(private_redis.url)
     admitted = load(r, [f"r{i}" for i in range(100)], heat_every=5)
     poll(lambda: late_entries(r), what="some plans recorded before the restart")
