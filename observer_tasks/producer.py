@@ -32,26 +32,23 @@ from typing import Any
 import redis
 
 from . import keys as K
-from . import store as _store
 from .heat import check_symbol, normalise_decision
 from .publisher import PUBLISH_TIMEOUT_S, Breaker, LateMessage, Publisher, ThrottledLog
 from .settings import CALL_TIMEOUT_S, Settings, SettingsError
-from .store import Store, redis_client
+from .store import Store, Unavailable, redis_client
+from .tasks import app, late_observe
 
 log = logging.getLogger("observer_tasks")
 
 #: What a Store call raises when Redis cannot answer (store.Unavailable); any other Redis error is treated
 #: the same way here: the apply layer can only give up on this call, through the breaker.
-REDIS_FAILURES: tuple[type[BaseException], ...] = (
-    getattr(_store, "Unavailable", redis.ConnectionError), redis.RedisError, OSError)
+REDIS_FAILURES: tuple[type[BaseException], ...] = (Unavailable, redis.RedisError, OSError)
 
 
 class Producer:
     """One per process: settings, Redis client, breakers and the background publisher."""
 
     def __init__(self, settings: Settings) -> None:
-        from .tasks import app, late_observe
-
         self.settings = settings
         self.app = app
         self.store = Store(settings, redis_client(settings.redis_url, CALL_TIMEOUT_S, "producer"))

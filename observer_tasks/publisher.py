@@ -32,6 +32,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .tasks import app, late_observe
+
 log = logging.getLogger("observer_tasks")
 
 #: Messages waiting for the thread; beyond this the plan is left to the sweeper.
@@ -122,8 +124,6 @@ class Publisher:
 
     def __init__(self, store: Any, broker_breaker: Breaker, redis_failures: tuple[type[BaseException], ...],
                  connection_factory: Callable[[], Any]) -> None:
-        from .tasks import app, late_observe
-
         self.pid = os.getpid()
         self.store = store
         self.breaker = broker_breaker
