@@ -45,7 +45,8 @@ WORKER_FORGET_MS = 60_000
 #: Least visibility timeout of the Redis broker (s): kombu restores a killed worker's messages after it.
 MIN_VISIBILITY_TIMEOUT_S = 30
 #: The safety interval used when P28_LATE_OBS_SAFETY_POLL_MS is not set (ms), clamped to POLL..MAX_WAIT.
-DEFAULT_SAFETY_POLL_MS = 500
+#: Chosen by measurement (docs/performance.md): a third of polling-only's worker CPU, same detection.
+DEFAULT_SAFETY_POLL_MS = 1000
 
 
 class SettingsError(ValueError):

@@ -111,7 +111,9 @@ class WakeListener(threading.Thread):
                         plans[plan] = None
             self.last_push = time.monotonic()
             if flushed:
-                self.resync()
+                # Tracking spans the server: a FLUSHDB of any database lands here. Look again, uncounted:
+                # the resync counter (and its alerts) is about this listener's connection.
+                self.resync(counted=False)
             self.wake(list(plans))
 
     def wake(self, plans: list[str]) -> None:
@@ -121,13 +123,14 @@ class WakeListener(threading.Thread):
             # The chain's polls record these plans; nothing is lost, only later.
             log.warning("P2.8A.3: wake step failed for %d plan(s) (%s)", len(plans), exc)
 
-    def resync(self) -> None:
+    def resync(self, counted: bool = True) -> None:
         """One wake step over every plan under observation (in batches): heat written while away."""
         plans = self.store.leased_plans()
         for i in range(0, len(plans), BATCH_MAX):
             self.wake(plans[i:i + BATCH_MAX])
-        self.resyncs += 1
-        self.store.add_counts({"wake_resyncs": 1})
+        if counted:
+            self.resyncs += 1
+            self.store.add_counts({"wake_resyncs": 1})
 
     def state(self) -> dict[str, Any]:
         age = time.monotonic() - self.last_push if self.last_push else None

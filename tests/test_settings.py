@@ -29,7 +29,7 @@ def test_defaults_are_the_contracts() -> None:
         "P28_LATE_OBS_MAX_WORKERS": "4",
         "P28_LATE_OBS_MAX_INFLIGHT": "200",
         "P28_LATE_OBS_WAKE": "true",
-        "P28_LATE_OBS_SAFETY_POLL_MS": "500",
+        "P28_LATE_OBS_SAFETY_POLL_MS": "1000",
         "REDIS_URL": "redis://localhost:6379/0",
         "CELERY_BROKER_URL": "",
         "P28_METRICS_PORT": "8043",
@@ -146,10 +146,10 @@ def test_poll_and_wait_combinations(poll_ms: int, wait_ms: int) -> None:
 
 
 def test_safety_poll_defaults_between_poll_and_max_wait() -> None:
-    assert Settings().safety_poll_ms == 500
+    assert Settings().safety_poll_ms == 1000
     assert Settings.from_env({"P28_LATE_OBS_MAX_WAIT_MS": "300"}).safety_poll_ms == 300
-    assert Settings.from_env({"P28_LATE_OBS_POLL_MS": "800"}).safety_poll_ms == 800
-    assert Settings.from_env({"P28_LATE_OBS_SAFETY_POLL_MS": "1000"}).safety_poll_ms == 1000
+    assert Settings.from_env({"P28_LATE_OBS_POLL_MS": "1500"}).safety_poll_ms == 1500
+    assert Settings.from_env({"P28_LATE_OBS_SAFETY_POLL_MS": "250"}).safety_poll_ms == 250
     with pytest.raises(SettingsError, match=r"^P28_LATE_OBS_SAFETY_POLL_MS=50 is outside P28_LATE_OBS_POLL_MS=100"):
         Settings.from_env({"P28_LATE_OBS_SAFETY_POLL_MS": "50"})
     with pytest.raises(SettingsError, match="P28_LATE_OBS_MAX_WAIT_MS=2000"):

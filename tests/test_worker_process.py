@@ -16,7 +16,7 @@ STARTUP = [
     "P2.8A Heat Observer: True",
     "P2.8A.3 Late Observer: True (wait=600ms, poll=50ms, workers=4, max_inflight=200)",
     "P2.8A.3: Late observer pool created (max_workers=4)",
-    "P2.8A.3: wake path on (safety_poll=500ms)",
+    "P2.8A.3: wake path on (safety_poll=600ms)",  # 1000 ms clamped to MAX_WAIT_MS
 ]
 
 
