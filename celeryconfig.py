@@ -24,9 +24,6 @@ accept_content = ["json"]
 event_serializer = "json"
 
 task_default_queue = "late_obs"
-# Each worker also consumes its own queue (<nodename>.dq2): a plan's reschedules go there (tasks.py), so
-# the countdown is timed by the clock that computed it, whatever the skew between worker hosts.
-worker_direct = True
 task_routes = {"observer_tasks.late_*": {"queue": "late_obs"}}
 
 # Flower and celery-exporter see every plan: observe_late's message sends task-sent (with the queue name)

@@ -33,9 +33,6 @@ from .store import redis_client
 #: Socket timeout of the command line's Redis connections (s).
 CLI_TIMEOUT_S = 2.0
 QUEUE = "late_obs"
-#: Each worker's own queue (Celery's worker_direct), where a plan's later looks wait: <nodename>.dq2.
-DIRECT_SUFFIX = ".dq2"
-DIRECT_EXCHANGE = "C.dq2"
 HEAT_DECISIONS = "quantum:stream:harvest.heat.decision"
 HEAT_BRIDGE_GROUP = "heat_bridge"
 #: Everything redis-py raises when Redis cannot answer (connection, timeout, BUSY, READONLY, ...).
@@ -199,20 +196,17 @@ def redis_queue(settings: Settings) -> tuple[int, int]:
     for step in steps:
         pipe.llen(prefix + (f"{QUEUE}{sep}{step}" if step else QUEUE))
     ready = sum(pipe.execute())
-    # Reschedules wait in each worker's own queue (<nodename>.dq2) when the worker is away.
-    ready += sum(client.llen(key) for key in client.scan_iter(match=prefix + "*" + DIRECT_SUFFIX, count=1000))
     parked = sum(_routed_to_queue(raw) for _tag, raw in client.hscan_iter(unacked, count=1000))
     return ready, parked
 
 
 def _routed_to_queue(raw: bytes) -> bool:
     try:
-        message, exchange, routing_key = json.loads(raw)
+        message, _exchange, routing_key = json.loads(raw)
         info = message.get("properties", {}).get("delivery_info", {})
     except (ValueError, TypeError, AttributeError):
         return False  # not kombu's format: not ours to count
-    # The first look comes through late_obs; later looks through the worker's direct exchange.
-    return QUEUE in (routing_key, info.get("routing_key")) or exchange == DIRECT_EXCHANGE
+    return QUEUE in (routing_key, info.get("routing_key"))
 
 
 def amqp_queue(settings: Settings) -> tuple[int | None, str]:
@@ -244,9 +238,10 @@ def rabbitmqctl_unacked(url: str) -> str:
         rows = None
     if not isinstance(rows, list):
         return "unknown (rabbitmqctl failed: run as root or the rabbitmq user, or use the management API)"
-    ours = [row for row in rows if isinstance(row, dict)
-            and (row.get("name") == QUEUE or str(row.get("name", "")).endswith(DIRECT_SUFFIX))]
-    return str(sum(int(row.get("messages_unacknowledged") or 0) for row in ours))
+    for row in rows:
+        if isinstance(row, dict) and row.get("name") == QUEUE:
+            return str(row.get("messages_unacknowledged"))
+    return "0"
 
 
 # -- workers' heartbeats, HeatBridge ----------------------------------------------------------

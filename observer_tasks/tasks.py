@@ -5,9 +5,7 @@ its heat is there or its deadline has passed, says 'gone' when the plan's lease 
 (recorded by the wake step, the sweeper or another look: the chain ends without looking again), and
 otherwise says how long is left and whether the wake path is healthy. The chain then reschedules with
 the safety interval while the wake path is healthy, POLL_MS otherwise, never past the deadline, so the
-last look at the deadline always happens. Two failed looks end the plan as redis_error. Reschedules go to
-the worker's own direct queue (``<nodename>.dq2``), so the host that computed a countdown also times it.
-If that worker dies, its plans' leases are recorded by the sweeper (or, with heat, by the wake step).
+last look at the deadline always happens. Two failed looks end the plan as redis_error.
 The message's times are informational: no decision trusts the sender's clock.
 """
 
@@ -21,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
-from celery.utils.nodenames import worker_direct
 
 from . import keys as K
 from .heat import check_symbol
@@ -124,11 +121,8 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
         msg = outcome
         countdown_s = max(interval_ms, 0) / 1000
         try:
-            # To this worker's own queue: Celery turns a countdown into an absolute ETA on the sender's clock
-            # and the receiver waits on its own, so only the same host keeps a skewed clock out of the timing.
             late_poll.apply_async(args=msg.args(), kwargs={"polls": msg.polls, "errors": msg.errors},
-                                  countdown=countdown_s, task_id=task.request.id, retry=False,
-                                  queue=worker_direct(task.request.hostname))
+                                  countdown=countdown_s, task_id=task.request.id, retry=False)
             return "rescheduled"
         except Exception as exc:  # kombu wraps broker failures in many types
             log.warning("P2.8A.3: cannot reschedule plan %s (%r); looking again in this worker", msg.plan_id, exc)

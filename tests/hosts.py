@@ -180,6 +180,8 @@ class Forwarder(threading.Thread):
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+            # Each socket is the source of exactly one pump: that pump closes it.
+            src.close()
 
     def stop(self) -> None:
         self.stopped.set()

@@ -33,6 +33,10 @@ class HeatBridge(threading.Thread):
         super().__init__(name="heatbridge", daemon=True)
         self.client = redis.Redis.from_url(url, socket_timeout=2)
         self.client.client_setname("p28h:heatbridge")
+        self.write = self.client.register_script(
+            "local t = redis.call('TIME') "
+            "redis.call('HSET', KEYS[1], 'ts_epoch', string.format('%d.%03d', t[1], math.floor(t[2] / 1000)), "
+            "unpack(ARGV))")
         self.prefix = prefix
         self.due: list[tuple[float, str]] = []
         self.cond = threading.Condition()
@@ -51,11 +55,11 @@ class HeatBridge(threading.Thread):
                     self.cond.wait(self.due[0][0] - time.monotonic() if self.due else None)
                 at, plan_id = heapq.heappop(self.due)
             late_ms = round((time.monotonic() - at) * 1000, 2)  # when the write left: it lands ~0.2 ms later
-            self.client.hset(self.prefix + plan_id, mapping={
-                "ts_epoch": f"{time.time():.3f}", "symbol": "BTCUSDT", "plan_id": plan_id, "in_action": "FULL",
-                "out_action": "FULL", "heat_level": "warm", "heat_score": "0.42", "heat_action": "NONE",
-                "recommended_partial": "0", "reason": "multihost", "mode": "shadow",
-            })
+            # ts_epoch is Redis TIME at the write, so the entry's heat_ts_epoch tells the observer's own lag.
+            self.write(keys=[self.prefix + plan_id], args=[
+                "symbol", "BTCUSDT", "plan_id", plan_id, "in_action", "FULL", "out_action", "FULL",
+                "heat_level", "warm", "heat_score", "0.42", "heat_action", "NONE", "recommended_partial", "0",
+                "reason", "multihost", "mode", "shadow"])
             with self.cond:
                 self.written += 1
                 self.late_ms[plan_id] = late_ms

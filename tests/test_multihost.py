@@ -95,7 +95,9 @@ def test_shifted_clocks_give_the_unshifted_outcomes(net: Net, baseline: Outcome,
     name = f"clock-{who}-{'ahead' if offset[0] == '+' else 'behind'}{offset[1:-1]}"
     out = scenario(net, name, producer=offset if who == "producer" else "",
                    w1=offset if who in ("w1", "opposite") else "", w2=opposite if who == "opposite" else "")
-    check(out, baseline)
+    # A worker's wall clock times its countdowns (Celery's ETA), so a skewed worker may run a timeout's
+    # deciding look late by up to the skew: the reason and wait_ms must not change; the moment may.
+    check(out, baseline, compare_late=who == "producer")
 
 
 def broker_times(cluster: Cluster) -> tuple[float, float]:
@@ -129,10 +131,13 @@ def test_worker_link_cut_longer_than_the_visibility_timeout(cluster: Cluster, ba
     prod.quiet()
     recorded_s = cluster.settle([p for p, r in {**sent, **sent_b}.items() if r == "enqueued"])
     # w1's unacked messages come back (visibility timeout + restore sweep) and w2 runs them.
-    poll(lambda: not held & set(cluster.broker.hkeys("unacked")), vt + 3 * restore_every + 15, 0.2,
+    # Once w2 has settled every plan it acknowledged its own messages: what is left of `held` is w1's.
+    held_by_w1 = held & set(cluster.broker.hkeys("unacked"))
+    poll(lambda: not held_by_w1 & set(cluster.broker.hkeys("unacked")), vt + 3 * restore_every + 15, 0.2,
          "w1's unacked messages restored and consumed")
     back_s = time.monotonic() - t_cut
-    assert back_s > vt, "messages came back before the visibility timeout: was w1 really cut?"
+    # (w1 may have held nothing at the cut: the workers prefetch first messages unevenly.)
+    assert not held_by_w1 or back_s > vt, "w1's messages came back before the visibility timeout"
     entries_while_cut = len(late_entries(cluster.data))
     cut_clients = {c["id"] for c in clients_of(cluster, "w1")}
     cluster.net.restore("w1")
@@ -146,7 +151,8 @@ def test_worker_link_cut_longer_than_the_visibility_timeout(cluster: Cluster, ba
     out = cluster.outcome("link-cut", {**sent, **sent_b, **sent_c}, heat_late)
     w1_entries_after = sum(len(es) for es in out.entries.values()) - entries_while_cut - len(sent_c)
     out.figures.update(visibility_timeout_s=vt, held_at_cut=len(held), recorded_after_cut_s=recorded_s,
-                       redelivered_after_s=round(back_s, 1), w1_reconnected_after_restore_s=round(reconnect_s, 1),
+                       held_by_w1_at_cut=len(held_by_w1), redelivered_after_s=round(back_s, 1),
+                       w1_reconnected_after_restore_s=round(reconnect_s, 1),
                        entries_added_by_w1_after_restore=w1_entries_after,
                        round_a={r: [cluster_reason(out, p) for p in sent].count(r) for r in ("ok", "timeout")})
     check(out, baseline, touched=set(sent))
