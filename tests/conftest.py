@@ -116,14 +116,22 @@ class Worker:
     def wait_ready(self, timeout: float = 30) -> Worker:
         """Ready when /metrics answers (the services step started) and the worker answers a ping (consuming)."""
         from celery import Celery
+        from kombu.exceptions import OperationalError
 
         poll(lambda: self.proc.poll() is not None or scrape(self.metrics_port), timeout, 0.1, "worker /metrics")
         assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
         # A throwaway app on this worker's broker: the observer's app keeps its import-time broker and pools.
         ping_app = Celery(broker=self.env["CELERY_BROKER_URL"], set_as_current=False)
+
+        def answers() -> bool:
+            try:
+                return bool(ping_app.control.ping([self.nodename], timeout=0.3))
+            except (OSError, OperationalError):  # a broker connection reset (e.g. after a RabbitMQ restart): retry
+                ping_app.pool.force_close_all()
+                return False
+
         try:
-            poll(lambda: self.proc.poll() is not None or ping_app.control.ping([self.nodename], timeout=0.3),
-                 timeout, 0.05, "worker consuming")
+            poll(lambda: self.proc.poll() is not None or answers(), timeout, 0.05, "worker consuming")
         finally:
             ping_app.close()
         assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"

@@ -187,7 +187,10 @@ def run_service(block: Block, command: str, stage: Stage) -> None:
                                 start_new_session=True)
         try:
             assert block.expected, f"{block.name}: a service block needs the output that shows it is up"
-            poll(lambda: proc.poll() is not None or not missing_lines(block.expected, log_path.read_text()),
+            # A worker logs its start-up lines while it is being built, before it handles SIGTERM: wait
+            # for the /metrics line too (the services step's start, after Celery's signal handlers).
+            up = [*block.expected, "observer_tasks: /metrics served on ..."] if "worker" in argv else block.expected
+            poll(lambda: proc.poll() is not None or not missing_lines(up, log_path.read_text()),
                  timeout=30, interval=0.1, what=f"{block.name} up")
             output = log_path.read_text()
             assert proc.poll() is None, f"{block.name} exited early:\n{output}"
