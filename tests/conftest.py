@@ -116,6 +116,7 @@ class Worker:
     def wait_ready(self, timeout: float = 30) -> Worker:
         """Ready when /metrics answers (the services step started) and the worker answers a ping (consuming)."""
         from celery import Celery
+        from kombu import pools as kombu_pools
         from kombu.exceptions import OperationalError
 
         poll(lambda: self.proc.poll() is not None or scrape(self.metrics_port), timeout, 0.1, "worker /metrics")
@@ -126,8 +127,10 @@ class Worker:
         def answers() -> bool:
             try:
                 return bool(ping_app.control.ping([self.nodename], timeout=0.3))
-            except (OSError, OperationalError):  # a broker connection reset (e.g. after a RabbitMQ restart): retry
-                ping_app.pool.force_close_all()
+            except (OSError, OperationalError):
+                # A connection the broker dropped (a RabbitMQ restart earlier in the session) can sit in
+                # kombu's process-wide producer pools, shared by every app on the same broker: drop them.
+                kombu_pools.reset()
                 return False
 
         try:
