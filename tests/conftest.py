@@ -121,22 +121,21 @@ class Worker:
 
         poll(lambda: self.proc.poll() is not None or scrape(self.metrics_port), timeout, 0.1, "worker /metrics")
         assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
-        # A throwaway app on this worker's broker: the observer's app keeps its import-time broker and pools.
-        ping_app = Celery(broker=self.env["CELERY_BROKER_URL"], set_as_current=False)
-
+        # A throwaway app on this worker's broker for each ping: the observer's app keeps its import-time
+        # broker and pools, and a connection the broker dropped must not be tried again.
         def answers() -> bool:
+            ping_app = Celery(broker=self.env["CELERY_BROKER_URL"], set_as_current=False)
             try:
                 return bool(ping_app.control.ping([self.nodename], timeout=0.3))
-            except (OSError, OperationalError):
-                # A connection the broker dropped (a RabbitMQ restart earlier in the session) can sit in
-                # kombu's process-wide producer pools, shared by every app on the same broker: drop them.
+            except (OSError, OperationalError, RuntimeError):
+                # A connection the broker dropped (a RabbitMQ restart or a closed connection earlier in the
+                # session) can sit in kombu's process-wide producer pools, shared by every app: drop them.
                 kombu_pools.reset()
                 return False
+            finally:
+                ping_app.close()
 
-        try:
-            poll(lambda: self.proc.poll() is not None or answers(), timeout, 0.05, "worker consuming")
-        finally:
-            ping_app.close()
+        poll(lambda: self.proc.poll() is not None or answers(), timeout, 0.05, "worker consuming")
         assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
         return self
 
