@@ -3,18 +3,14 @@
 Reading a heat hash happens inside Redis, in observe.lua (one atomic step with the record): a record is
 "found" when its hash has at least one field, and a ``parse_error`` when it exists but cannot be read: a key
 of another Redis type, values that are not UTF-8, an unknown heat_level/heat_action, a number that is not a
-number, or a value longer than MAX_COPIED_VALUE. The sets below are the ones the script checks against.
+number, or a value longer than 64 characters (the script's LEVELS, ACTIONS and MAX_COPIED are the one place).
 """
 
 from __future__ import annotations
 
 from .keys import InvalidInput
 
-HEAT_LEVELS = frozenset({"cold", "warm", "hot", "unknown"})
-HEAT_ACTIONS = frozenset({"NONE", "DOWNGRADE_FULL_TO_PARTIAL", "HOLD_CLOSE"})
 APPLY_DECISIONS = frozenset({"EXECUTE", "SKIP", "BLOCKED", "UNKNOWN"})
-#: Longest heat value copied into the stream; longer ones make the record unreadable (observe.lua).
-MAX_COPIED_VALUE = 64
 #: Longest symbol accepted from the apply layer (characters).
 MAX_SYMBOL = 32
 

@@ -74,7 +74,7 @@ class ObserverServices(bootsteps.StartStopStep):
             def make_listener() -> WakeListener:
                 return WakeListener(Store(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "wake_step")),
                                     s.redis_url, MAIN_TIMEOUT_S)
-        self.sweeper = Sweeper(s, store, worker.hostname, make_listener)
+        self.sweeper = Sweeper(store, worker.hostname, make_listener)
         self.sweeper.start()
 
     def stop(self, worker: Any) -> None:

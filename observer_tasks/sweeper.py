@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .settings import HEARTBEAT_S, SWEEP_INTERVAL_S, Settings
+from .settings import HEARTBEAT_S, SWEEP_INTERVAL_S
 from .store import Store, Unavailable
 from .wake import WakeListener
 
@@ -34,10 +34,9 @@ Outage = tuple[int, int]  # (last good contact, first good contact after failure
 class Sweeper(threading.Thread):
     """Heartbeat every HEARTBEAT_S, sweep every SWEEP_INTERVAL_S, until stopped."""
 
-    def __init__(self, settings: Settings, store: Store, nodename: str,
+    def __init__(self, store: Store, nodename: str,
                  make_listener: Callable[[], WakeListener] | None) -> None:
         super().__init__(name="p28-sweeper", daemon=True)
-        self.settings = settings
         self.store = store
         self.nodename = nodename
         self.make_listener = make_listener

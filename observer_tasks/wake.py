@@ -48,7 +48,6 @@ class WakeListener(threading.Thread):
         self.connected = False
         self.last_push = 0.0  # time.monotonic() of the last push, 0 before the first
         self.resyncs = 0
-        self.recorded = 0
         self.conn: Any = None
 
     def run(self) -> None:
@@ -118,7 +117,7 @@ class WakeListener(threading.Thread):
 
     def wake(self, plans: list[str]) -> None:
         try:
-            self.recorded += len(self.store.wake(plans))
+            self.store.wake(plans)
         except Unavailable as exc:
             # The chain's polls record these plans; nothing is lost, only later.
             log.warning("P2.8A.3: wake step failed for %d plan(s) (%s)", len(plans), exc)

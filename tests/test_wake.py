@@ -101,7 +101,7 @@ def test_crashed_listener_thread_is_replaced(r: redis.Redis, env: dict[str, str]
         made.append(WakeListener(CrashingStore(settings, redis_client(DATA_URL, 2.0, "test")), DATA_URL, 2.0))
         return made[-1]
 
-    sweeper = Sweeper(settings, store, "crash@test", make_listener)
+    sweeper = Sweeper(store, "crash@test", make_listener)
     sweeper.start()
     try:
         poll(lambda: wake_healthy(r), what="wake path healthy")

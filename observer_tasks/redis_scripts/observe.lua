@@ -187,10 +187,14 @@ local function lease_of(plan)
   return lease
 end
 
--- Heat seen: ok or parse_error, unless it was seen after deadline + slack (then it came too late).
-local function heat_reason(lease, heat)
-  if now > tonumber(lease.deadline_ms) + tonumber(ARGV[5]) then return 'timeout' end
-  return heat.reason
+-- Record a plan whose heat hash was seen (by a look or the wake step): ok or parse_error, unless it was seen
+-- after deadline + slack, when it came too late: timeout, without copying it.
+local function record_heat(plan, lease, dedupe_key, heat, path, polls, extra)
+  if now > tonumber(lease.deadline_ms) + tonumber(ARGV[5]) then
+    extra.heat_after_deadline = true
+    return record_late(plan, lease, dedupe_key, 'timeout', nil, path, polls, extra)
+  end
+  return record_late(plan, lease, dedupe_key, heat.reason, heat, path, polls, extra)
 end
 
 if mode == 'early' then
@@ -211,10 +215,7 @@ if mode == 'look' then
   if tonumber(ARGV[9]) > 0 then extra.errors = tonumber(ARGV[9]) end
   local heat = read_heat(KEYS[9])
   if heat then
-    local reason = heat_reason(lease, heat)
-    if reason == 'timeout' then extra.heat_after_deadline = true end
-    return {'recorded', record_late(plan, lease, KEYS[10], reason, reason ~= 'timeout' and heat or nil, 'look',
-                                    polls, extra)}
+    return {'recorded', record_heat(plan, lease, KEYS[10], heat, 'look', polls, extra)}
   end
   if now >= tonumber(lease.deadline_ms) then
     return {'recorded', record_late(plan, lease, KEYS[10], 'timeout', nil, 'look', polls, extra)}
@@ -231,11 +232,8 @@ if mode == 'wake' then
     if lease then
       local heat = read_heat(KEYS[9 + 2 * (i - 10)])
       if heat then
-        local reason = heat_reason(lease, heat)
         out[#out + 1] = plan
-        out[#out + 1] = record_late(plan, lease, KEYS[10 + 2 * (i - 10)], reason,
-                                    reason ~= 'timeout' and heat or nil, 'wake', 0,
-                                    {heat_after_deadline = (reason == 'timeout') or nil})
+        out[#out + 1] = record_heat(plan, lease, KEYS[10 + 2 * (i - 10)], heat, 'wake', 0, {})
       end
     end
   end
