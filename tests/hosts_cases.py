@@ -158,7 +158,7 @@ def run_round(cluster: Cluster, prod: Producer, name: str) -> tuple[dict[str, st
 
 
 def check(out: Outcome, baseline: Outcome | None, touched: set[str] = frozenset(),  # type: ignore[assignment]
-          compare_late: bool = False) -> dict[str, Any]:
+          compare_late: bool = False, hit_tolerance_ms: int = WAIT_TOLERANCE_MS) -> dict[str, Any]:
     """The invariants of every case; returns its figures, fails with every problem found."""
     problems = []
     admitted = [p for p, res in out.admitted.items() if res == "enqueued"]
@@ -195,7 +195,8 @@ def check(out: Outcome, baseline: Outcome | None, touched: set[str] = frozenset(
             deltas.append(wait - b_wait)
             late_deltas.append(late - b_late)
             late_off = abs(late - b_late) > WAIT_TOLERANCE_MS if compare_late else False
-            if reason != b_reason or abs(wait - b_wait) > WAIT_TOLERANCE_MS or late_off:
+            tolerance = hit_tolerance_ms if reason == b_reason == "ok" else WAIT_TOLERANCE_MS
+            if reason != b_reason or abs(wait - b_wait) > tolerance or late_off:
                 by = out.entries[plan][0].get("recorded_by")
                 problems.append(f"{plan}: {reason} wait_ms={wait} late_ms={late} by {by}, "
                                 f"baseline {b_reason} wait_ms={b_wait} late_ms={b_late}")

@@ -97,7 +97,10 @@ def test_shifted_clocks_give_the_unshifted_outcomes(net: Net, baseline: Outcome,
                    w1=offset if who in ("w1", "opposite") else "", w2=opposite if who == "opposite" else "")
     # A worker's wall clock times its countdowns (Celery's ETA), so a skewed worker may run a timeout's
     # deciding look late by up to the skew: the reason and wait_ms must not change; the moment may.
-    check(out, baseline, compare_late=who == "producer")
+    # With worker clocks apart, kombu's unacked restore (timed on the restoring worker's clock) redelivers
+    # the other worker's held messages at once: the extra looks load the two shared cores, and a hit's lag
+    # behind its write was measured at 25-39 ms in some runs (opposite +-70 s). Still a hit on Redis time.
+    check(out, baseline, compare_late=who == "producer", hit_tolerance_ms=20 if who == "producer" else 50)
 
 
 def broker_times(cluster: Cluster) -> tuple[float, float]:
