@@ -1,11 +1,12 @@
 """Celery settings of the late observer, derived from observer_tasks' settings object.
 
 A bad environment falls back to the defaults here only so that importing the
-app never fails: the worker refuses bad settings in its start-up step (services.py), and
+app never fails: the worker refuses bad settings in its start-up step (worker/services.py), and
 the apply layer's calls return "error".
 """
 
-from observer_tasks.settings import Settings, SettingsError
+from observer_tasks.core.messages import QUEUE
+from observer_tasks.core.settings import Settings, SettingsError
 
 try:
     _settings = Settings.from_env()
@@ -23,12 +24,12 @@ task_serializer = "json"
 accept_content = ["json"]
 event_serializer = "json"
 
-task_default_queue = "late_obs"
-task_routes = {"observer_tasks.late_*": {"queue": "late_obs"}}
+task_default_queue = QUEUE
+task_routes = {"observer_tasks.late_*": {"queue": QUEUE}}
 
 # Flower and celery-exporter see every plan: observe_late's message sends task-sent (with the queue name)
 # and its first look sends received/started/succeeded. Later looks (observer_tasks.late_poll) send no
-# events and the worker sends no task-sent for them (services.py): a poll then costs a third as much.
+# events and the worker sends no task-sent for them (worker/services.py): a poll then costs a third as much.
 worker_send_task_events = True
 task_send_sent_event = True
 

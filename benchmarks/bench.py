@@ -261,7 +261,7 @@ def kill_wake(data, times: list[float], done: list[dict]) -> None:
 # -- one row ----------------------------------------------------------------------------------
 def run(args: argparse.Namespace, side: str, rate: float, data, broker) -> dict:
     from observer_tasks import app, observe_late
-    from observer_tasks.settings import Settings
+    from observer_tasks.core.settings import Settings
 
     settings, plans = Settings.from_env(), make_plans(args, rate)
     stream, prefix = settings.obs_stream, settings.heat_lookup_prefix

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 
-from observer_tasks import producer
+from observer_tasks.client import producer
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")

@@ -8,8 +8,8 @@ import json
 import redis
 
 from observer_tasks import observe_late
-from observer_tasks.settings import Settings
-from observer_tasks.store import Store, redis_client
+from observer_tasks.core.settings import Settings
+from observer_tasks.core.store import Store, redis_client
 
 from .conftest import DATA_URL, inflight, poll
 

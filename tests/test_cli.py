@@ -18,9 +18,10 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from observer_tasks import observe_late, probes
-from observer_tasks.cli import main
-from observer_tasks.reports import recommended_wait
+from observer_tasks import observe_late
+from observer_tasks.ops import probes
+from observer_tasks.ops.cli import main
+from observer_tasks.ops.reports import recommended_wait
 from tests.conftest import ROOT, Worker, free_port, late_entries, poll, scrape
 
 STREAM = "quantum:stream:apply.heat.observed"

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from observer_tasks.settings import Settings
+from observer_tasks.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from observer_tasks.metrics import RedisCollector
-from observer_tasks.settings import Settings
+from observer_tasks.core.settings import Settings
+from observer_tasks.worker.metrics import RedisCollector
 from tests.test_rules_promtool import dedupe, rules
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "late-observer.json"

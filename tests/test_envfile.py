@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from observer_tasks import envfile
+from observer_tasks.ops import envfile
 from tests.conftest import ROOT
 
 

@@ -172,7 +172,7 @@ def test_worker_stopped_gracefully_mid_load(r: redis.Redis, env: dict[str, str],
     "true",
     # Without the guard kombu 5.7's close path kills the worker (2 of 3 runs when it was found): shown, not told.
     pytest.param("false", marks=pytest.mark.xfail(reason="kombu 5.7 bug: the worker dies on a Redis restart "
-                                                         "without observer_tasks.kombu_guard", strict=False)),
+                                                         "without observer_tasks.worker.kombu_guard", strict=False)),
 ])
 def test_redis_restarted_mid_load(env: dict[str, str], private_redis: PrivateRedis, start_worker,  # type: ignore[no-untyped-def]
                                   guard: str) -> None:
@@ -180,7 +180,7 @@ def test_redis_restarted_mid_load(env: dict[str, str], private_redis: PrivateRed
     env.update({"REDIS_URL": private_redis.url, "CELERY_BROKER_URL": private_redis.url,
                 "P28_LATE_OBS_MAX_WAIT_MS": "3000", "P28_LATE_OBS_POLL_MS": "100", "P28_KOMBU_GUARD": guard})
     worker = start_worker()
-    assert ("observer_tasks.kombu_guard:Transport" in worker.output()) == (guard == "true")
+    assert ("observer_tasks.worker.kombu_guard:Transport" in worker.output()) == (guard == "true")
     r = redis.Redis.from_url(private_redis.url)
     admitted = load(r, [f"r{i}" for i in range(100)], heat_every=5)
     poll(lambda: late_entries(r), what="some plans recorded before the restart")

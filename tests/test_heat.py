@@ -9,10 +9,10 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from observer_tasks.heat import normalise_decision
-from observer_tasks.keys import InvalidInput, check_plan_id
-from observer_tasks.settings import Settings
-from observer_tasks.store import Store, redis_client
+from observer_tasks.core.heat import normalise_decision
+from observer_tasks.core.keys import InvalidInput, check_plan_id
+from observer_tasks.core.settings import Settings
+from observer_tasks.core.store import Store, redis_client
 
 from .conftest import DATA_URL, stream_entries
 

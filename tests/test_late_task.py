@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from observer_tasks import observe_late
-from observer_tasks.tasks import late_observe
+from observer_tasks.worker.tasks import late_observe
 
 from .conftest import BROKER_URL, Worker, inflight, late_entries, poll
 

@@ -103,9 +103,9 @@ grep -E '^p28_heat_reason_total\\{{obs_point="publish_plan_post",reason="(timeou
 def test_redis_down_at_scrape_leaves_counters_out(env: dict[str, str]) -> None:
     from prometheus_client import generate_latest
 
-    from observer_tasks.metrics import registry
-    from observer_tasks.settings import Settings
-    from observer_tasks.store import redis_client
+    from observer_tasks.core.settings import Settings
+    from observer_tasks.core.store import redis_client
+    from observer_tasks.worker.metrics import registry
 
     from .conftest import free_port
 

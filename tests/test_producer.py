@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 import redis
 
-from observer_tasks import observe, observe_late, producer, publisher
-from observer_tasks.settings import SWEEP_INTERVAL_S, Settings
+from observer_tasks import observe, observe_late
+from observer_tasks.client import producer, publisher
+from observer_tasks.core.settings import SWEEP_INTERVAL_S, Settings
 
 from .conftest import ROOT, Worker, inflight, late_entries, poll
 

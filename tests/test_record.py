@@ -8,8 +8,8 @@ from pathlib import Path
 
 import redis
 
-from observer_tasks.settings import Settings
-from observer_tasks.store import Store, redis_client
+from observer_tasks.core.settings import Settings
+from observer_tasks.core.store import Store, redis_client
 
 from .conftest import DATA_URL, inflight, late_entries, poll, stream_entries
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from observer_tasks.settings import FALSE_WORDS, TRUE_WORDS, Settings, SettingsError, redact_url
+from observer_tasks.core.settings import FALSE_WORDS, TRUE_WORDS, Settings, SettingsError, redact_url
 
 VARIABLES = {f.metadata["env"]: f for f in dataclasses.fields(Settings)}
 INT_VARS = [env for env, f in VARIABLES.items() if f.type == "int"]
@@ -157,7 +157,7 @@ def test_safety_poll_defaults_between_poll_and_max_wait() -> None:
 
 
 def test_interlocked_timings_cover_each_other() -> None:
-    from observer_tasks import settings as S
+    from observer_tasks.core import settings as S
 
     for poll, wait in ((10, 10), (100, 2000), (60_000, 600_000), (50, 600_000)):
         s = Settings.from_env({"P28_LATE_OBS_POLL_MS": str(poll), "P28_LATE_OBS_MAX_WAIT_MS": str(wait)})

@@ -13,10 +13,10 @@ import pytest
 import redis
 
 from observer_tasks import observe_late
-from observer_tasks.settings import Settings
-from observer_tasks.store import Store, redis_client
-from observer_tasks.sweeper import Sweeper
-from observer_tasks.wake import WakeListener
+from observer_tasks.core.settings import Settings
+from observer_tasks.core.store import Store, redis_client
+from observer_tasks.worker.sweeper import Sweeper
+from observer_tasks.worker.wake import WakeListener
 
 from .conftest import DATA_URL, Worker, inflight, late_entries, poll
 

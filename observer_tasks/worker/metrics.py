@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import keys as K
-from .settings import WORKER_STALE_MS, Settings
-from .store import heat_wait_buckets
+from ..core import keys as K
+from ..core.settings import WORKER_STALE_MS, Settings
+from ..core.store import heat_wait_buckets
 
 log = logging.getLogger("observer_tasks.metrics")
 

@@ -22,8 +22,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .settings import HEARTBEAT_S, SWEEP_INTERVAL_S
-from .store import Store, Unavailable
+from ..core.settings import HEARTBEAT_S, SWEEP_INTERVAL_S
+from ..core.store import Store, Unavailable
 from .wake import WakeListener
 
 log = logging.getLogger("observer_tasks.sweeper")

@@ -1,4 +1,4 @@
-"""The Celery app and the late task: one look, then reschedule or stop.
+"""The late tasks (loaded by the worker alone): one look, then reschedule or stop.
 
 A look is one atomic Redis step (observe.lua, mode 'look') on Redis's clock: it records the plan when
 its heat is there or its deadline has passed, says 'gone' when the plan's lease is already removed
@@ -15,50 +15,17 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, Task
+from celery import Task
 
-from . import keys as K
-from .heat import check_symbol
-from .settings import LOOKUP_TIMEOUT_S, RECORD_PATIENCE_S, Settings
-from .store import Store, Unavailable, redis_client
+from ..core import keys as K
+from ..core.app import app
+from ..core.messages import LATE_OBSERVE, LATE_POLL, LateMessage
+from ..core.settings import LOOKUP_TIMEOUT_S, RECORD_PATIENCE_S, Settings
+from ..core.store import Store, Unavailable, redis_client
 
 log = logging.getLogger("observer_tasks.late")
-
-app = Celery("observer_tasks")
-app.config_from_object("celeryconfig")
-# The worker's services, named (not imported): only `celery worker` loads them.
-app.steps["worker"].add("observer_tasks.services:ObserverServices")
-
-
-@dataclass(frozen=True)
-class LateMessage:
-    plan_id: str
-    symbol: str
-    apply_decision: str
-    published_ms: int
-    deadline_ms: int
-    polls: int = 0
-    errors: int = 0
-
-    @classmethod
-    def parse(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> LateMessage:
-        try:
-            msg = cls(*args, **kwargs)
-        except TypeError as exc:
-            raise K.InvalidInput(f"bad task arguments: {exc}") from None
-        K.check_plan_id(msg.plan_id)
-        check_symbol(msg.symbol)
-        for name in ("published_ms", "deadline_ms", "polls", "errors"):
-            value = getattr(msg, name)
-            if type(value) is not int or value < 0:
-                raise K.InvalidInput(f"{name}={value!r} is not a non-negative integer")
-        return msg
-
-    def args(self) -> tuple[Any, ...]:
-        return (self.plan_id, self.symbol, self.apply_decision, self.published_ms, self.deadline_ms)
 
 
 _worker_state: tuple[int, Settings, Store] | None = None
@@ -74,16 +41,13 @@ def worker_store() -> tuple[Settings, Store]:
     return _worker_state[1], _worker_state[2]
 
 
-TASK_OPTIONS: dict[str, Any] = {"bind": True, "ignore_result": True, "acks_late": True, "reject_on_worker_lost": True}
-
-
-@app.task(name="observer_tasks.late_observe", **TASK_OPTIONS)
+@app.task(name=LATE_OBSERVE, bind=True)
 def late_observe(self: Task, *args: Any, **kwargs: Any) -> str:
     """A plan's first look: sent by observe_late, with task events, so Flower and exporters see every plan."""
     return look_once(self, args, kwargs)
 
 
-@app.task(name="observer_tasks.late_poll", send_events=False, **TASK_OPTIONS)
+@app.task(name=LATE_POLL, bind=True, send_events=False)
 def late_poll(self: Task, *args: Any, **kwargs: Any) -> str:
     """Every later look: the same work without task events, which would triple the cost of each poll."""
     return look_once(self, args, kwargs)
@@ -121,7 +85,7 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
         msg = outcome
         countdown_s = max(interval_ms, 0) / 1000
         try:
-            late_poll.apply_async(args=msg.args(), kwargs={"polls": msg.polls, "errors": msg.errors},
+            late_poll.apply_async(args=msg.args(), kwargs=msg.kwargs(),
                                   countdown=countdown_s, task_id=task.request.id, retry=False)
             return "rescheduled"
         except Exception as exc:  # kombu wraps broker failures in many types

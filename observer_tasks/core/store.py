@@ -55,7 +55,7 @@ def redis_client(url: str, timeout_s: float, role: str) -> redis.Redis:
 
 
 def _script(client: redis.Redis, name: str) -> Any:
-    return client.register_script(files("observer_tasks.redis_scripts").joinpath(name).read_text())
+    return client.register_script(files("observer_tasks.core.redis_scripts").joinpath(name).read_text())
 
 
 class Admission(NamedTuple):
@@ -171,7 +171,7 @@ class Store:
     def sweep(self, outages: list[tuple[int, int]]) -> tuple[int, int, int]:
         """Record overdue leases (up to 200): (Redis now ms, recorded, freed); call again while it records."""
         windows = " ".join(f"{start} {end}" for start, end in outages)
-        now, recorded, freed, _seen = self._observe_call(
+        now, recorded, freed, _plans = self._observe_call(
             "sweep", [], a=windows, b=f"quantum:dedupe:p28:{K.OBS_LATE}:", context={})
         return int(now), int(recorded), int(freed)
 

@@ -19,12 +19,13 @@ from typing import Any
 import click
 import redis
 
+from ..core import keys as K
+from ..core.messages import QUEUE
+from ..core.settings import Settings, SettingsError, redact_url
 from . import demo as demo_run
 from . import envfile
-from . import keys as K
 from . import probes as P
 from . import reports as R
-from .settings import Settings, SettingsError, redact_url
 
 COUNT_HELP = "how many of the newest stream entries to read (XREVRANGE COUNT)"
 
@@ -217,8 +218,8 @@ def status(strict: bool) -> None:
         click.echo(f"broker:     {redact_url(settings.broker)} answers, {P.queue_counts(settings)}")
         workers = P.late_obs_workers(settings)
         if not workers:
-            problems.append(f"no worker consumes {P.QUEUE}")
-        click.echo(f"workers:    {len(workers)} consuming {P.QUEUE}" + (f": {', '.join(workers)}" if workers else ""))
+            problems.append(f"no worker consumes {QUEUE}")
+        click.echo(f"workers:    {len(workers)} consuming {QUEUE}" + (f": {', '.join(workers)}" if workers else ""))
     click.echo(R.heartbeat_text(P.heartbeats(client)))
     click.echo(f"heatbridge: {P.heat_bridge_lag(client)}")
     if strict and problems:

@@ -239,6 +239,7 @@ _USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):(?P<passwo
 def redact_url(url: str) -> str:
     """The URL with any password replaced by '***', for logs and status output.
 
-    Matched on the raw text (up to the last '@'), so a password holding '#', '?' or '/' is hidden too.
+    Matched on the raw text (up to the last '@'), so a password holding '#', '?' or '/' is hidden too: kombu's
+    ``maybe_sanitize_url`` parses the URL first and raises on such a password.
     """
     return _USERINFO.sub(r"\g<head>:***@\g<tail>", url)

@@ -31,12 +31,13 @@ from typing import Any, cast
 import click
 import redis
 
-from . import keys as K
-from . import producer
-from .probes import QUEUE, REDIS_ERRORS, broker_error, connect, late_obs_workers, load, use_broker
+from ..client import producer
+from ..core import keys as K
+from ..core.messages import QUEUE
+from ..core.settings import SWEEP_INTERVAL_S, Settings, redact_url
+from ..core.store import redis_client
+from .probes import REDIS_ERRORS, broker_error, connect, late_obs_workers, load, use_broker
 from .reports import coverage, coverage_table, late_waits, percentiles, reasons, reasons_table
-from .settings import SWEEP_INTERVAL_S, Settings, redact_url
-from .store import redis_client
 
 PLAN_STREAM = "quantum:stream:apply.plan"
 PLAN_STREAM_MAXLEN = 10_000

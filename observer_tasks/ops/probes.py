@@ -24,21 +24,21 @@ from amqp.exceptions import NotFound
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import keys as K
-from .metrics import RedisCollector, serve
+from ..core import keys as K
+from ..core.messages import QUEUE
+from ..core.settings import WORKER_STALE_MS, Settings, SettingsError, redact_url
+from ..core.store import redis_client
+from ..worker.metrics import RedisCollector, serve
 from .reports import Samples
-from .settings import WORKER_STALE_MS, Settings, SettingsError, redact_url
-from .store import redis_client
 
 #: Socket timeout of the command line's Redis connections (s).
 CLI_TIMEOUT_S = 2.0
-QUEUE = "late_obs"
 HEAT_DECISIONS = "quantum:stream:harvest.heat.decision"
 HEAT_BRIDGE_GROUP = "heat_bridge"
 #: Everything redis-py raises when Redis cannot answer (connection, timeout, BUSY, READONLY, ...).
 REDIS_ERRORS = (redis.RedisError, OSError)
 #: Where `observer-tasks metrics` serves when P28_METRICS_PORT is 0 (no worker on the host serves /metrics).
-EXPORTER_PORT = 8043
+EXPORTER_PORT = Settings().metrics_port
 #: How long `rabbitmqctl list_queues` may take (s).
 RABBITMQCTL_TIMEOUT_S = 10.0
 

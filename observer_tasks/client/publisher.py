@@ -30,9 +30,10 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
-from .tasks import app, late_observe
+from ..core.app import app
+from ..core.messages import LATE_OBSERVE, LateMessage
 
 log = logging.getLogger("observer_tasks")
 
@@ -109,16 +110,6 @@ class ThrottledLog:
         log.warning("P2.8A observer: %s%s", message, suffix)
 
 
-class LateMessage(NamedTuple):
-    """The first message's arguments, in late_observe's order."""
-
-    plan_id: str
-    symbol: str
-    apply_decision: str
-    published_ms: int
-    deadline_ms: int
-
-
 class Publisher:
     """A queue and the thread that empties it; built lazily, one per process."""
 
@@ -129,7 +120,6 @@ class Publisher:
         self.breaker = broker_breaker
         self.redis_failures = redis_failures
         self.app = app
-        self.task = late_observe
         self.connection_factory = connection_factory
         self.problems = ThrottledLog()
         self.cond = threading.Condition(threading.Lock())  # guards everything below
@@ -137,7 +127,6 @@ class Publisher:
         self.owed: Counter[str] = Counter()
         self.unsent: dict[str, str] = {}
         self.retry_at = 0.0  # monotonic time of the next attempt to pay debts after a Redis failure
-        self.busy = False
         self.stopping = False
         self.thread: threading.Thread | None = None
         # Broker objects: used by the thread only.
@@ -238,8 +227,8 @@ class Publisher:
             try:
                 producer, dispatcher = self._broker()
                 for message in batch[sent:]:
-                    self.task.apply_async(args=tuple(message), producer=producer, event_dispatcher=dispatcher,
-                                          retry=False, task_id=f"p28-late-{message.plan_id}")
+                    self.app.send_task(LATE_OBSERVE, args=message.args(), producer=producer,
+                                       event_dispatcher=dispatcher, retry=False, task_id=f"p28-late-{message.plan_id}")
                     sent += 1
             except Exception as exc:  # kombu wraps broker failures in many types
                 self._drop_connection()  # reconnect from scratch next time
@@ -290,10 +279,8 @@ class Publisher:
             by_cause: dict[str, list[str]] = {}
             for plan_id, cause in unsent.items():
                 by_cause.setdefault(cause, []).append(plan_id)
-            note = getattr(self.store, "note_unsent", None)  # best effort: only a debug_json cause
             for cause, plan_ids in by_cause.items():
-                if note is not None:
-                    note(plan_ids, cause)
+                self.store.note_unsent(plan_ids, cause)  # best effort: only a debug_json cause
                 self.problems.warning(f"{len(plan_ids)} late message(s) not sent ({cause}); "
                                       "the sweeper will record them")
             unsent = {}

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 
 from celery import bootsteps
 
+from ..core.settings import Settings, SettingsError
+from ..core.store import Store, redis_client
 from . import kombu_guard
 from .metrics import serve
-from .settings import Settings, SettingsError
-from .store import Store, redis_client
 from .sweeper import Sweeper
 from .wake import WakeListener
 

@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import keys as K
-from .settings import WORKER_STALE_MS, Settings
+from ..core import keys as K
+from ..core.settings import WORKER_STALE_MS, Settings
 
 #: Above this share of timeouts the runbook says to raise MAX_WAIT_MS or look at HeatBridge.
 TIMEOUT_RATE_LIMIT = 0.5

@@ -31,12 +31,13 @@ from typing import Any
 
 import redis
 
-from . import keys as K
-from .heat import check_symbol, normalise_decision
-from .publisher import PUBLISH_TIMEOUT_S, Breaker, LateMessage, Publisher, ThrottledLog
-from .settings import CALL_TIMEOUT_S, Settings, SettingsError
-from .store import Store, Unavailable, redis_client
-from .tasks import app, late_observe
+from ..core import keys as K
+from ..core.app import app
+from ..core.heat import check_symbol, normalise_decision
+from ..core.messages import LateMessage
+from ..core.settings import CALL_TIMEOUT_S, Settings, SettingsError
+from ..core.store import Store, Unavailable, redis_client
+from .publisher import PUBLISH_TIMEOUT_S, Breaker, Publisher, ThrottledLog
 
 log = logging.getLogger("observer_tasks")
 
@@ -57,7 +58,7 @@ class Producer:
         self.problems = ThrottledLog()
         # Build Celery's lazy state here, in the caller's thread, not first in the publisher's: those first
         # builds take locks, and a fork() during one would leave the lock held in the child.
-        _ = (late_observe.name, app.amqp.router, app.amqp.queues, app.events, app.clock)
+        _ = (app.amqp.router, app.amqp.queues, app.events, app.clock)
         self.publisher = Publisher(self.store, self.broker_breaker, REDIS_FAILURES, self.connect)
 
     def connect(self) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from .store import Store, Unavailable
+from ..core.store import Store, Unavailable
 
 log = logging.getLogger("observer_tasks.wake")
 

@@ -24,7 +24,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 TESTED_KOMBU = (5, 7)
-TRANSPORT = "observer_tasks.kombu_guard:Transport"
+TRANSPORT = "observer_tasks.worker.kombu_guard:Transport"
 
 
 def applicable() -> str | None:

@@ -1,0 +1,54 @@
+"""What travels through the broker: the queue, the task names and the late message, defined once.
+
+The apply layer sends the first message by name (``Celery.send_task``) and the worker registers the tasks
+(worker/tasks.py), so neither side imports the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import keys as K
+from .heat import check_symbol
+
+#: The one queue of the late observer: first messages and every reschedule.
+QUEUE = "late_obs"
+#: A plan's first look, sent by observe_late with task events (Flower and exporters see every plan).
+LATE_OBSERVE = "observer_tasks.late_observe"
+#: Every later look, without task events.
+LATE_POLL = "observer_tasks.late_poll"
+
+
+@dataclass(frozen=True)
+class LateMessage:
+    """A late task's arguments: the plan, and its times on Redis's clock (informational: no decision trusts
+    them), with how many looks and failed looks came before."""
+
+    plan_id: str
+    symbol: str
+    apply_decision: str
+    published_ms: int
+    deadline_ms: int
+    polls: int = 0
+    errors: int = 0
+
+    @classmethod
+    def parse(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> LateMessage:
+        try:
+            msg = cls(*args, **kwargs)
+        except TypeError as exc:
+            raise K.InvalidInput(f"bad task arguments: {exc}") from None
+        K.check_plan_id(msg.plan_id)
+        check_symbol(msg.symbol)
+        for name in ("published_ms", "deadline_ms", "polls", "errors"):
+            value = getattr(msg, name)
+            if type(value) is not int or value < 0:
+                raise K.InvalidInput(f"{name}={value!r} is not a non-negative integer")
+        return msg
+
+    def args(self) -> tuple[Any, ...]:
+        return (self.plan_id, self.symbol, self.apply_decision, self.published_ms, self.deadline_ms)
+
+    def kwargs(self) -> dict[str, int]:
+        return {"polls": self.polls, "errors": self.errors}
