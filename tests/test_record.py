@@ -152,7 +152,7 @@ def test_sweep_records_redis_error_when_it_saw_an_outage(r: redis.Redis, env: di
 
 
 def test_lua_scripts_are_loadable_with_redis_cli(r: redis.Redis) -> None:
-    script = Path(__file__).parent.parent / "observer_tasks" / "redis_scripts" / "admit.lua"
+    script = Path(__file__).parent.parent / "observer_tasks" / "core" / "redis_scripts" / "admit.lua"
     out = subprocess.run(["redis-cli", "-h", r.connection_pool.connection_kwargs["host"],
                           "-p", str(r.connection_pool.connection_kwargs["port"]),
                           "-n", DATA_URL.rsplit("/", 1)[1], "--eval", str(script),
