@@ -28,7 +28,7 @@ from observer_tasks import observe, observe_late
 from observer_tasks.client import producer, publisher
 from observer_tasks.core.settings import SWEEP_INTERVAL_S, Settings
 
-from .conftest import ROOT, Worker, inflight, late_entries, poll
+from .conftest import ROOT, Worker, free_port, inflight, late_entries, poll
 
 UNSENT = "quantum:p28:late_obs:unsent"
 LEASES = "quantum:p28:late_obs:leases"
@@ -216,21 +216,31 @@ def test_a_connection_closed_by_the_broker_is_replaced_without_losing_a_plan(
 
 
 @pytest.mark.slow
-def test_unsent_plans_are_recorded_by_the_sweeper_with_the_cause(
-        start_worker: Callable[..., Worker], r: redis.Redis, env: dict[str, str], black_hole: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    start_worker()  # on the real broker; this process publishes to the black hole
-    env["CELERY_BROKER_URL"] = black_hole
+@pytest.mark.parametrize("broker", ["refused", "black hole"])
+def test_unsent_plans_are_recorded_by_the_sweeper_as_missing_with_the_cause(
+        request: pytest.FixtureRequest, start_worker: Callable[..., Worker], r: redis.Redis, env: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch, broker: str) -> None:
+    """A broker outage is not a timing problem: plans whose first message never reached the broker are swept
+    as `missing` (the cause in debug_json), so they stay out of the timing alert's timeouts."""
+    start_worker()  # on the real broker; this process publishes to a dead one
+    env["CELERY_BROKER_URL"] = (f"redis://127.0.0.1:{free_port()}/0" if broker == "refused"
+                                else request.getfixturevalue("black_hole"))
     monkeypatch.setattr(publisher, "QUEUE_MAX", 3)
-    plans = [f"p{i}" for i in range(10)]
-    assert [observe_late(p, "BTCUSDT") for p in plans] == ["enqueued"] * 10
+    results = {f"p{i}": observe_late(f"p{i}", "BTCUSDT") for i in range(10)}
+    # Admitted until the publisher finds the broker dead; then its breaker refuses at once ("error").
+    plans = [p for p, result in results.items() if result == "enqueued"]
+    assert plans and set(results.values()) <= {"enqueued", "error"}
     settings = Settings.from_env()
     entries = recorded_once(r, plans, (settings.late_obs_max_wait_ms + settings.sweep_grace_ms) / 1000 + 10)
     for e in entries:
         debug = json.loads(e["debug_json"])
-        assert e["recorded_by"] == "sweep" and e["heat_reason"] == "timeout"
+        assert (e["recorded_by"], e["heat_reason"], e["heat_found"]) == ("sweep", "missing", "0")
+        assert debug["cause"] == "first message never reached the broker"
         assert debug["unsent"] == "publisher queue full" or debug["unsent"].startswith("broker unavailable")
     assert r.hlen(UNSENT) == 0
+    c = counters(r)
+    assert c["reason|publish_plan_post|missing"] == len(plans) and "reason|publish_plan_post|timeout" not in c
+    print(f"\nbroker {broker}: {len(entries)} unsent plans swept as missing, 0 as timeout")
 
 
 def test_redis_busy_refuses_at_once_with_one_line_and_no_traceback(

@@ -133,6 +133,8 @@ def test_sweep_records_overdue_leases_once(r: redis.Redis, env: dict[str, str]) 
     assert sorted(entries) == ["lost", "unsent"]
     assert (entries["lost"]["heat_reason"], entries["lost"]["recorded_by"], entries["lost"]["wait_ms"]) == (
         "timeout", "sweep", "600")
+    # Its first message never reached the broker: an outage, recorded as missing, not timeout.
+    assert entries["unsent"]["heat_reason"] == "missing"
     assert json.loads(entries["unsent"]["debug_json"])["unsent"] == "publisher queue full"
     assert counts(r)["recovered"] == 2 and inflight(r) == 1
     sec, _ = r.time()

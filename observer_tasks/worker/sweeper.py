@@ -4,9 +4,10 @@ Sweeper: kombu's Redis transport can lose a message when a worker dies between p
 as unacked, a broker without persistence loses messages on restart, and an apply process can die before its
 publisher sends a first message. The lease set knows every admitted plan, so every lease still present
 ``sweep_grace_ms`` after its deadline (Redis time) is recorded by the sweep step (observe.lua, mode 'sweep'),
-with the cause in debug_json, and counted in p28_late_obs_recovered_total: as redis_error when this sweeper
-found Redis unreachable during the plan's wait (an outage, not a slow HeatBridge: operators must not raise
-MAX_WAIT_MS for it), otherwise as timeout. Outage windows are kept in Redis time too.
+with the cause in debug_json, and counted in p28_late_obs_recovered_total: as missing when the publisher
+noted that its first message never reached the broker, as redis_error when this sweeper found Redis
+unreachable during the plan's wait (outages, not a slow HeatBridge: operators must not raise MAX_WAIT_MS for
+them), otherwise as timeout. Outage windows are kept in Redis time too.
 
 Heartbeat: every HEARTBEAT_S the worker writes its entry in ``quantum:p28:workers`` and the wake path's
 health (heartbeat.lua); it restarts a wake listener thread that died.

@@ -4,7 +4,8 @@
 --   look    one look of the late task: record publish_plan_post if heat is there or the deadline passed
 --   wake    the wake step: for each pushed plan still leased, record it if its heat hash is readable
 --   finish  record a publish_plan_post outcome decided outside (the task's redis_error)
---   sweep   record every lease past its end (deadline + grace) as timeout, or redis_error in an outage
+--   sweep   record every lease past its end (deadline + grace) as timeout, redis_error in an outage, or
+--           missing when its first message never reached the broker (an unsent note)
 -- A publish_plan_post entry is written only by the call that removes the plan's lease: the lease is the
 -- exactly-once token, whatever the dedupe TTL.
 --
@@ -262,10 +263,16 @@ if mode == 'sweep' then
       freed = freed + 1
     else
       local reason, cause = 'timeout', 'no observation by deadline + grace (message lost or worker stopped)'
-      for j = 1, #outages, 2 do
-        if outages[j] <= tonumber(lease.deadline_ms) and outages[j + 1] >= tonumber(lease.published_ms) then
-          reason, cause = 'redis_error', cause .. '; Redis was unreachable during the wait'
-          break
+      if redis.call('HEXISTS', KEYS[6], plan) == 1 then
+        -- Its first message never reached the broker (the publisher noted why): a broker outage, not a slow
+        -- HeatBridge. 'missing' (nothing was looked at) keeps it out of the timing alert's timeouts.
+        reason, cause = 'missing', 'first message never reached the broker'
+      else
+        for j = 1, #outages, 2 do
+          if outages[j] <= tonumber(lease.deadline_ms) and outages[j + 1] >= tonumber(lease.published_ms) then
+            reason, cause = 'redis_error', cause .. '; Redis was unreachable during the wait'
+            break
+          end
         end
       end
       record_late(plan, lease, ARGV[9] .. plan, reason, nil, 'sweep', 0, {cause = cause, swept = true})
