@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -24,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "docs" / "prometheus" / "late-observer-rules.yml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "late-observer-rules.test.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+#: The one setting every runbook_url is built from: the docs' base URL, shipped as a placeholder.
+RUNBOOK_BASE = "https://docs.example.com/observer_tasks"
 
 #: The deployment checklist's alerts, verbatim (compared with whitespace collapsed).
 CHECKLIST_ALERTS = {
@@ -133,7 +136,7 @@ def test_alerts_carry_severity_runbook_and_anchor() -> None:
         annotations = rule["annotations"]
         assert isinstance(annotations, dict)
         assert {"summary", "description", "runbook", "runbook_url"} <= annotations.keys(), name
-        assert annotations["runbook_url"] == f"docs/runbook.md#{name.lower()}"
+        assert annotations["runbook_url"] == f"{RUNBOOK_BASE}/docs/runbook.md#{name.lower()}"
         assert rule.get("for"), name
     found = rules()
     assert "P28_LATE_OBS_MAX_INFLIGHT first (e.g. 400), then MAX_WORKERS (e.g. 8)" in str(
@@ -152,3 +155,33 @@ def test_promtool_unit_tests() -> None:
     result = subprocess.run([tool("promtool"), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_runbook_urls_are_absolute_and_open_their_section() -> None:
+    """Alertmanager and Grafana open runbook_url as it is: an absolute URL whose anchor is its alert's section."""
+    from tests.test_docs import anchors
+
+    sections = anchors(ROOT / "docs" / "runbook.md")
+    for name, rule in rules().items():
+        url = str(rule["annotations"]["runbook_url"])  # type: ignore[index]
+        parts = urlsplit(url)
+        assert parts.scheme == "https" and parts.netloc and not parts.query, url
+        assert url == url.strip() and not re.search(r"[\s<>\"{}|\\^`]", url), f"{name}: not a valid URL: {url!r}"
+        assert parts.path.endswith("/docs/runbook.md"), url
+        assert parts.fragment == name.lower() and parts.fragment in sections, f"{name}: no section #{parts.fragment}"
+
+
+def test_one_substitution_of_the_base_moves_every_runbook_url(tmp_path: Path) -> None:
+    """The rules file's documented sed, with another base: every runbook_url follows, the rules still load."""
+    header = RULES.read_text().split("groups:", 1)[0]
+    assert f"sed 's|{RUNBOOK_BASE}|" in header, "the rules file's header documents the substitution"
+    base = "https://git.example.org/quant/observer_tasks/blob/main"
+    rendered = tmp_path / "late-observer-rules.yml"
+    rendered.write_text(subprocess.run(["sed", f"s|{RUNBOOK_BASE}|{base}|", str(RULES)], capture_output=True,
+                                       text=True, check=True).stdout)
+    urls = {r["alert"]: r["annotations"]["runbook_url"]
+            for g in yaml.safe_load(rendered.read_text())["groups"] for r in g["rules"]}
+    assert urls == {name: f"{base}/docs/runbook.md#{name.lower()}" for name in rules()}
+    assert RUNBOOK_BASE not in rendered.read_text().split("groups:", 1)[1]
+    result = subprocess.run([tool("promtool"), "check", "rules", str(rendered)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
