@@ -1,5 +1,10 @@
 """Celery settings of the late observer, derived from observer_tasks' settings object.
 
+The observer's app loads this file as ``observer_tasks.core.celeryconfig`` (a link to it inside the
+package, so it is installed with the package): it is never installed as a top-level ``celeryconfig``, so
+another program's ``config_from_object("celeryconfig")`` cannot pick it up, and the observer's app never
+picks up theirs.
+
 A bad environment falls back to the defaults here only so that importing the
 app never fails: the worker refuses bad settings in its start-up step (worker/services.py), and
 the apply layer's calls return "error".

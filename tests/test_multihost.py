@@ -105,7 +105,7 @@ def test_shifted_clocks_give_the_unshifted_outcomes(net: Net, baseline: Outcome,
 
 def broker_times(cluster: Cluster) -> tuple[float, float]:
     """The visibility timeout and restore interval the workers run with (their own celeryconfig)."""
-    code = ("import celeryconfig as c; o = c.broker_transport_options; "
+    code = ("import observer_tasks.core.celeryconfig as c; o = c.broker_transport_options; "
             "print(o['visibility_timeout'], o.get('unacked_restore_interval', 0))")
     res = subprocess.run(["ip", "netns", "exec", cluster.net.ns("w2"), sys.executable, "-c", code],
                          env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)

@@ -1,5 +1,12 @@
 """The observer's Celery app, shared by the apply layer (which sends) and the worker (which runs the tasks).
 
+A guest in the apply layer's process: the app is never made the process's current or default app
+(``set_as_current=False``), so an apply layer with its own Celery app and ``@shared_task`` keeps them
+after ``import observer_tasks``; ``celery worker`` makes it current in the worker process itself. Its
+settings come from its own module, ``observer_tasks.core.celeryconfig`` (the repository's top-level
+``celeryconfig.py``, linked into the package), never from whatever ``celeryconfig`` is first on
+``sys.path``.
+
 The task bodies live in worker/tasks.py, which only the worker imports (``include``); the worker's services
 are a bootstep named by a string, so importing this module loads nothing of the worker.
 """
@@ -8,7 +15,11 @@ from __future__ import annotations
 
 from celery import Celery
 
-app = Celery("observer_tasks", include=["observer_tasks.worker.tasks"])
-app.config_from_object("celeryconfig")
+#: The app's Celery settings module (a link to the top-level celeryconfig.py, so it is installed with the
+#: package and cannot shadow, or be shadowed by, another program's ``celeryconfig``).
+CONFIG_MODULE = "observer_tasks.core.celeryconfig"
+
+app = Celery("observer_tasks", include=["observer_tasks.worker.tasks"], set_as_current=False)
+app.config_from_object(CONFIG_MODULE)
 # The worker's services, named (not imported): only `celery worker` loads them.
 app.steps["worker"].add("observer_tasks.worker.services:ObserverServices")

@@ -25,6 +25,7 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..core import keys as K
+from ..core.app import CONFIG_MODULE
 from ..core.messages import QUEUE
 from ..core.settings import WORKER_STALE_MS, Settings, SettingsError, redact_url
 from ..core.store import redis_client
@@ -74,7 +75,7 @@ def use_broker(broker: str) -> Celery:
     broker_url would leave control messages on the old broker. The worker's Celery settings apply.
     """
     tool = Celery("observer_tasks", set_as_current=False)
-    tool.config_from_object("celeryconfig")
+    tool.config_from_object(CONFIG_MODULE)
     tool.conf.broker_url = broker
     return tool
 
