@@ -1,4 +1,4 @@
-"""Reading heat hashes (inside observe.lua, against a real Redis) and the apply layer's input checks."""
+"""Reading heat hashes (inside the observe steps' Lua, against a real Redis) and the apply layer's input checks."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_entry_fields_follow_the_contract_order(r: redis.Redis, env: dict[str, s
 
 @pytest.mark.parametrize("raw", [
     {b"heat_level": b"\xff\xfe"},
-    {b"\xc3": b"x"},
+    {b"out_action": b"\xc3"},
     {b"heat_level": b"boiling"},
     {b"heat_action": b"SELL"},
     {b"heat_score": b"high"},
@@ -108,16 +108,36 @@ def test_debug_json_is_valid_json_within_the_cap(r: redis.Redis, env: dict[str, 
     assert isinstance(json.loads(entry["debug_json"]), dict)
 
 
+#: The heat hash's fields the observer reads (HMGET); the contract's others (symbol, plan_id, in_action) are unused.
+READ_FIELDS = [b"ts_epoch", b"heat_level", b"heat_score", b"heat_action", b"out_action", b"recommended_partial",
+               b"reason", b"mode", b"debug_json"]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.binary(min_size=1, max_size=20), st.binary(max_size=80), max_size=12))
+@given(st.dictionaries(st.one_of(st.sampled_from(READ_FIELDS), st.binary(min_size=1, max_size=20)),
+                       st.binary(max_size=80), max_size=12))
 def test_any_hash_reads_as_ok_parse_error_or_missing(r: redis.Redis, env: dict[str, str],
                                                      raw: dict[bytes, bytes]) -> None:
     entry = read(r, make_store(env), raw)
     assert entry["heat_reason"] in (("ok", "parse_error") if raw else ("missing",))
     assert all(len(entry[k]) <= 64 for k in CONTRACT_ORDER[6:12])
     if entry["heat_reason"] == "ok":  # what Python would accept as UTF-8, Lua accepted too
-        for k, v in raw.items():
-            k.decode(), v.decode()
+        for k in READ_FIELDS:
+            raw.get(k, b"").decode()
+
+
+def test_fields_outside_the_contract_are_not_read(r: redis.Redis, env: dict[str, str]) -> None:
+    """HMGET of the contract's fields: whatever else HeatBridge keeps in the hash costs nothing and breaks nothing."""
+    entry = read(r, make_store(env), {b"heat_level": b"warm", b"\xc3": b"\xff", b"blob": b"\xfe" * 100_000})
+    assert (entry["heat_found"], entry["heat_reason"], entry["heat_level"]) == ("1", "ok", "warm")
+    assert read(r, make_store(env), {b"unknown": b"x"})["heat_reason"] == "ok"  # found: the hash exists
+
+
+def test_a_debug_field_too_long_to_fit_is_dropped_unread(r: redis.Redis, env: dict[str, str]) -> None:
+    entry = read(r, make_store(env, P28_MAX_DEBUG_CHARS="100"),
+                 {b"heat_level": b"hot", b"debug_json": b"\xff" * 101, b"mode": b"live"})
+    assert entry["heat_reason"] == "ok"
+    assert json.loads(entry["debug_json"]) == {"mode": "live", "truncated": True}
 
 
 @given(st.one_of(st.text(max_size=200), st.binary(max_size=50), st.integers(), st.none()))
@@ -130,8 +150,24 @@ def test_plan_id_check_never_lets_key_syntax_through(plan_id: object) -> None:
 
 
 @pytest.mark.parametrize("value", [b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf0\x80\x80\x80", b"\xf4\x90\x80\x80",
-                                   b"\xc0\xaf", b"ok\xe2\x82"])
+                                   b"\xc0\xaf", b"ok\xe2\x82", b"\xe1\x80\xc2\x80\x80"])
 def test_utf8_is_checked_as_strictly_as_python(r: redis.Redis, env: dict[str, str], value: bytes) -> None:
     with pytest.raises(UnicodeDecodeError):
         value.decode()
     assert read(r, make_store(env), {b"reason": value})["heat_reason"] == "parse_error"
+
+
+#: Bytes at the edges of UTF-8's ranges (ASCII, continuation, lead bytes and the overlong/surrogate limits).
+EDGE_BYTES = [0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE1, 0xEC, 0xED, 0xEE,
+              0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xFF]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(EDGE_BYTES), min_size=1, max_size=8).map(bytes))
+def test_utf8_check_agrees_with_python(r: redis.Redis, env: dict[str, str], value: bytes) -> None:
+    try:
+        value.decode()
+        expected = "ok"
+    except UnicodeDecodeError:
+        expected = "parse_error"
+    assert read(r, make_store(env), {b"out_action": value})["heat_reason"] == expected

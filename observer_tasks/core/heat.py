@@ -1,9 +1,11 @@
 """The apply layer's inputs (symbol, apply decision) and the heat record's closed vocabularies.
 
-Reading a heat hash happens inside Redis, in observe.lua (one atomic step with the record): a record is
-"found" when its hash has at least one field, and a ``parse_error`` when it exists but cannot be read: a key
-of another Redis type, values that are not UTF-8, an unknown heat_level/heat_action, a number that is not a
-number, or a value longer than 64 characters (the script's LEVELS, ACTIONS and MAX_COPIED are the one place).
+Reading a heat hash happens inside Redis, in the observe steps' Lua (one atomic step with the record): a record
+is "found" when its key exists, and a ``parse_error`` when it exists but cannot be read: a key of another Redis
+type, or a field the contract uses (read with HMGET: nothing else in the hash is read) that is not UTF-8, an
+unknown heat_level/heat_action, a number that is not a number, or a copied value longer than 64 characters (the
+script's LEVELS, ACTIONS and MAX_COPIED are the one place). A debug field (reason, mode, debug_json) longer than
+P28_MAX_DEBUG_CHARS could never fit in debug_json, so it is dropped unread.
 """
 
 from __future__ import annotations

@@ -33,29 +33,21 @@ local COPIED = {{'heat_ts_epoch', 'ts_epoch'}, {'heat_level', 'heat_level'}, {'h
                 {'heat_recommended_partial', 'recommended_partial'}}
 local MAX_COPIED = 64
 
+-- Well-formed UTF-8 sequences, as strict as Python's decoder (no overlong forms, surrogates or code points
+-- above U+10FFFF). Lead bytes never occur as continuation bytes, so each match is a whole sequence.
+local UTF8_SEQUENCES = {
+  '[\194-\223][\128-\191]',
+  '\224[\160-\191][\128-\191]', '[\225-\236\238\239][\128-\191][\128-\191]', '\237[\128-\159][\128-\191]',
+  '\240[\144-\191][\128-\191][\128-\191]', '[\241-\243][\128-\191][\128-\191][\128-\191]',
+  '\244[\128-\143][\128-\191][\128-\191]',
+}
+
+-- Each well-formed sequence is replaced by an ASCII byte (in C, by gsub: no byte loop in Lua); any byte
+-- >= 0x80 left over is malformed. Replacing, not removing, keeps fragments from joining into a sequence.
 local function utf8_ok(s)
   if not string.find(s, '[\128-\255]') then return true end
-  local i, n = 1, #s
-  while i <= n do
-    local c = string.byte(s, i)
-    local extra
-    if c < 0x80 then extra = 0
-    elseif c >= 0xC2 and c <= 0xDF then extra = 1
-    elseif c >= 0xE0 and c <= 0xEF then extra = 2
-    elseif c >= 0xF0 and c <= 0xF4 then extra = 3
-    else return false end
-    -- The second byte's range excludes overlong forms and surrogates, as Python's decoder does.
-    local lo, hi = 0x80, 0xBF
-    if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F
-    elseif c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
-    for j = 1, extra do
-      local cc = string.byte(s, i + j)
-      if not cc or cc < lo or cc > hi then return false end
-      lo, hi = 0x80, 0xBF
-    end
-    i = i + extra + 1
-  end
-  return true
+  for _, pattern in ipairs(UTF8_SEQUENCES) do s = string.gsub(s, pattern, '.') end
+  return not string.find(s, '[\128-\255]')
 end
 
 local function problem(name, value)
@@ -71,33 +63,40 @@ local function problem(name, value)
   return nil
 end
 
+-- The heat hash's fields the contract uses (read with HMGET: whatever else HeatBridge keeps there is never
+-- read), the copied ones first, then the ones that go into debug_json.
+local HEAT_FIELDS = {}
+for i, pair in ipairs(COPIED) do HEAT_FIELDS[i] = pair[2] end
+local DEBUG_FIELDS = {'reason', 'mode', 'debug_json'}
+for _, name in ipairs(DEBUG_FIELDS) do HEAT_FIELDS[#HEAT_FIELDS + 1] = name end
+
+local function unreadable(why)
+  return {reason = 'parse_error', copied = {}, debug = {parse = why}}
+end
+
 -- Read a heat hash: nil when absent, else {reason = 'ok'|'parse_error', copied = {...}, debug = {...}}.
--- Only WRONGTYPE or unreadable content makes a record unreadable.
+-- Found means the key exists (any field); only WRONGTYPE or an unreadable field the contract uses makes a
+-- record unreadable. A debug field longer than the debug_json cap could never fit, so it is dropped unread.
 local function read_heat(key)
-  local raw = redis.pcall('HGETALL', key)
-  if type(raw) == 'table' and raw.err then
-    return {reason = 'parse_error', copied = {}, debug = {parse = string.sub(raw.err, 1, 80)}}
-  end
-  if #raw == 0 then return nil end
-  local rec = {}
-  for i = 1, #raw, 2 do
-    if not utf8_ok(raw[i]) or not utf8_ok(raw[i + 1]) then
-      return {reason = 'parse_error', copied = {}, debug = {parse = 'heat hash is not UTF-8'}}
-    end
-    rec[raw[i]] = raw[i + 1]
-  end
+  if redis.call('EXISTS', key) == 0 then return nil end
+  local raw = redis.pcall('HMGET', key, unpack(HEAT_FIELDS))
+  if raw.err then return unreadable(string.sub(raw.err, 1, 80)) end
   local copied = {}
-  for _, pair in ipairs(COPIED) do
-    local value = rec[pair[2]] or ''
+  for i, pair in ipairs(COPIED) do
+    local value = raw[i] or ''
+    if #value <= MAX_COPIED and not utf8_ok(value) then return unreadable('heat hash is not UTF-8') end
     local why = problem(pair[2], value)
-    if why then
-      return {reason = 'parse_error', copied = {}, debug = {parse = pair[2] .. ': ' .. why}}
-    end
+    if why then return unreadable(pair[2] .. ': ' .. why) end
     copied[pair[1]] = value
   end
-  local debug = {}
-  for _, k in ipairs({'reason', 'mode', 'debug_json'}) do
-    if rec[k] and rec[k] ~= '' then debug[k] = rec[k] end
+  local debug, limit = {}, tonumber(ARGV[4])
+  for i, name in ipairs(DEBUG_FIELDS) do
+    local value = raw[#COPIED + i]
+    if value and value ~= '' then
+      if #value > limit then debug.truncated = true
+      elseif not utf8_ok(value) then return unreadable('heat hash is not UTF-8')
+      else debug[name] = value end
+    end
   end
   return {reason = 'ok', copied = copied, debug = debug}
 end
