@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,9 +72,18 @@ def scrape_at(host: str, port: int) -> bool:
         return False
 
 
-def test_bad_password_is_an_error_not_a_crash(env: dict[str, str], tls_redis: str) -> None:
+def test_bad_password_is_an_error_not_a_crash(env: dict[str, str], tls_redis: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """"error", and the one line says Redis refused the password (its WRONGPASS reply), with no traceback:
+    not any failure (a bug, a TLS error, a timeout) that also ends in "error"."""
     env["REDIS_URL"] = tls_redis.replace(PASSWORD, "wrong")
     env["CELERY_BROKER_URL"] = tls_redis
+    caplog.set_level(logging.WARNING, "observer_tasks")
     assert observe_late("s1", "BTCUSDT") == "error"
+    assert observe_late("s2", "BTCUSDT") == "error"
+    refusals = [rec.getMessage() for rec in caplog.records if "Redis unavailable" in rec.getMessage()]
+    assert len(refusals) == 1 and "invalid username-password pair" in refusals[0], caplog.text
+    assert "Traceback" not in caplog.text and not [rec for rec in caplog.records if rec.exc_info]
+    assert "wrong" not in refusals[0]  # the password is not logged, not even the wrong one
 
 

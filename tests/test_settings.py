@@ -156,16 +156,23 @@ def test_safety_poll_defaults_between_poll_and_max_wait() -> None:
         Settings.from_env({"P28_LATE_OBS_SAFETY_POLL_MS": "2500"})
 
 
-def test_interlocked_timings_cover_each_other() -> None:
-    from observer_tasks.core import settings as S
-
-    for poll, wait in ((10, 10), (100, 2000), (60_000, 600_000), (50, 600_000)):
-        s = Settings.from_env({"P28_LATE_OBS_POLL_MS": str(poll), "P28_LATE_OBS_MAX_WAIT_MS": str(wait)})
-        run_ms = 1000 * (2 * S.LOOKUP_TIMEOUT_S + S.RECORD_PATIENCE_S)
-        # The sweeper waits out a final look one poll late, its lookups and the record patience.
-        assert s.sweep_grace_ms >= poll + run_ms
-        # The broker never redelivers a countdown message the worker still holds.
-        assert s.visibility_timeout_s * 1000 > max(poll, s.safety_poll_ms) + run_ms
+@pytest.mark.parametrize(("poll", "wait", "safety", "grace_ms", "visibility_s"), [
+    # The values docs/configuration.md gives: grace max(5000, POLL_MS + 4000) ms (a final look one POLL_MS late,
+    # two 0.5 s lookups, the 2 s record patience and 1 s); visibility max(30, whole seconds of
+    # max(POLL_MS, SAFETY_POLL_MS) + 3000 ms, + 10) s (a countdown message parked, then its run).
+    (10, 10, "", 5000, 30),
+    (100, 2000, "", 5000, 30),  # the defaults
+    (1500, 2000, "", 5500, 30),
+    (100, 60_000, "30000", 5000, 43),
+    (60_000, 600_000, "", 64_000, 73),
+])
+def test_interlocked_timings_cover_each_other(poll: int, wait: int, safety: str, grace_ms: int,
+                                              visibility_s: int) -> None:
+    env = {"P28_LATE_OBS_POLL_MS": str(poll), "P28_LATE_OBS_MAX_WAIT_MS": str(wait)}
+    if safety:
+        env["P28_LATE_OBS_SAFETY_POLL_MS"] = safety
+    s = Settings.from_env(env)
+    assert (s.sweep_grace_ms, s.visibility_timeout_s) == (grace_ms, visibility_s)
 
 
 def test_unix_sockets_are_refused() -> None:

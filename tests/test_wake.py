@@ -9,7 +9,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import redis
 
 from observer_tasks import observe_late
@@ -81,13 +80,16 @@ def test_killed_wake_connection_falls_back_and_resyncs(r: redis.Redis, env: dict
 
 
 class CrashingStore(Store):
-    """A real Store whose first wake step for p1 raises something the listener does not expect (a bug)."""
+    """A real Store whose wake steps for p1 raise something the listener does not expect (a bug), as many
+    times as the test's own budget says (shared by the listeners of one test, fresh for each test)."""
 
-    crashes = 1
+    def __init__(self, settings: Settings, client: redis.Redis, crashes: list[int]) -> None:
+        super().__init__(settings, client)
+        self.crashes = crashes
 
     def wake(self, plan_ids: list[str], client: Any = None) -> dict[str, str]:
-        if "p1" in plan_ids and CrashingStore.crashes:
-            CrashingStore.crashes -= 1
+        if "p1" in plan_ids and self.crashes[0]:
+            self.crashes[0] -= 1
             raise RuntimeError("injected listener crash")
         return super().wake(plan_ids, client)
 
@@ -96,9 +98,11 @@ def test_crashed_listener_thread_is_replaced(r: redis.Redis, env: dict[str, str]
     settings = Settings.from_env({**env, **SLOW_ENOUGH})
     store = Store(settings, redis_client(DATA_URL, 2.0, "test"))
     made: list[WakeListener] = []
+    crashes = [1]
 
     def make_listener() -> WakeListener:
-        made.append(WakeListener(CrashingStore(settings, redis_client(DATA_URL, 2.0, "test")), DATA_URL, 2.0))
+        made.append(WakeListener(CrashingStore(settings, redis_client(DATA_URL, 2.0, "test"), crashes), DATA_URL,
+                                 2.0))
         return made[-1]
 
     sweeper = Sweeper(store, "crash@test", make_listener)
@@ -112,6 +116,7 @@ def test_crashed_listener_thread_is_replaced(r: redis.Redis, env: dict[str, str]
         poll(lambda: len(made) == 2, timeout=2, what="a new listener started")
         (entry,) = poll(lambda: late_entries(r), timeout=3, what="p1 recorded by the new listener's resync")
         assert (entry["heat_reason"], entry["recorded_by"]) == ("ok", "wake")
+        assert crashes == [0]  # the first listener did crash
         print(f"\nrecorded {time.monotonic() - crashed_at:.2f}s after the crash")
     finally:
         sweeper.stopped.set()
@@ -151,9 +156,9 @@ def test_burst_of_unrelated_writes_and_bad_keys(r: redis.Redis, env: dict[str, s
     assert rss_kb() - before < 20_000  # flat: nothing kept per pushed key
 
 
-@pytest.mark.parametrize("workers", [2])
 def test_two_workers_record_every_plan_once(r: redis.Redis, env: dict[str, str],
-                                            start_worker: Callable[..., Worker], workers: int) -> None:
+                                            start_worker: Callable[..., Worker]) -> None:
+    workers = 2
     for _ in range(workers):
         start_worker()
     poll(lambda: len(r.hvals("quantum:p28:workers")) == workers and wake_healthy(r), what="both listeners up")
