@@ -40,6 +40,8 @@ HEAT_BRIDGE_GROUP = "heat_bridge"
 REDIS_ERRORS = (redis.RedisError, OSError)
 #: Where `observer-tasks metrics` serves when P28_METRICS_PORT is 0 (no worker on the host serves /metrics).
 EXPORTER_PORT = Settings().metrics_port
+#: The tools' Redis-broker visibility timeout (s): ten years, so they never restore a worker's messages.
+TOOLS_VISIBILITY_TIMEOUT_S = 10 * 365 * 86_400
 #: How long `rabbitmqctl list_queues` may take (s).
 RABBITMQCTL_TIMEOUT_S = 10.0
 
@@ -77,6 +79,11 @@ def use_broker(broker: str) -> Celery:
     tool = Celery("observer_tasks", set_as_current=False)
     tool.config_from_object(CONFIG_MODULE)
     tool.conf.broker_url = broker
+    # kombu's Redis transport restores other consumers' unacknowledged messages whenever it consumes (here:
+    # control replies). That is the workers' job; with this timeout the tools never find one old enough,
+    # so their Redis user needs no write access to the queue (deploy/redis/users.acl).
+    tool.conf.broker_transport_options = {**tool.conf.broker_transport_options,
+                                          "visibility_timeout": TOOLS_VISIBILITY_TIMEOUT_S}
     return tool
 
 

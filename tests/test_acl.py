@@ -1,0 +1,200 @@
+"""Least privilege: the whole pipeline under deploy/redis/users.acl, and each role refused outside it.
+
+A private redis-server loads the shipped file (test passwords substituted) plus an admin and a stand-in
+HeatBridge user. The worker runs as observer-worker, the apply layer's calls as observer-apply, the
+operator's tools as observer-ops, with Redis as the broker too: the run must leave Redis's ACL LOG empty
+(not one command, key or channel refused), and each role is then refused FLUSHDB, CONFIG, KEYS and keys
+outside its patterns.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from observer_tasks.client import producer
+from observer_tasks.core import keys as K
+from observer_tasks.core.settings import Settings
+from observer_tasks.core.store import Store, redis_client
+from observer_tasks.ops import demo
+
+from .conftest import ROOT, Worker, poll, scrape
+
+ACL_FILE = ROOT / "deploy" / "redis" / "users.acl"
+CLI = str(Path(sys.executable).with_name("observer-tasks"))
+PASSWORDS = {"@APPLY_PASSWORD@": "apply-Pw-71x", "@WORKER_PASSWORD@": "worker-Pw-72y",
+             "@OPS_PASSWORD@": "ops-Pw-73z"}
+ROLE_PASSWORD = {"observer-apply": "apply-Pw-71x", "observer-worker": "worker-Pw-72y", "observer-ops": "ops-Pw-73z",
+                 "admin": "admin-Pw-70", "heatbridge": "hb-Pw-74"}
+#: Users of this test only: an admin for set-up and checks, and the simulated HeatBridge (heat and plan stream).
+EXTRA_USERS = [
+    "user default off",
+    "user admin on >admin-Pw-70 ~* &* +@all",
+    "user heatbridge on >hb-Pw-74 resetkeys resetchannels -@all +client|setname +select +ping +hset +expire +xadd"
+    " ~quantum:harvest:heat:by_plan:* ~quantum:stream:apply.plan",
+]
+#: Ports of this suite's private servers (ACL tests).
+PORTS = range(int(os.environ.get("TEST_ACL_PORT_FIRST", "7400")), int(os.environ.get("TEST_ACL_PORT_LAST", "7499")))
+#: The default deployment: the broker on the observer's Redis, in its database (CELERY_BROKER_URL unset).
+DATA_DB = BROKER_DB = 0
+
+
+def port_in_range() -> int:
+    for port in PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
+
+
+class AclRedis:
+    def __init__(self, workdir: Path) -> None:
+        text = ACL_FILE.read_text()
+        for placeholder, password in PASSWORDS.items():
+            text = text.replace(placeholder, password)
+        self.aclfile = workdir / "users.acl"
+        self.aclfile.write_text(text + "\n".join(EXTRA_USERS) + "\n")
+        self.port = port_in_range()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--aclfile", str(self.aclfile), "--acllog-max-len", "1000"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.admin = redis.Redis.from_url(self.url("admin"), socket_timeout=5)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"redis-server refused the ACL file:\n{self.proc.stdout.read()}")  # type: ignore[union-attr]
+            try:
+                return bool(self.admin.ping())
+            except redis.ConnectionError:
+                return False
+
+        poll(up, 10, what="private redis-server with the ACL file")
+
+    def url(self, user: str, db: int = DATA_DB, password: str | None = None) -> str:
+        return f"redis://{user}:{password or ROLE_PASSWORD[user]}@127.0.0.1:{self.port}/{db}"
+
+    def client(self, user: str, db: int = DATA_DB) -> redis.Redis:
+        return redis.Redis.from_url(self.url(user, db), socket_timeout=5)
+
+    def refusals(self) -> list[dict[str, Any]]:
+        return [{k: entry[k] for k in ("reason", "context", "object", "username")}
+                for entry in self.admin.acl_log(count=1000)]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Iterator[AclRedis]:
+    server = AclRedis(tmp_path)
+    yield server
+    server.stop()
+
+
+def role_env(server: AclRedis, user: str) -> dict[str, str]:
+    return {"REDIS_URL": server.url(user), "CELERY_BROKER_URL": server.url(user, BROKER_DB)}
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def worker_answers(server: AclRedis, nodename: str) -> bool:
+    from celery import Celery
+
+    app = Celery(broker=server.url("observer-ops", BROKER_DB), set_as_current=False)
+    try:
+        return bool(app.control.ping([nodename], timeout=0.5))
+    finally:
+        app.close()
+
+
+@pytest.mark.slow
+def test_whole_pipeline_under_the_acl_then_each_role_refused_outside_it(
+        env: dict[str, str], acl_redis: AclRedis, start_worker: Any) -> None:
+    server = acl_redis
+    env.update(role_env(server, "observer-worker"))
+    worker: Worker = start_worker(wait=False)
+    poll(lambda: worker.proc.poll() is not None or scrape(worker.metrics_port), 30, 0.1, "worker /metrics")
+    assert worker.proc.poll() is None, worker.output()
+    poll(lambda: worker_answers(server, worker.nodename), 30, 0.1, "worker consuming (ping as observer-ops)")
+    admin = server.admin
+    poll(lambda: b"connected" in (admin.hget(K.WORKERS, worker.nodename) or b""), 10, what="wake listener up")
+
+    # The demo's load: its simulated HeatBridge (its own user) and apply layer (observe, observe_late as
+    # observer-apply, in this process), the operator's tally reading the stream as observer-ops.
+    env.update(role_env(server, "observer-apply"))
+    settings = Settings.from_env()
+    ops = server.client("observer-ops")
+    heat_writer = server.client("heatbridge")
+    bridge = demo.HeatBridge(heat_writer, K.Keys.from_settings(settings))
+    bridge.start()
+    prefix = "acl-demo-"
+    tally = demo.Tally(ops, settings, prefix)
+    results: dict[str, Counter[str]] = {"early": Counter(), "late": Counter()}
+    try:
+        published = demo.publish(random.Random(5), 40, 3, 150, 0.3, prefix, heat_writer, bridge, tally, results,
+                                 print)
+        demo.drain(settings, tally, results, published, print)
+    finally:
+        bridge.stop()
+    assert bridge.errors == 0 and bridge.written > 0
+    assert set(results["early"]) <= {"ok", "missing"} and sum(results["early"].values()) == published
+    assert results["late"] == {"enqueued": published}
+    late = tally.late()
+    assert sorted(e["plan_id"] for e in late) == sorted(f"{prefix}{n}" for n in range(published))
+    # The sweeper too: a plan admitted whose first message is never sent.
+    Store(settings, redis_client(server.url("observer-apply"), 1, "producer")).admit("acl-swept", "BTCUSDT", "")
+    poll(lambda: admin.hget(K.COUNTERS, "recorded|sweep") == b"1", 30, 0.2, "the sweeper records the unsent plan")
+    counts = {k.decode(): int(v) for k, v in admin.hgetall(K.COUNTERS).items()}
+    print("counters:", counts)
+    assert counts["recorded|wake"] > 0, "the wake listener recorded nothing under the ACL"
+    assert counts["recorded|look"] + counts["recorded|wake"] == published
+
+    # Metrics over HTTP: the worker's, and the standalone exporter run as the operator.
+    page = scrape(worker.metrics_port) or ""
+    assert "p28_metrics_redis_up 1.0" in page and f'p28_late_obs_recorded_total{{path="sweep"}} 1.0' in page
+    ops_env = {**role_env(server, "observer-ops"), "P28_METRICS_PORT": str(worker.metrics_port)}
+    status = run_cli(ops_env, "status", "--check")
+    print(status.stdout, status.stderr)
+    assert status.returncode == 0 and "workers:    1 consuming late_obs" in status.stdout
+    verify = run_cli(ops_env, "verify")
+    print(verify.stdout, verify.stderr)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    for command in (["coverage"], ["latency"]):
+        done = run_cli(ops_env, *command)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    refused = server.refusals()
+    assert refused == [], f"the pipeline was refused under the ACL: {refused}"
+    assert "NOPERM" not in worker.output() and "can't access" not in worker.output(), worker.output()
+
+    # Each role, refused outside its rules.
+    heat_key = K.Keys.from_settings(settings).heat(f"{prefix}0")
+    for user in ("observer-apply", "observer-worker", "observer-ops"):
+        client = server.client(user)
+        for attempt in (client.flushdb, lambda c=client: c.config_get("*"), lambda c=client: c.keys("*"),
+                        lambda c=client: c.get("quantum:other:key"), lambda c=client: c.hset(heat_key, "x", "1"),
+                        lambda c=client: c.delete(K.COUNTERS)):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                attempt()
+    ops_client = server.client("observer-ops")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        ops_client.hincrby(K.COUNTERS, "observed|create_apply_plan|1", 1)  # the tools are read-only
+    assert admin.hget(heat_key, "x") is None
