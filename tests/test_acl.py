@@ -16,13 +16,13 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from observer_tasks.client import producer
 from observer_tasks.core import keys as K
 from observer_tasks.core.settings import Settings
 from observer_tasks.core.store import Store, redis_client
@@ -76,7 +76,8 @@ class AclRedis:
 
         def up() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"redis-server refused the ACL file:\n{self.proc.stdout.read()}")  # type: ignore[union-attr]
+                output = self.proc.stdout.read() if self.proc.stdout else ""
+                raise AssertionError(f"redis-server refused the ACL file:\n{output}")
             try:
                 return bool(self.admin.ping())
             except redis.ConnectionError:
@@ -93,6 +94,14 @@ class AclRedis:
     def refusals(self) -> list[dict[str, Any]]:
         return [{k: entry[k] for k in ("reason", "context", "object", "username")}
                 for entry in self.admin.acl_log(count=1000)]
+
+    @contextmanager
+    def explained(self) -> Iterator[None]:
+        """A failed check says what Redis refused meanwhile (its ACL LOG)."""
+        try:
+            yield
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nRedis refused meanwhile: {self.refusals()}") from None
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -129,57 +138,58 @@ def worker_answers(server: AclRedis, nodename: str) -> bool:
 def test_whole_pipeline_under_the_acl_then_each_role_refused_outside_it(
         env: dict[str, str], acl_redis: AclRedis, start_worker: Any) -> None:
     server = acl_redis
-    env.update(role_env(server, "observer-worker"))
-    worker: Worker = start_worker(wait=False)
-    poll(lambda: worker.proc.poll() is not None or scrape(worker.metrics_port), 30, 0.1, "worker /metrics")
-    assert worker.proc.poll() is None, worker.output()
-    poll(lambda: worker_answers(server, worker.nodename), 30, 0.1, "worker consuming (ping as observer-ops)")
-    admin = server.admin
-    poll(lambda: b"connected" in (admin.hget(K.WORKERS, worker.nodename) or b""), 10, what="wake listener up")
+    with server.explained():
+        env.update(role_env(server, "observer-worker"))
+        worker: Worker = start_worker(wait=False)
+        poll(lambda: worker.proc.poll() is not None or scrape(worker.metrics_port), 30, 0.1, "worker /metrics")
+        assert worker.proc.poll() is None, worker.output()
+        poll(lambda: worker_answers(server, worker.nodename), 30, 0.1, "worker consuming (ping as observer-ops)")
+        admin = server.admin
+        poll(lambda: b"connected" in (admin.hget(K.WORKERS, worker.nodename) or b""), 10, what="wake listener up")
 
-    # The demo's load: its simulated HeatBridge (its own user) and apply layer (observe, observe_late as
-    # observer-apply, in this process), the operator's tally reading the stream as observer-ops.
-    env.update(role_env(server, "observer-apply"))
-    settings = Settings.from_env()
-    ops = server.client("observer-ops")
-    heat_writer = server.client("heatbridge")
-    bridge = demo.HeatBridge(heat_writer, K.Keys.from_settings(settings))
-    bridge.start()
-    prefix = "acl-demo-"
-    tally = demo.Tally(ops, settings, prefix)
-    results: dict[str, Counter[str]] = {"early": Counter(), "late": Counter()}
-    try:
-        published = demo.publish(random.Random(5), 40, 3, 150, 0.3, prefix, heat_writer, bridge, tally, results,
-                                 print)
-        demo.drain(settings, tally, results, published, print)
-    finally:
-        bridge.stop()
-    assert bridge.errors == 0 and bridge.written > 0
-    assert set(results["early"]) <= {"ok", "missing"} and sum(results["early"].values()) == published
-    assert results["late"] == {"enqueued": published}
-    late = tally.late()
-    assert sorted(e["plan_id"] for e in late) == sorted(f"{prefix}{n}" for n in range(published))
-    # The sweeper too: a plan admitted whose first message is never sent.
-    Store(settings, redis_client(server.url("observer-apply"), 1, "producer")).admit("acl-swept", "BTCUSDT", "")
-    poll(lambda: admin.hget(K.COUNTERS, "recorded|sweep") == b"1", 30, 0.2, "the sweeper records the unsent plan")
-    counts = {k.decode(): int(v) for k, v in admin.hgetall(K.COUNTERS).items()}
-    print("counters:", counts)
-    assert counts["recorded|wake"] > 0, "the wake listener recorded nothing under the ACL"
-    assert counts["recorded|look"] + counts["recorded|wake"] == published
+        # The demo's load: its simulated HeatBridge (its own user) and apply layer (observe, observe_late as
+        # observer-apply, in this process), the operator's tally reading the stream as observer-ops.
+        env.update(role_env(server, "observer-apply"))
+        settings = Settings.from_env()
+        ops = server.client("observer-ops")
+        heat_writer = server.client("heatbridge")
+        bridge = demo.HeatBridge(heat_writer, K.Keys.from_settings(settings))
+        bridge.start()
+        prefix = "acl-demo-"
+        tally = demo.Tally(ops, settings, prefix)
+        results: dict[str, Counter[str]] = {"early": Counter(), "late": Counter()}
+        try:
+            published = demo.publish(random.Random(5), 40, 3, 150, 0.3, prefix, heat_writer, bridge, tally, results,
+                                     print)
+            demo.drain(settings, tally, results, published, print)
+        finally:
+            bridge.stop()
+        assert bridge.errors == 0 and bridge.written > 0
+        assert set(results["early"]) <= {"ok", "missing"} and sum(results["early"].values()) == published
+        assert results["late"] == {"enqueued": published}
+        late = tally.late()
+        assert sorted(e["plan_id"] for e in late) == sorted(f"{prefix}{n}" for n in range(published))
+        # The sweeper too: a plan admitted whose first message is never sent.
+        Store(settings, redis_client(server.url("observer-apply"), 1, "producer")).admit("acl-swept", "BTCUSDT", "")
+        poll(lambda: admin.hget(K.COUNTERS, "recorded|sweep") == b"1", 30, 0.2, "the sweeper records the unsent plan")
+        counts = {k.decode(): int(v) for k, v in admin.hgetall(K.COUNTERS).items()}
+        print("counters:", counts)
+        assert counts["recorded|wake"] > 0, "the wake listener recorded nothing under the ACL"
+        assert counts["recorded|look"] + counts["recorded|wake"] == published
 
-    # Metrics over HTTP: the worker's, and the standalone exporter run as the operator.
-    page = scrape(worker.metrics_port) or ""
-    assert "p28_metrics_redis_up 1.0" in page and f'p28_late_obs_recorded_total{{path="sweep"}} 1.0' in page
-    ops_env = {**role_env(server, "observer-ops"), "P28_METRICS_PORT": str(worker.metrics_port)}
-    status = run_cli(ops_env, "status", "--check")
-    print(status.stdout, status.stderr)
-    assert status.returncode == 0 and "workers:    1 consuming late_obs" in status.stdout
-    verify = run_cli(ops_env, "verify")
-    print(verify.stdout, verify.stderr)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
-    for command in (["coverage"], ["latency"]):
-        done = run_cli(ops_env, *command)
-        assert done.returncode == 0, done.stdout + done.stderr
+        # Metrics over HTTP: the worker's, and the standalone exporter run as the operator.
+        page = scrape(worker.metrics_port) or ""
+        assert "p28_metrics_redis_up 1.0" in page and 'p28_late_obs_recorded_total{path="sweep"} 1.0' in page
+        ops_env = {**role_env(server, "observer-ops"), "P28_METRICS_PORT": str(worker.metrics_port)}
+        status = run_cli(ops_env, "status", "--check")
+        print(status.stdout, status.stderr)
+        assert status.returncode == 0 and "workers:    1 consuming late_obs" in status.stdout
+        verify = run_cli(ops_env, "verify")
+        print(verify.stdout, verify.stderr)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        for command in (["coverage"], ["latency"]):
+            done = run_cli(ops_env, *command)
+            assert done.returncode == 0, done.stdout + done.stderr
 
     refused = server.refusals()
     assert refused == [], f"the pipeline was refused under the ACL: {refused}"
