@@ -96,3 +96,45 @@ def test_fast_with_redis_unreachable(env: dict[str, str]) -> None:
             start = time.perf_counter()
             assert call(f"p{i}", "BTCUSDT") == "error"
             assert time.perf_counter() - start < 0.05
+
+
+@pytest.mark.parametrize("call", ["observe", "observe_late"])
+def test_redis_that_accepts_and_never_answers_costs_one_call_cap(env: dict[str, str], call: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The real outage for the apply layer: the connection is accepted (the kernel completes the handshake)
+    and no reply ever comes. The call waits its socket timeout (CALL_TIMEOUT_S) once, returns "error" with
+    one line, and the breaker refuses the next calls at once."""
+    import socket
+    import threading
+
+    import observer_tasks
+    from observer_tasks.client import producer as producer_module
+    from observer_tasks.core.settings import CALL_TIMEOUT_S
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        env["REDIS_URL"] = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        env["CELERY_BROKER_URL"] = env["REDIS_URL"]
+        caplog.set_level(logging.WARNING, "observer_tasks")
+        assert producer_module.producer() is not None  # built first: the call below is only the call
+        function = getattr(observer_tasks, call)
+        results: list[tuple[str, float]] = []
+
+        def timed(plan: str) -> None:
+            start = time.perf_counter()
+            results.append((function(plan, "BTCUSDT"), time.perf_counter() - start))
+
+        # In a thread, so that a call that waits for ever fails this test instead of hanging it.
+        caller = threading.Thread(target=timed, args=("p1",), daemon=True)
+        caller.start()
+        caller.join(5)
+        assert not caller.is_alive(), f"{call}() still waiting on a silent Redis after 5 s"
+        (result, elapsed), = results
+        print(f"\n{call}() against a silent Redis: {elapsed * 1000:.1f} ms (cap {CALL_TIMEOUT_S * 1000:.0f} ms)")
+        assert result == "error"
+        # It did wait for the answer (not a refusal), and once: redis-py's default three retries would be 4 caps.
+        assert CALL_TIMEOUT_S <= elapsed < 3 * CALL_TIMEOUT_S
+        timed("p2")  # the breaker is open: refused without asking Redis
+        assert results[1][0] == "error" and results[1][1] < CALL_TIMEOUT_S
+    assert caplog.text.count("Redis unavailable") == 1 and "Traceback" not in caplog.text
