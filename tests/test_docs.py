@@ -8,7 +8,9 @@ Convention for README.md and docs/*.md:
   block's expected output. Each of its non-blank lines must end some line of the real output, compared
   with whitespace runs collapsed and control characters removed (as a terminal shows them), ``...``
   matching anything and each free-standing number (one not glued to a letter or ``_``) matching any
-  number: the docs show a real run's figures, the test's differ.
+  number: the docs show a real run's figures, the test's differ. A number right after a setting's name
+  (``P28_LATE_OBS_POLL_MS=100``, or ``P28_LATE_OBS_POLL_MS 100`` in a table) is that setting's value with
+  the stage's defaults and must match exactly (the test's defaults are the code's: see the tests at the end).
 - ``<!-- not runnable: why -->``: a block that cannot run here (systemd, the host's env file). Every
   fenced shell block starting with ``observer-tasks``, ``celery -A observer_tasks`` or ``redis-cli`` must
   carry one of the two markers, so no documented command escapes this test unnoticed.
@@ -110,10 +112,25 @@ def norm(text: str) -> str:
     return " ".join(text.split())
 
 
+#: Settings whose value the test's stage sets itself: their documented figures are examples.
+STAGE_SET = ("P28_METRICS_PORT",)
+
+
 def pattern(expected: str) -> re.Pattern[str]:
-    parts = re.split(r"(\.\.\.|(?<![A-Za-z_])\d+(?:\.\d+)*)", norm(expected))
-    regex = "".join(".*" if p == "..." else r"\d+(?:\.\d+)*" if p and p[0].isdigit() else re.escape(p) for p in parts)
-    return re.compile(regex + "$")
+    # A figure right after a setting's name (`P28_X=100`, `P28_X 100`) is that setting's value with the
+    # stage's defaults, so it must be exact; other figures are a real run's and match any number.
+    parts = re.split(r"(\.\.\.|P28_[A-Z0-9_]*[A-Z0-9][= ]\d+(?:\.\d+)*|(?<![A-Za-z_])\d+(?:\.\d+)*)", norm(expected))
+    number = r"\d+(?:\.\d+)*"
+
+    def part(p: str) -> str:
+        if p == "...":
+            return ".*"
+        if p.startswith("P28_"):
+            name, sep, _value = re.split(r"([= ])", p, maxsplit=1)
+            return re.escape(p) if name not in STAGE_SET else re.escape(name + sep) + number
+        return number if p and p[0].isdigit() else re.escape(p)
+
+    return re.compile("".join(part(p) for p in parts) + "$")
 
 
 def missing_lines(expected: list[str], output: str) -> list[str]:
@@ -324,3 +341,86 @@ def test_the_module_map_is_the_tree() -> None:
               if p.name != "__init__.py" or p.parent == package}
     actual |= {f"observer_tasks/{p.relative_to(package).parent.as_posix()}/" for p in package.rglob("*.lua")}
     assert listed == {*actual, "celeryconfig.py"}, sorted(listed ^ {*actual, "celeryconfig.py"})
+
+
+# -- the documented figures are the code's ---------------------------------------------------------
+
+
+def table_rows(text: str, first_cells: set[str]) -> dict[str, list[str]]:
+    """The rows of a markdown table whose first cell is one of first_cells: first cell -> the other cells."""
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in first_cells:
+            assert cells[0] not in rows, f"{cells[0]} documented twice"
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def numbers(text: str) -> list[float]:
+    return [float(n) for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", text.replace("–", " – "))]
+
+
+def test_documented_defaults_and_bounds_are_the_settings() -> None:
+    """configuration.md's settings table against Settings(): every variable once, its default and its bounds."""
+    from observer_tasks.core import settings as S
+
+    fields = {f.metadata["env"]: f for f in dataclasses.fields(Settings)}
+    rows = table_rows((ROOT / "docs/configuration.md").read_text(), set(fields))
+    assert set(rows) == set(fields), f"not in the table: {sorted(set(fields) - set(rows))}"
+    defaults = Settings()
+    wrong = []
+    for env, (documented, bounds, _meaning) in rows.items():
+        f = fields[env]
+        value = getattr(defaults, f.name)
+        if env == "CELERY_BROKER_URL":
+            ok = value == "" and documented == "(REDIS_URL)" and defaults.broker == defaults.redis_url
+        elif env == "P28_LATE_OBS_SAFETY_POLL_MS":  # 0 means unset: the derived value is documented
+            ok = value == 0 and numbers(documented) == [S.DEFAULT_SAFETY_POLL_MS] == [defaults.safety_poll_ms]
+        elif isinstance(value, bool):
+            ok = documented == str(value).lower() and bounds == "boolean"
+        else:
+            ok = documented == str(value)
+        # SAFETY_POLL_MS's bounds are POLL_MS..MAX_WAIT_MS (checked in __post_init__), not its field's 0..hi.
+        relative = env == "P28_LATE_OBS_SAFETY_POLL_MS" and bounds.startswith("POLL_MS..MAX_WAIT_MS")
+        lo_hi = [f.metadata["lo"], f.metadata["hi"]]
+        if f.metadata["lo"] is not None and not relative and numbers(bounds)[:2] != lo_hi:
+            ok = False
+        if not ok:
+            wrong.append(f"{env}: documented {documented!r} / {bounds!r}, code {value!r} "
+                         f"({f.metadata['lo']}..{f.metadata['hi']})")
+    assert not wrong, wrong
+
+
+def test_documented_timings_are_the_code() -> None:
+    """configuration.md's interlocked timings against the constants and the derived values with the defaults."""
+    from observer_tasks.client import publisher as P
+    from observer_tasks.core import settings as S
+
+    text = (ROOT / "docs/configuration.md").read_text().split("## Interlocked timings", 1)[1]
+    d = Settings()
+    expected = {
+        "sweeper grace (`Settings.sweep_grace_ms`)": ("with the defaults", [d.sweep_grace_ms]),
+        "visibility timeout (`Settings.visibility_timeout_s`, Redis broker)": ("with the defaults",
+                                                                               [d.visibility_timeout_s]),
+        "CALL_TIMEOUT_S": ("", [S.CALL_TIMEOUT_S]),
+        "publisher": ("", [P.PUBLISH_TIMEOUT_S, P.QUEUE_MAX, P.EXIT_FLUSH_S]),
+        "breaker": ("", [P.BREAKER_FIRST_OPEN_S, P.BREAKER_MAX_OPEN_S]),
+        "LOOKUP_TIMEOUT_S": ("", [S.LOOKUP_TIMEOUT_S]),
+        "RECORD_PATIENCE_S": ("", [S.RECORD_PATIENCE_S]),
+        "SWEEP_INTERVAL_S": ("", [S.SWEEP_INTERVAL_S]),
+        "HEARTBEAT_S": ("", [S.HEARTBEAT_S]),
+        "WAKE_HEALTH_TTL_MS": ("", [S.WAKE_HEALTH_TTL_MS]),
+        "WORKER_STALE_MS / WORKER_FORGET_MS": ("", [S.WORKER_STALE_MS, S.WORKER_FORGET_MS]),
+        "STREAM_MAXLEN": ("", [S.STREAM_MAXLEN]),
+    }
+    rows = table_rows(text, set(expected))
+    assert set(rows) == set(expected), f"not in the table: {sorted(set(expected) - set(rows))}"
+    wrong = []
+    for name, (after, values) in expected.items():
+        cell = rows[name][0]
+        # A derived value: the figure "with the defaults" (the formula is checked by test_settings.py).
+        shown = numbers(cell.split(after)[0].rsplit(":", 1)[1]) if after else numbers(cell)
+        if shown != values:
+            wrong.append(f"{name}: documented {cell!r}, code {values}")
+    assert not wrong, wrong
