@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 from typing import IO
 
-import pytest
 import redis
 
-from tests.conftest import CELERY, ROOT, poll
+from tests.conftest import CELERY, ROOT, cannot_run, poll
 
 PREFIX = "p28h"
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
@@ -75,16 +74,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def require_namespaces() -> None:
-    """Skip (with the reason) where the tools, the privileges or the kernel forbid this harness."""
+    """Skip (with the reason; fail under CI) where the tools, the privileges or the kernel forbid this harness."""
     for tool, package in (("ip", "iproute2"), ("redis-server", "redis-server"), ("faketime", "faketime")):
         if not shutil.which(tool):
-            pytest.skip(f"multi-host tests need `{tool}` (Debian package {package})")
+            cannot_run(f"multi-host tests need `{tool}` (Debian package {package})")
     if not Path(LIBFAKETIME).exists():
-        pytest.skip(f"multi-host tests need libfaketime ({LIBFAKETIME} is missing; Debian package faketime)")
+        cannot_run(f"multi-host tests need libfaketime ({LIBFAKETIME} is missing; Debian package faketime)")
     probe = f"{PREFIX}-{os.getpid()}-probe{random.randrange(10**6)}"
     res = sh("ip", "netns", "add", probe, check=False)
     if res.returncode:
-        pytest.skip(f"network namespaces are not allowed here: `ip netns add` said {res.stderr.strip()!r}")
+        cannot_run(f"network namespaces are not allowed here: `ip netns add` said {res.stderr.strip()!r}")
     sh("ip", "netns", "del", probe, check=False)
 
 
@@ -296,7 +295,7 @@ class Net:
         return proc
 
     def check_clock(self, offset: str) -> None:
-        """Skip unless libfaketime really shifts Python's time.time() (and not time.monotonic())."""
+        """Skip (fail under CI) unless libfaketime really shifts Python's time.time() (and not time.monotonic())."""
         if offset in self.clock_checked:
             return
         want = float(re.fullmatch(r"([+-]\d+)s", offset)[1])  # type: ignore[index]
@@ -309,10 +308,10 @@ class Net:
         try:
             shifted, now, their_mono, slept = (float(x) for x in res.stdout.split())
         except ValueError:
-            pytest.skip(f"libfaketime did not run Python ({res.stderr.strip()[-300:]!r})")
+            cannot_run(f"libfaketime did not run Python ({res.stderr.strip()[-300:]!r})")
         if abs(shifted - before - want) > 1.0 or abs(now - before - want) > 1.0 or abs(their_mono - mono) > 5.0 \
                 or not 0.05 <= slept < 1.0:
-            pytest.skip(f"libfaketime does not shift time.time() by {offset} here (got {shifted - before:+.2f}s, "
+            cannot_run(f"libfaketime does not shift time.time() by {offset} here (got {shifted - before:+.2f}s, "
                         f"datetime {now - before:+.2f}s, monotonic moved {their_mono - mono:+.2f}s, "
                         f"sleep(0.05) took {slept:.3f}s)")
         self.clock_checked[offset] = shifted - before

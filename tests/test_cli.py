@@ -22,7 +22,7 @@ from observer_tasks import observe_late
 from observer_tasks.ops import probes
 from observer_tasks.ops.cli import main
 from observer_tasks.ops.reports import recommended_wait
-from tests.conftest import ROOT, Worker, free_port, late_entries, poll, scrape
+from tests.conftest import ROOT, Worker, cannot_run, free_port, late_entries, poll, scrape
 
 STREAM = "quantum:stream:apply.heat.observed"
 CLI = str(Path(sys.executable).with_name("observer-tasks"))
@@ -365,7 +365,7 @@ def test_status_counts_parked_countdown_messages_on_the_redis_broker(r: redis.Re
 def test_status_counts_unacknowledged_messages_on_rabbitmq(r: redis.Redis, env: dict[str, str], amqp_broker: str,
                                                           start_worker: Callable[..., Worker]) -> None:
     if not shutil.which("rabbitmqctl"):
-        pytest.skip("needs rabbitmqctl on this host")
+        cannot_run("needs rabbitmqctl on this host")
     env.update(PARKED)
     # Ready when status sees it consume: its own Celery app per broker, unlike conftest's wait_ready ping,
     # whose broadcast goes out on the shared app's pool (bound to whichever broker a test used first).
@@ -433,7 +433,7 @@ def port_is_free(port: int) -> bool:
 def test_metrics_exporter_serves_on_8043_when_workers_serve_none(r: redis.Redis, env: dict[str, str]) -> None:
     """The runbook: P28_METRICS_PORT=0 in the host's env file, `observer-tasks metrics` once; verify finds it."""
     if not port_is_free(8043):
-        pytest.skip("port 8043 is taken on this host")
+        cannot_run("port 8043 is taken on this host")
     env["P28_METRICS_PORT"] = "0"
     with subprocess.Popen([CLI, "metrics", "--addr", "127.0.0.1"], env={**os.environ, **env},
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
@@ -473,8 +473,9 @@ def test_demo_runs_the_pipeline_and_ends_with_the_coverage_table(r: redis.Redis,
     assert invoke("status", "--check").exit_code == 1
 
 
-@pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server on PATH")
 def test_demo_starts_a_private_redis_when_none_answers(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    if not shutil.which("redis-server"):
+        cannot_run("needs redis-server on PATH")
     monkeypatch.delenv("CELERY_BROKER_URL")
     env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
     done = run_cli({k: v for k, v in env.items() if k != "CELERY_BROKER_URL"}, "demo", "--seconds", "1", "--json")

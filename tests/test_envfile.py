@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -76,7 +75,6 @@ def test_the_shipped_env_file_is_accepted() -> None:
     assert parsed.values["P28_LATE_OBS_MAX_WAIT_MS"] == "2000"
 
 
-@pytest.mark.skipif(not shutil.which("sh"), reason="needs sh")
 def test_what_is_accepted_a_shell_reads_alike(tmp_path: Path) -> None:
     """The accepted form means the same to `set -a; . FILE` as to systemd (checked against a real sh)."""
     text = "# c\n\nA=1\n  B=redis://:p@ss@h:6379/0  \nC=obs#1\nD=#x\nE=\nF=a=b,c:d/e%f+g\n"

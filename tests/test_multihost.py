@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import ROOT, PrivateRedis, Worker, inflight, late_entries, poll
+from tests.conftest import IN_CI, ROOT, PrivateRedis, Worker, cannot_run, inflight, late_entries, poll
 from tests.hosts import Net, remove_stale_namespaces, require_namespaces, sh
 from tests.hosts_cases import HEAT, SETTLE_S, Cluster, Outcome, check, run_round
 
@@ -170,16 +170,16 @@ def cluster_reason(out: Outcome, plan: str) -> str:
 def rabbit_node() -> str:
     """The RabbitMQ node to restart, or skip (before any host is built): restarting a shared broker is
     opt-in outside CI. TEST_RABBIT_NODE / TEST_RABBIT_PORT / TEST_RABBIT_VHOST choose another one."""
-    if os.environ.get("P28_TEST_RABBIT_RESTART") != "1" and os.environ.get("CI") != "true":
+    if os.environ.get("P28_TEST_RABBIT_RESTART") != "1" and not IN_CI:
         pytest.skip("restarts RabbitMQ (rabbitmqctl stop_app/start_app), which other test runs may share: "
                     "set P28_TEST_RABBIT_RESTART=1 (CI=true does it) to run it")
     if not shutil.which("rabbitmqctl"):
-        pytest.skip("rabbitmqctl is not installed")
+        cannot_run("rabbitmqctl is not installed")
     node, vhost = os.environ.get("TEST_RABBIT_NODE", ""), os.environ.get("TEST_RABBIT_VHOST", "h3")
     listed = subprocess.run(["rabbitmqctl", *(("-n", node) if node else ()), "-q", "list_vhosts"],
                             capture_output=True, text=True, timeout=60, check=False)
     if vhost not in listed.stdout.split():
-        if os.environ.get("CI") != "true":
+        if not IN_CI:
             pytest.skip(f"RabbitMQ has no vhost {vhost!r} (TEST_RABBIT_VHOST): {listed.stderr.strip()[:200]}")
         rabbitmqctl(node, "add_vhost", vhost)  # CI's own fresh broker
         rabbitmqctl(node, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
