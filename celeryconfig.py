@@ -18,7 +18,12 @@ try:
 except SettingsError:
     _settings = Settings()
 
-broker_url = _settings.broker
+# A redis+sentinel:// broker becomes kombu's sentinel:// form, its master name in the transport options.
+# Celery's broker_url gives way to the CELERY_BROKER_URL variable, which holds the observer's form, so the
+# read and write URLs (what every connection uses) carry kombu's.
+broker_url, _sentinel_options, broker_use_ssl = _settings.celery_broker()
+if _sentinel_options:
+    broker_read_url = broker_write_url = broker_url
 broker_connection_retry_on_startup = True
 # Results are never read: the stream and the counters are the results.
 task_ignore_result = True
@@ -62,4 +67,7 @@ broker_transport_options = {
     "socket_timeout": 5.0,
     "socket_connect_timeout": 1.0,
     "max_retries": 0,
+    # Named like the observer's own connections, so CLIENT LIST (and `observer-tasks status`) shows them.
+    "client_name": "observer_tasks:broker",
+    **_sentinel_options,
 }

@@ -136,7 +136,13 @@ class Worker:
         # A throwaway app on this worker's broker for each ping: the observer's app keeps its import-time
         # broker and pools, and a connection the broker dropped must not be tried again.
         def answers() -> bool:
-            ping_app = Celery(broker=self.env["CELERY_BROKER_URL"], set_as_current=False)
+            from observer_tasks.core.settings import Settings
+
+            # A redis+sentinel:// broker goes to kombu in its own form (master name in the options).
+            url, options, _ssl = Settings(broker_url=self.env["CELERY_BROKER_URL"]).celery_broker()
+            ping_app = Celery(broker=url, set_as_current=False)
+            ping_app.conf.broker_read_url = ping_app.conf.broker_write_url = url  # CELERY_BROKER_URL wins over broker
+            ping_app.conf.broker_transport_options = options
             try:
                 return bool(ping_app.control.ping([self.nodename], timeout=0.3))
             except (OSError, OperationalError, RuntimeError):
@@ -242,6 +248,8 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.stop()
 
 
+#: A port range (e.g. 7610-7699) for tests that start several servers (tests/sentinels.py); unset: any free port.
+PRIVATE_PORTS = os.environ.get("TEST_PRIVATE_PORTS", "")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 

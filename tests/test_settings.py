@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from observer_tasks.core.settings import FALSE_WORDS, TRUE_WORDS, Settings, SettingsError, redact_url
+from observer_tasks.core.settings import (
+    FALSE_WORDS,
+    TRUE_WORDS,
+    Settings,
+    SettingsError,
+    parse_sentinel_url,
+    redact_url,
+)
 
 VARIABLES = {f.metadata["env"]: f for f in dataclasses.fields(Settings)}
 INT_VARS = [env for env, f in VARIABLES.items() if f.type == "int"]
@@ -32,6 +39,8 @@ def test_defaults_are_the_contracts() -> None:
         "P28_LATE_OBS_SAFETY_POLL_MS": "1000",
         "REDIS_URL": "redis://localhost:6379/0",
         "CELERY_BROKER_URL": "",
+        "P28_SENTINEL_USERNAME": "",
+        "P28_SENTINEL_PASSWORD": "",
         "P28_METRICS_PORT": "8043",
         "P28_METRICS_ADDR": "0.0.0.0",
         "P28_KOMBU_GUARD": "true",
@@ -178,3 +187,42 @@ def test_interlocked_timings_cover_each_other(poll: int, wait: int, safety: str,
 def test_unix_sockets_are_refused() -> None:
     with pytest.raises(SettingsError, match=r"^REDIS_URL='unix:///run/redis.sock' must be a URL with scheme redis/"):
         Settings.from_env({"REDIS_URL": "unix:///run/redis.sock"})
+
+
+def test_sentinel_urls_for_data_and_broker() -> None:
+    s = Settings.from_env({"REDIS_URL": "redis+sentinel://u:p%40ss@10.0.0.1:26380,s2,[::1]:5/obs/3",
+                           "P28_SENTINEL_USERNAME": "sentinel-user", "P28_SENTINEL_PASSWORD": "s3cret"})
+    target = parse_sentinel_url(s.redis_url)
+    assert target.sentinels == [("10.0.0.1", 26380), ("s2", 26379), ("::1", 5)]
+    assert (target.service, target.db, target.username, target.password, target.tls) == ("obs", 3, "u", "p@ss", False)
+    # The broker defaults to REDIS_URL and is handed to kombu in its own form, master name in the options.
+    url, options, ssl = s.celery_broker()
+    assert url == ("sentinel://u:p%40ss@10.0.0.1:26380/3;sentinel://u:p%40ss@s2:26379/3;"
+                   "sentinel://u:p%40ss@[::1]:5/3")
+    assert options["master_name"] == "obs" and ssl is None
+    assert options["sentinel_kwargs"]["username"] == "sentinel-user"
+    assert options["sentinel_kwargs"]["password"] == "s3cret"
+    shown = s.as_env()
+    assert "s3cret" not in str(shown) and "p%40ss" not in str(shown) and shown["P28_SENTINEL_PASSWORD"] == "***"
+    tls = Settings.from_env({"CELERY_BROKER_URL": "rediss+sentinel://h/obs?ssl_cert_reqs=none"})
+    _url, options, ssl = tls.celery_broker()
+    assert ssl == {"ssl_cert_reqs": "none"} and options["sentinel_kwargs"]["ssl"] is True
+    assert Settings().celery_broker() == ("redis://localhost:6379/0", {}, None)
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("redis+sentinel://h:1", "the path must name the Sentinel service"),
+    ("redis+sentinel://h:1/", "the path must name the Sentinel service"),
+    ("redis+sentinel://h:1/obs/x", "database 'x' is not a number"),
+    ("redis+sentinel://h:99999/obs", "sentinel port 99999 is out of range"),
+    ("redis+sentinel://h:1,,h2/obs", "'' is not a sentinel host"),
+    ("sentinel://h:26379/0", "write a Sentinel URL as redis+sentinel://"),
+    ("redis://:pw@h1:7000,h2:7001/0", "Redis Cluster is not supported"),
+    ("redis+cluster://h:7000/0", "Redis Cluster is not supported"),
+])
+def test_bad_sentinel_and_cluster_urls_are_refused_in_one_line(url: str, why: str) -> None:
+    for env in ("REDIS_URL", "CELERY_BROKER_URL"):
+        with pytest.raises(SettingsError) as info:
+            Settings.from_env({env: url})
+        assert str(info.value).startswith(f"{env}=") and why in str(info.value) and "\n" not in str(info.value)
+        assert ":pw@" not in str(info.value)

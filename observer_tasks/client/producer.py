@@ -52,7 +52,7 @@ class Producer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = app
-        self.store = Store(settings, redis_client(settings.redis_url, CALL_TIMEOUT_S, "producer"))
+        self.store = Store(settings, redis_client(settings.redis_url, CALL_TIMEOUT_S, "producer", settings))
         self.redis_breaker = Breaker("Redis")
         self.broker_breaker = Breaker("broker")
         self.problems = ThrottledLog()
@@ -64,10 +64,16 @@ class Producer:
     def connect(self) -> Any:
         """The publisher's broker connection: its own, short timeouts, no retries (the worker's connection
         settings, with long BRPOP reads, would stall it)."""
+        url, sentinel_options, ssl = self.settings.celery_broker()
+        if sentinel_options:
+            sentinel_options["sentinel_kwargs"].update(socket_timeout=PUBLISH_TIMEOUT_S,
+                                                       socket_connect_timeout=PUBLISH_TIMEOUT_S)
         return self.app.connection_for_write(
-            self.settings.broker,
+            url,
             connect_timeout=PUBLISH_TIMEOUT_S,
-            transport_options={**self.app.conf.broker_transport_options, "socket_timeout": PUBLISH_TIMEOUT_S,
+            ssl=ssl,
+            transport_options={**self.app.conf.broker_transport_options, **sentinel_options,
+                               "socket_timeout": PUBLISH_TIMEOUT_S,
                                "socket_connect_timeout": PUBLISH_TIMEOUT_S, "read_timeout": PUBLISH_TIMEOUT_S,
                                "write_timeout": PUBLISH_TIMEOUT_S, "max_retries": 0},
         )

@@ -13,8 +13,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
+from urllib.parse import quote, unquote, urlsplit
 
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
@@ -38,6 +38,11 @@ SWEEP_INTERVAL_S = 1.0
 HEARTBEAT_S = 0.5
 #: How long one heartbeat vouches for the wake path (ms): four missed beats and the chain polls at POLL_MS.
 WAKE_HEALTH_TTL_MS = 2_000
+#: The wake listener's liveness check (s): after this long without a byte it sends PING (and asks Sentinel
+#: whether the master moved); a PING unanswered for WAKE_SILENT_S more means the connection is lost.
+#: Together with one heartbeat (HEARTBEAT_S) the chains poll at POLL_MS within ~3.5 s of a silent drop.
+WAKE_PING_S = 1.0
+WAKE_SILENT_S = 2.0
 #: A worker whose heartbeat is older than this is counted as gone (ms).
 WORKER_STALE_MS = 10_000
 #: A gone worker's heartbeat entry is removed after this (ms).
@@ -47,6 +52,18 @@ MIN_VISIBILITY_TIMEOUT_S = 30
 #: The safety interval used when P28_LATE_OBS_SAFETY_POLL_MS is not set (ms), clamped to POLL..MAX_WAIT.
 #: Chosen by measurement (docs/performance.md): a third of polling-only's worker CPU, same detection.
 DEFAULT_SAFETY_POLL_MS = 1000
+
+
+#: Redis through Sentinel: ``redis+sentinel://[user:pass@]host[:port][,host[:port]...]/service[/db][?query]``; the
+#: ``rediss+sentinel`` form speaks TLS to the sentinels and the servers. user:pass and the query (redis-py's
+#: ``ssl_*`` options) are the data servers'; the sentinels' own user and password are P28_SENTINEL_*.
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+#: Sentinel's port when a host in a sentinel URL gives none.
+SENTINEL_DEFAULT_PORT = 26379
+#: Schemes that name a Redis Cluster, refused until it is built (docs/architecture.md#beyond-one-redis).
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster", "redis-cluster", "cluster")
+REDIS_SCHEMES = ("redis", "rediss", *SENTINEL_SCHEMES)
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
 
 class SettingsError(ValueError):
@@ -107,6 +124,11 @@ class Settings:
     )
     # Empty means "the same as REDIS_URL"; see ``broker``.
     broker_url: str = field(default="", metadata=_var("CELERY_BROKER_URL", "Celery broker (default: REDIS_URL)"))
+    # Empty means "no password" / "no ACL user" at the sentinels (the data servers' are in the URL).
+    sentinel_username: str = field(
+        default="", metadata=_var("P28_SENTINEL_USERNAME", "ACL user at the sentinels of a *+sentinel:// URL"))
+    sentinel_password: str = field(
+        default="", metadata=_var("P28_SENTINEL_PASSWORD", "password at the sentinels of a *+sentinel:// URL"))
     metrics_port: int = field(
         default=8043, metadata=_var("P28_METRICS_PORT", "worker /metrics port (0 disables)", lo=0, hi=65_535)
     )
@@ -158,6 +180,42 @@ class Settings:
     def broker(self) -> str:
         return self.broker_url or self.redis_url
 
+    @property
+    def broker_is_redis(self) -> bool:
+        return urlsplit(self.broker).scheme in REDIS_SCHEMES
+
+    def celery_broker(self) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+        """The broker as kombu takes it: (URL, transport options to add, ``broker_use_ssl``).
+
+        A ``redis+sentinel://`` broker becomes kombu's own form, ``sentinel://h1:p1;sentinel://h2:p2/db`` with
+        ``master_name`` and the sentinels' credentials in the transport options, so one URL form serves
+        REDIS_URL and CELERY_BROKER_URL (and the broker can default to REDIS_URL).
+        """
+        url = self.broker
+        if urlsplit(url).scheme not in SENTINEL_SCHEMES:
+            return url, {}, None
+        target = parse_sentinel_url(url)
+        auth = ""
+        if target.username or target.password:
+            auth = f"{quote(target.username, safe='')}:{quote(target.password, safe='')}@"
+        hosts = ";".join(f"sentinel://{auth}{_host(h)}:{p}/{target.db}" for h, p in target.sentinels)
+        sentinel_kwargs: dict[str, Any] = {**self.sentinel_auth(), "socket_timeout": 1.0,
+                                           "socket_connect_timeout": 1.0}
+        ssl = None
+        if target.tls:
+            ssl = dict(target.ssl_options)
+            sentinel_kwargs.update(ssl=True, **ssl)
+        return hosts, {"master_name": target.service, "sentinel_kwargs": sentinel_kwargs}, ssl
+
+    def sentinel_auth(self) -> dict[str, str]:
+        """The sentinels' own credentials as redis-py connection arguments."""
+        auth = {}
+        if self.sentinel_username:
+            auth["username"] = self.sentinel_username
+        if self.sentinel_password:
+            auth["password"] = self.sentinel_password
+        return auth
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every variable; raise SettingsError on the first bad one."""
@@ -186,6 +244,8 @@ class Settings:
             text = str(value).lower() if isinstance(value, bool) else str(value)
             if f.name in ("redis_url", "broker_url") and redact:
                 text = redact_url(text)
+            if f.name == "sentinel_password" and redact and text:
+                text = "***"
             out[f.metadata["env"]] = text
         return out
 
@@ -225,12 +285,83 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     if not text or any(ch.isspace() or not ch.isprintable() for ch in text):
         raise SettingsError(f"{env}={raw!r} must be a non-empty string without spaces")
     if env in ("REDIS_URL", "CELERY_BROKER_URL"):
-        scheme = urlsplit(text).scheme
-        # No unix://: kombu has no such transport, so the broker (which defaults to REDIS_URL) could not start.
-        allowed = ("redis", "rediss") if env == "REDIS_URL" else ("redis", "rediss", "amqp", "amqps", "pyamqp")
-        if scheme not in allowed:
-            raise SettingsError(f"{env}={redact_url(text)!r} must be a URL with scheme {'/'.join(allowed)}")
+        check_url(env, text)
     return text
+
+
+def check_url(env: str, url: str) -> None:
+    """Refuse, in one line, a URL the observer cannot use for this variable."""
+    scheme = urlsplit(url).scheme
+    shown = redact_url(url)
+    if scheme in CLUSTER_SCHEMES or (scheme in ("redis", "rediss") and "," in urlsplit(url).netloc):
+        raise SettingsError(f"{env}={shown!r}: Redis Cluster is not supported (each step's keys would need one "
+                            "slot; docs/architecture.md#beyond-one-redis); use one server or redis+sentinel://")
+    if scheme == "sentinel":
+        raise SettingsError(f"{env}={shown!r}: write a Sentinel URL as redis+sentinel://host:port[,host:port]/"
+                            "service[/db] (the broker is translated to kombu's form)")
+    # No unix://: kombu has no such transport, so the broker (which defaults to REDIS_URL) could not start.
+    allowed = REDIS_SCHEMES if env == "REDIS_URL" else (*REDIS_SCHEMES, *AMQP_SCHEMES)
+    if scheme not in allowed:
+        raise SettingsError(f"{env}={shown!r} must be a URL with scheme {'/'.join(allowed)}")
+    if scheme in SENTINEL_SCHEMES:
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            raise SettingsError(f"{env}={shown!r}: {exc}") from None
+
+
+class SentinelURL(NamedTuple):
+    """A ``redis+sentinel://`` URL taken apart."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str
+    password: str
+    tls: bool
+    query: str  # redis-py's URL options (ssl_cert_reqs, ssl_ca_certs, ...), applied to every connection
+
+    @property
+    def ssl_options(self) -> dict[str, str]:
+        return dict(part.split("=", 1) for part in self.query.split("&") if part.startswith("ssl_") and "=" in part)
+
+    def server_url(self) -> str:
+        """A redis[s]:// URL with this URL's credentials, database and options, for redis-py to parse (its
+        host is a placeholder: Sentinel names the master)."""
+        auth = ""
+        if self.username or self.password:
+            auth = f"{quote(self.username, safe='')}:{quote(self.password, safe='')}@"
+        return (f"{'rediss' if self.tls else 'redis'}://{auth}sentinel-master/{self.db}"
+                + (f"?{self.query}" if self.query else ""))
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """``redis+sentinel://[user:pass@]h1[:p1][,h2[:p2]...]/service[/db][?query]``; ValueError says what is wrong."""
+    scheme, rest = url.split("://", 1)
+    rest, _, query = rest.partition("?")
+    userinfo, _, hostpath = rest.rpartition("@")
+    netloc, _, path = hostpath.partition("/")
+    username, _, password = userinfo.partition(":")
+    sentinels = []
+    for part in netloc.split(","):
+        match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?", part)
+        if not match:
+            raise ValueError(f"{part!r} is not a sentinel host[:port]")
+        port = int(match.group(2) or SENTINEL_DEFAULT_PORT)
+        if not 0 < port < 65_536:
+            raise ValueError(f"sentinel port {port} is out of range")
+        sentinels.append((match.group(1).strip("[]"), port))
+    service, _, db = path.partition("/")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", service):
+        raise ValueError("the path must name the Sentinel service: /service[/db]")
+    if db and not re.fullmatch(r"\d{1,5}", db.rstrip("/")):
+        raise ValueError(f"database {db!r} is not a number")
+    return SentinelURL(sentinels, service, int(db.rstrip("/") or 0), unquote(username), unquote(password),
+                       scheme == "rediss+sentinel", query)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 _USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):(?P<password>.*)@(?P<tail>[^@]*)$")

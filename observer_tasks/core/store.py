@@ -12,11 +12,20 @@ from importlib.resources import files
 from typing import Any, NamedTuple
 
 import redis
+import redis.sentinel
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
 
 from . import keys as K
-from .settings import STREAM_MAXLEN, WAKE_HEALTH_TTL_MS, WORKER_FORGET_MS, Settings
+from .settings import (
+    SENTINEL_SCHEMES,
+    STREAM_MAXLEN,
+    WAKE_HEALTH_TTL_MS,
+    WORKER_FORGET_MS,
+    Settings,
+    parse_sentinel_url,
+)
 
 #: Replies that mean "Redis cannot answer now", not "the data is bad": the server is busy with a script,
 #: loading, a replica that is read-only or lost its master, refusing for memory or permissions.
@@ -37,21 +46,44 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError)
 
 
-def redis_client(url: str, timeout_s: float, role: str) -> redis.Redis:
-    """A client that fails fast (no retries, bounded connect and reads), named ``observer_tasks:<role>``.
+def redis_client(url: str, timeout_s: float, role: str, settings: Settings | None = None,
+                 **extra: Any) -> redis.Redis:
+    """The one factory of the observer's Redis clients: fails fast (no retries, bounded connect and reads),
+    named ``observer_tasks:<role>``, and follows the master through Sentinel for a ``redis+sentinel://`` URL.
 
     redis-py 8 retries three times with exponential backoff by default, and its sockets wait forever;
-    the observer must never stall its caller that way. The name shows in CLIENT LIST.
+    the observer must never stall its caller that way. The name shows in CLIENT LIST. With Sentinel every
+    new connection asks the sentinels for the master, and a connection that meets READONLY (its server was
+    demoted) is dropped, so after a failover the next call reaches the new master. ``settings`` gives the
+    sentinels' own credentials; ``extra`` goes to the connections (the wake listener's ``protocol``).
     """
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-        client_name=f"observer_tasks:{role}",
-    )
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": Retry(NoBackoff(), 0),
+        "retry_on_timeout": False, "health_check_interval": 0, "client_name": f"observer_tasks:{role}", **extra,
+    }
+    if url.split("://", 1)[0] not in SENTINEL_SCHEMES:
+        return redis.Redis.from_url(url, **options)
+    target = parse_sentinel_url(url)
+    server = parse_url(target.server_url())
+    server.pop("host", None)
+    if server.pop("connection_class", None) is not None:  # rediss: Sentinel picks its own TLS connection class
+        server["ssl"] = True
+    at_sentinels = {k: v for k, v in options.items() if k not in ("protocol", "retry_on_timeout")}
+    at_sentinels.update(settings.sentinel_auth() if settings else {})
+    if target.tls:
+        at_sentinels.update(ssl=True, **{k: v for k, v in server.items() if k.startswith("ssl")})
+    sentinel = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=at_sentinels)
+    return sentinel.master_for(target.service, **server, **options)
+
+
+def master_address(pool: redis.ConnectionPool, fresh: bool = False) -> str:
+    """host:port of the server a client's connections go to: for Sentinel the master it last found, or
+    (``fresh``) the one the sentinels name now (raises MasterNotFoundError, a ConnectionError, when none does)."""
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        address = (None if fresh else pool.master_address) or pool.get_master_address()
+        return f"{address[0]}:{address[1]}"
+    kwargs = pool.connection_kwargs
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
 def _script(client: redis.Redis, name: str) -> Any:

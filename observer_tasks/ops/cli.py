@@ -22,6 +22,7 @@ import redis
 from ..core import keys as K
 from ..core.messages import QUEUE
 from ..core.settings import Settings, SettingsError, redact_url
+from ..core.store import master_address
 from . import demo as demo_run
 from . import envfile
 from . import probes as P
@@ -77,7 +78,7 @@ def coverage_cmd(count: int) -> None:
       REDIS_URL=redis://10.0.0.5:6379/0 observer-tasks coverage
     """
     settings = P.load()
-    entries = P.recent(P.connect(settings.redis_url), settings, count)
+    entries = P.recent(P.connect(settings.redis_url, settings), settings, count)
     click.echo(f"last {len(entries)} entries of {settings.obs_stream}")
     click.echo(R.coverage_table(R.coverage(entries)))
 
@@ -100,7 +101,7 @@ def latency(count: int) -> None:
       observer-tasks latency --count 10000
     """
     settings = P.load()
-    client = P.connect(settings.redis_url)
+    client = P.connect(settings.redis_url, settings)
     entries = P.recent(client, settings, count)
     hits, timeouts = R.late_waits(entries)
     click.echo(f"publish_plan_post wait_ms (last {len(entries)} entries of {settings.obs_stream}; "
@@ -150,7 +151,7 @@ def verify(count: int, metrics_url: str | None, as_json: bool) -> None:
       observer-tasks verify --metrics-url http://apply-host:8043/metrics --json | jq .healthy
     """
     settings = P.load()
-    entries = P.recent(P.connect(settings.redis_url), settings, count)
+    entries = P.recent(P.connect(settings.redis_url, settings), settings, count)
     url = metrics_url or P.local_metrics_url(settings)
     samples, unreadable = None, ""
     try:
@@ -195,7 +196,7 @@ def status(strict: bool) -> None:
       observer-tasks status --check && echo ready     # for health checks and scripts
     """
     settings = P.load()
-    client = P.connect(settings.redis_url)
+    client = P.connect(settings.redis_url, settings)
     click.echo("configuration")
     click.echo(R.table(("variable", "value", "source"), R.config_rows(settings, Settings.sources())))
     click.echo("")
@@ -205,7 +206,8 @@ def status(strict: bool) -> None:
     pipe.zcard(K.INFLIGHT)
     pipe.zcount(K.INFLIGHT, f"({seconds * 1000}", "+inf")
     leases, active = pipe.execute()
-    click.echo(f"redis:      {redact_url(settings.redis_url)} answers")
+    click.echo(f"redis:      {redact_url(settings.redis_url)} answers, master {master_address(client.connection_pool)}")
+    click.echo(f"roles on:   {P.role_servers(client, settings, settings.redis_url)}")
     click.echo(f"in flight:  {active} of P28_LATE_OBS_MAX_INFLIGHT={settings.late_obs_max_inflight}"
                + (f" ({leases - active} more past their lease, waiting for the sweeper)" if leases > active else ""))
     click.echo(f"wake path:  {R.wake_text(settings, *P.wake_health(client))}")
@@ -216,6 +218,9 @@ def status(strict: bool) -> None:
         click.echo("workers:    unknown (broker unreachable)")
     else:
         click.echo(f"broker:     {redact_url(settings.broker)} answers, {P.queue_counts(settings)}")
+        if settings.broker_is_redis and settings.broker != settings.redis_url:
+            broker = P.connect(settings.broker, settings)
+            click.echo(f"broker on:  {P.role_servers(broker, settings, settings.broker)}")
         workers = P.late_obs_workers(settings)
         if not workers:
             problems.append(f"no worker consumes {QUEUE}")

@@ -128,7 +128,7 @@ def ensure_worker(stack: ExitStack, settings: Settings, run_id: str, no_worker: 
     worker = Child("worker", [sys.executable, "-m", "celery", "-A", "observer_tasks", "worker", "-Q", QUEUE,
                               "-n", name, "--loglevel", "WARNING"], env)
     stack.callback(worker.stop)
-    app = use_broker(settings.broker)
+    app = use_broker(settings)
     worker.wait_for(lambda: app.control.ping(destination=[name], timeout=0.5), "no reply to ping")
     say(f"started worker {name} (stopped at the end)")
     return True
@@ -222,7 +222,7 @@ def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, 
             private_redis(stack, url, say)
         settings = load()
         producer.reset()  # its settings (REDIS_URL, broker) may have just changed
-        client = connect(settings.redis_url)
+        client = connect(settings.redis_url, settings)
         error = broker_error(settings)
         if error:
             raise click.ClickException(f"cannot reach the broker at {redact_url(settings.broker)}: {error}")

@@ -14,12 +14,14 @@ import signal
 import subprocess
 import threading
 import urllib.request
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import click
 import redis
+import redis.sentinel
 from amqp.exceptions import NotFound
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,8 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..core import keys as K
 from ..core.app import CONFIG_MODULE
 from ..core.messages import QUEUE
-from ..core.settings import WORKER_STALE_MS, Settings, SettingsError, redact_url
-from ..core.store import redis_client
+from ..core.settings import WORKER_STALE_MS, Settings, SettingsError, parse_sentinel_url, redact_url
+from ..core.store import master_address, redis_client
 from ..worker.metrics import RedisCollector, serve
 from .reports import Samples
 
@@ -59,9 +61,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         raise Refused(str(exc)) from None
 
 
-def connect(url: str, timeout: float = CLI_TIMEOUT_S) -> redis.Redis:
-    """A fail-fast client that has answered PING, or one line and exit 1."""
-    client = redis_client(url, timeout, "cli")
+def connect(url: str, settings: Settings | None = None, timeout: float = CLI_TIMEOUT_S) -> redis.Redis:
+    """A fail-fast client that has answered PING, or one line and exit 1 (``settings``: Sentinel's credentials)."""
+    client = redis_client(url, timeout, "cli", settings)
     try:
         client.ping()
     except REDIS_ERRORS as exc:
@@ -70,7 +72,7 @@ def connect(url: str, timeout: float = CLI_TIMEOUT_S) -> redis.Redis:
 
 
 @functools.lru_cache(maxsize=4)
-def use_broker(broker: str) -> Celery:
+def use_broker(settings: Settings) -> Celery:
     """A Celery app of the tools' own for this broker (control, inspect, queue probes).
 
     Not the package's app: Celery caches its connection pool at first use, so re-pointing a shared app's
@@ -78,19 +80,22 @@ def use_broker(broker: str) -> Celery:
     """
     tool = Celery("observer_tasks", set_as_current=False)
     tool.config_from_object(CONFIG_MODULE)
-    tool.conf.broker_url = broker
+    url, options, ssl = settings.celery_broker()
+    # The read and write URLs: Celery lets the CELERY_BROKER_URL variable override broker_url.
+    tool.conf.broker_url = tool.conf.broker_read_url = tool.conf.broker_write_url = url
     # kombu's Redis transport restores other consumers' unacknowledged messages whenever it consumes (here:
     # control replies). That is the workers' job; with this timeout the tools never find one old enough,
     # so their Redis user needs no write access to the queue (deploy/redis/users.acl).
-    tool.conf.broker_transport_options = {**tool.conf.broker_transport_options,
+    tool.conf.broker_transport_options = {**tool.conf.broker_transport_options, **options,
                                           "visibility_timeout": TOOLS_VISIBILITY_TIMEOUT_S}
+    tool.conf.broker_use_ssl = ssl
     return tool
 
 
 def broker_error(settings: Settings) -> str | None:
     """Why the broker cannot be reached, or None when it answers."""
     try:
-        with use_broker(settings.broker).connection_for_write() as conn:
+        with use_broker(settings).connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=CLI_TIMEOUT_S)
     except Exception as exc:  # kombu raises many types for a broker that is down
         return f"{exc}"
@@ -99,7 +104,7 @@ def broker_error(settings: Settings) -> str | None:
 
 def late_obs_workers(settings: Settings, timeout: float = 1.0) -> list[str]:
     """Names of the workers that consume the late_obs queue (Celery's control API)."""
-    replies = use_broker(settings.broker).control.inspect(timeout=timeout).active_queues() or {}
+    replies = use_broker(settings).control.inspect(timeout=timeout).active_queues() or {}
     return sorted(name for name, queues in replies.items() if any(q.get("name") == QUEUE for q in queues or ()))
 
 
@@ -139,7 +144,7 @@ def why_unreadable(settings: Settings, explicit: bool) -> str:
 
 def serve_until_signal(settings: Settings, port: int) -> None:
     """The standalone exporter: /metrics from Redis on settings.metrics_addr:port until SIGINT or SIGTERM."""
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, settings)
     try:
         server, _thread = serve(settings, client, port)
     except OSError as exc:
@@ -175,7 +180,7 @@ def heat_wait_histogram(settings: Settings, client: redis.Redis) -> tuple[list[t
 
 def queue_counts(settings: Settings) -> str:
     """late_obs's messages on the broker: ready ones and parked ones (countdown/ETA, held by workers)."""
-    if urlsplit(settings.broker).scheme in ("redis", "rediss"):
+    if settings.broker_is_redis:
         ready, parked = redis_queue(settings)
         return f"{QUEUE} queue length {ready + parked} ({ready} ready, {parked} parked for their countdown)"
     declared, unacked = amqp_queue(settings)
@@ -194,12 +199,12 @@ def redis_queue(settings: Settings) -> tuple[int, int]:
     in the `unacked` hash (value: JSON [message, exchange, routing_key]) and `unacked_index` until it is
     acknowledged, so LLEN alone shows 0 with hundreds of plans waiting.
     """
-    options = {**use_broker(settings.broker).conf.broker_transport_options}
+    options = {**use_broker(settings).conf.broker_transport_options}
     prefix = options.get("global_keyprefix", "")
     unacked = prefix + options.get("unacked_key", "unacked")
     steps = options.get("priority_steps", [0, 3, 6, 9])
     sep = options.get("sep", "\x06\x16")
-    client = connect(settings.broker)
+    client = connect(settings.broker, settings)
     pipe = client.pipeline(transaction=False)
     for step in steps:
         pipe.llen(prefix + (f"{QUEUE}{sep}{step}" if step else QUEUE))
@@ -221,7 +226,7 @@ def amqp_queue(settings: Settings) -> tuple[int | None, str]:
     """Ready messages by a passive queue_declare (None: no such queue); unacknowledged ones (a worker
     holds countdown messages unacknowledged) from `rabbitmqctl list_queues` when it runs here, as AMQP
     cannot tell them."""
-    with use_broker(settings.broker).connection_for_read() as conn:
+    with use_broker(settings).connection_for_read() as conn:
         try:
             _name, ready, _consumers = conn.default_channel.queue_declare(QUEUE, passive=True)
         except NotFound:
@@ -252,6 +257,34 @@ def rabbitmqctl_unacked(url: str) -> str:
     return "0"
 
 
+# -- which server each role is on -------------------------------------------------------------
+
+
+def role_servers(client: redis.Redis, settings: Settings, url: str) -> str:
+    """Where the observer's named connections are: for each server (with Sentinel: the master it names now
+    and its replicas) the roles with connections there, by CLIENT LIST. A role on a replica is on a demoted
+    master: it has not followed the failover."""
+    pool = client.connection_pool
+    servers: list[tuple[str, str, redis.Redis]] = [(master_address(pool), "master", client)]
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        target = parse_sentinel_url(url)
+        for host, port in pool.sentinel_manager.discover_slaves(target.service):
+            plain = target.server_url().replace("sentinel-master", f"{host}:{port}", 1)
+            servers.append((f"{host}:{port}", "replica", redis_client(plain, CLI_TIMEOUT_S, "cli")))
+    parts = []
+    for address, kind, server in servers:
+        try:
+            me = str(server.client_id())  # the probe's own connection is not a role's
+            names = [c.get("name", "") for c in server.client_list() if str(c.get("id")) != me]
+        except REDIS_ERRORS as exc:
+            parts.append(f"{address} ({kind}): unknown ({exc})")
+            continue
+        roles = Counter(n.split(":", 1)[1] for n in names if n.startswith("observer_tasks:"))
+        listed = ", ".join(f"{role} {n}" for role, n in sorted(roles.items())) or "none"
+        parts.append(f"{address} ({kind}): {listed}")
+    return "; ".join(parts)
+
+
 # -- workers' heartbeats, HeatBridge ----------------------------------------------------------
 
 
@@ -271,6 +304,7 @@ def heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
         out.append({"name": name.decode(errors="replace"), "age_ms": now_ms - seen,
                     "fresh": now_ms - seen <= WORKER_STALE_MS, "host": beat.get("host"), "pid": beat.get("pid"),
                     "wake": beat.get("wake"), "resyncs": beat.get("resyncs"),
+                    "on": beat.get("redis_master"), "wake_on": beat.get("wake_master"),
                     "last_push_age_ms": None if push_age is None else int(push_age) + now_ms - seen})
     return out
 

@@ -171,13 +171,14 @@ def heartbeat_text(beats: list[dict[str, Any]]) -> str:
     def age(ms: int | None) -> str:
         return "-" if ms is None else f"{ms / 1000:.1f}s"
 
-    rows = [(b["name"], "unreadable", "", "", "", "", b["unreadable"]) if "unreadable" in b else
+    rows = [(b["name"], "unreadable", "", "", "", "", "", "", b["unreadable"]) if "unreadable" in b else
             (b["name"], "ok" if b["fresh"] else "STALE", age(b["age_ms"]), b["wake"], age(b["last_push_age_ms"]),
-             b["resyncs"], f"{b['host']} pid {b['pid']}") for b in beats]
+             b["resyncs"], b.get("on") or "-", b.get("wake_on") or "-", f"{b['host']} pid {b['pid']}")
+            for b in beats]
     fresh = sum(bool(b.get("fresh")) for b in beats)
     head = (f"heartbeats: {fresh} fresh of {len(beats)} in {K.WORKERS} "
             f"(ages by Redis TIME; stale after {WORKER_STALE_MS // 1000} s)")
-    body = table(("worker", "state", "age", "wake", "last_push", "resyncs", "process"), rows)
+    body = table(("worker", "state", "age", "wake", "last_push", "resyncs", "on", "wake_on", "process"), rows)
     return head + "\n" + "\n".join("  " + line for line in body.splitlines())
 
 

@@ -8,8 +8,9 @@ treats that as unrecoverable and the worker exits. The guard raises the connecti
 so Celery reconnects as for any broker outage; the messages stay in the unacked hash and come back after the
 visibility timeout (and the sweeper covers their plans in any case).
 
-Scope: only the worker uses it, and only with a ``redis://`` broker: the worker's start-up step names
-``Transport`` below in ``broker_transport``. Nothing is patched: it is a subclass. If kombu's internals are
+Scope: only the worker uses it, and only with a ``redis://`` broker (``Transport`` below) or a
+``redis+sentinel://`` one (``SentinelTransport``: a killed master is the same restart): the worker's start-up
+step names it in ``broker_transport``. Nothing is patched: it is a subclass. If kombu's internals are
 not what the guard was written against (tested: kombu 5.7), ``applicable()`` says why and the worker logs one
 line and keeps kombu's own transport.
 """
@@ -25,6 +26,7 @@ from kombu.transport import redis as kombu_redis
 
 TESTED_KOMBU = (5, 7)
 TRANSPORT = "observer_tasks.worker.kombu_guard:Transport"
+SENTINEL_TRANSPORT = "observer_tasks.worker.kombu_guard:SentinelTransport"
 
 
 def applicable() -> str | None:
@@ -38,12 +40,23 @@ def applicable() -> str | None:
     return None
 
 
+def _guarded_connparams(self: Any, asynchronous: bool = False) -> Any:
+    if self.connection is None or self.connection.client is None:
+        raise redis.ConnectionError("broker connection already closed")
+    return kombu_redis.Channel._connparams(self, asynchronous=asynchronous)
+
+
 class Channel(kombu_redis.Channel):
-    def _connparams(self, asynchronous: bool = False) -> Any:
-        if self.connection is None or self.connection.client is None:
-            raise redis.ConnectionError("broker connection already closed")
-        return super()._connparams(asynchronous=asynchronous)
+    _connparams = _guarded_connparams
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(kombu_redis.SentinelChannel):
+    _connparams = _guarded_connparams
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

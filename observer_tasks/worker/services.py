@@ -45,12 +45,14 @@ class ObserverServices(bootsteps.StartStopStep):
         app = worker.app
         # The worker only ever sends late_poll reschedules: no task-sent event for those.
         app.conf.task_send_sent_event = False
-        if urlsplit(self.settings.broker).scheme == "redis" and self.settings.kombu_guard:
+        guarded = {"redis": kombu_guard.TRANSPORT, "redis+sentinel": kombu_guard.SENTINEL_TRANSPORT}
+        transport = guarded.get(urlsplit(self.settings.broker).scheme)
+        if transport and self.settings.kombu_guard:
             why_not = kombu_guard.applicable()
             if why_not:
                 log.warning("P2.8A.3: kombu guard off: %s", why_not)
             else:
-                app.conf.broker_transport = kombu_guard.TRANSPORT
+                app.conf.broker_transport = transport
         concurrency = getattr(worker, "concurrency", None) or self.settings.late_obs_max_workers
         # Logged at WARNING: Celery's default worker log level, where operators grep for them.
         for line in self.settings.startup_lines(workers=concurrency):
@@ -62,17 +64,17 @@ class ObserverServices(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         s = self.settings
-        store = Store(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "worker"))
+        store = Store(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "worker", s))
         if s.metrics_port:
             try:
-                self.metrics = serve(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "metrics"))
+                self.metrics = serve(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "metrics", s))
                 log.warning("observer_tasks: /metrics served on http://%s:%s/metrics", s.metrics_addr, s.metrics_port)
             except OSError as exc:
                 log.error("P2.8A.3: cannot serve metrics on %s:%s: %s", s.metrics_addr, s.metrics_port, exc)
         make_listener = None
         if s.late_obs_enabled and s.late_obs_wake:
             def make_listener() -> WakeListener:
-                return WakeListener(Store(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "wake_step")),
+                return WakeListener(Store(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "wake_step", s)),
                                     s.redis_url, MAIN_TIMEOUT_S)
         self.sweeper = Sweeper(store, worker.hostname, make_listener)
         self.sweeper.start()

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..core.settings import HEARTBEAT_S, SWEEP_INTERVAL_S
-from ..core.store import Store, Unavailable
+from ..core.store import Store, Unavailable, master_address
 from .wake import WakeListener
 
 log = logging.getLogger("observer_tasks.sweeper")
@@ -82,7 +82,9 @@ class Sweeper(threading.Thread):
         state = listener.state() if listener else {"wake": "off", "last_push_age_ms": None, "resyncs": 0}
         if restarted:
             state["wake"] = "reconnecting"  # it was down: the chain polls at POLL_MS until the next beat
-        info = {"pid": os.getpid(), "host": socket.gethostname(), **state}
+        # Which server this worker's connections (and its listener's tracking) are on, for `status`.
+        info = {"pid": os.getpid(), "host": socket.gethostname(), **state,
+                "redis_master": master_address(self.store.client.connection_pool)}
         now = self.store.heartbeat(self.nodename, info, str(state["wake"]))
         if self.down_since_ms is not None:
             self.outages.append((self.down_since_ms, now))

@@ -37,7 +37,7 @@ def worker_store() -> tuple[Settings, Store]:
     if _worker_state is None or _worker_state[0] != os.getpid():
         settings = Settings.from_env()
         _worker_state = (os.getpid(), settings,
-                         Store(settings, redis_client(settings.redis_url, LOOKUP_TIMEOUT_S, "look")))
+                         Store(settings, redis_client(settings.redis_url, LOOKUP_TIMEOUT_S, "look", settings)))
     return _worker_state[1], _worker_state[2]
 
 

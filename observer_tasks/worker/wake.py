@@ -12,6 +12,14 @@ Nothing depends on the push for correctness: the countdown chain keeps looking (
 while every live worker's listener is connected, at POLL_MS otherwise), and after every (re)connect the
 listener resyncs: one wake step over every leased plan, so heat written while it was away is recorded at
 once. With several workers every listener sees every push; the lease lets exactly one record.
+
+Tracking state lives on the server the connection is on: it does not move to a new master. So the listener
+treats as lost (and reconnects through the connection factory, which asks Sentinel for the master, then
+turns tracking on again and resyncs): any error reply (READONLY, UNBLOCKED: its server was demoted), a closed
+connection (Sentinel's CLIENT KILL, a killed server), a master address change that Sentinel reports (checked
+every WAKE_PING_S), and a silent connection: after WAKE_PING_S without a byte it sends PING, and a connection
+that has not answered WAKE_SILENT_S later (a firewall or NAT that dropped it without a reset) is dropped.
+While it is lost the heartbeat reports it, so the chains poll at POLL_MS.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import time
 from typing import Any
 
 import redis
+import redis.sentinel
 
-from ..core.store import Store, Unavailable
+from ..core.settings import WAKE_PING_S, WAKE_SILENT_S
+from ..core.store import Store, Unavailable, master_address, redis_client
 
 log = logging.getLogger("observer_tasks.wake")
 
@@ -49,6 +59,8 @@ class WakeListener(threading.Thread):
         self.last_push = 0.0  # time.monotonic() of the last push, 0 before the first
         self.resyncs = 0
         self.conn: Any = None
+        self.pool: Any = None
+        self.master = ""  # host:port the current connection's tracking is on
 
     def run(self) -> None:
         pause = RECONNECT_FIRST_S
@@ -76,10 +88,11 @@ class WakeListener(threading.Thread):
 
     def connect(self) -> Any:
         """A dedicated RESP2 connection receiving its own tracking invalidations for the heat prefix."""
-        pool = redis.ConnectionPool.from_url(self.url, protocol=2, socket_timeout=self.timeout_s,
-                                             socket_connect_timeout=self.timeout_s, client_name="observer_tasks:wake")
-        conn = pool.make_connection()
-        conn.connect()
+        client = redis_client(self.url, self.timeout_s, "wake", self.store.settings, protocol=2)
+        self.pool = client.connection_pool
+        conn = self.pool.make_connection()
+        conn.connect()  # through Sentinel: the master it names now
+        self.master = f"{conn.host}:{conn.port}"
         conn.send_command("CLIENT", "ID")
         client_id = conn.read_response()
         conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX",
@@ -90,12 +103,25 @@ class WakeListener(threading.Thread):
         return conn
 
     def listen(self, conn: Any) -> None:
+        heard = checked = time.monotonic()  # the last byte read; the last liveness check
+        pinged = 0.0  # when an unanswered PING was sent, 0 when none is
         while not self.stopped.is_set():
             if not conn.can_read(timeout=READ_WAIT_S):
+                now = time.monotonic()
+                if pinged and now - pinged > WAKE_SILENT_S:
+                    raise redis.ConnectionError(f"wake connection silent for {now - heard:.1f}s (no PONG)")
+                if now - checked >= WAKE_PING_S:
+                    checked = now
+                    self.check_master()
+                    if not pinged and now - heard >= WAKE_PING_S:
+                        conn.send_command("PING")  # allowed while subscribed; answered as a message
+                        pinged = now
                 continue
+            heard, pinged = time.monotonic(), 0.0
             plans: dict[str, None] = {}  # ordered, de-duplicated
             flushed = False
             while len(plans) < BATCH_MAX and conn.can_read(timeout=0):
+                # An error reply (READONLY, UNBLOCKED ...) raises here: the server is no longer a master.
                 message = conn.read_response()
                 if not isinstance(message, list) or len(message) != 3 or message[0] != b"message":
                     continue
@@ -114,6 +140,17 @@ class WakeListener(threading.Thread):
                 # the resync counter (and its alerts) is about this listener's connection.
                 self.resync(counted=False)
             self.wake(list(plans))
+
+    def check_master(self) -> None:
+        """Raise when Sentinel names another master than the one this connection's tracking is on."""
+        if not isinstance(self.pool, redis.sentinel.SentinelConnectionPool):
+            return
+        try:
+            now_on = master_address(self.pool, fresh=True)
+        except redis.RedisError:
+            return  # sentinels unreachable: nothing known to have moved; PING still watches the connection
+        if now_on != self.master:
+            raise redis.ConnectionError(f"master moved from {self.master} to {now_on}")
 
     def wake(self, plans: list[str]) -> None:
         try:
@@ -134,7 +171,8 @@ class WakeListener(threading.Thread):
     def state(self) -> dict[str, Any]:
         age = time.monotonic() - self.last_push if self.last_push else None
         return {"wake": "connected" if self.connected and self.is_alive() else "reconnecting",
-                "last_push_age_ms": None if age is None else int(age * 1000), "resyncs": self.resyncs}
+                "last_push_age_ms": None if age is None else int(age * 1000), "resyncs": self.resyncs,
+                "wake_master": self.master if self.connected else None}
 
     def stop(self) -> None:
         """The loop notices within READ_WAIT_S and closes its own connection."""
