@@ -274,12 +274,13 @@ def role_servers(client: redis.Redis, settings: Settings, url: str) -> str:
     parts = []
     for address, kind, server in servers:
         try:
-            me = str(server.client_id())  # the probe's own connection is not a role's
-            names = [c.get("name", "") for c in server.client_list() if str(c.get("id")) != me]
+            names = [c.get("name", "") for c in server.client_list()]
         except REDIS_ERRORS as exc:
             parts.append(f"{address} ({kind}): unknown ({exc})")
             continue
-        roles = Counter(n.split(":", 1)[1] for n in names if n.startswith("observer_tasks:"))
+        # The command line's own connections (this one among them) come and go: not listed.
+        roles = Counter(n.split(":", 1)[1] for n in names
+                        if n.startswith("observer_tasks:") and n != "observer_tasks:cli")
         listed = ", ".join(f"{role} {n}" for role, n in sorted(roles.items())) or "none"
         parts.append(f"{address} ({kind}): {listed}")
     return "; ".join(parts)
