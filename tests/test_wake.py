@@ -9,15 +9,17 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis
 
 from observer_tasks import observe_late
-from observer_tasks.core.settings import Settings
+from observer_tasks.core.settings import HEARTBEAT_S, WAKE_PING_S, WAKE_SILENT_S, Settings
 from observer_tasks.core.store import Store, redis_client
 from observer_tasks.worker.sweeper import Sweeper
-from observer_tasks.worker.wake import WakeListener
+from observer_tasks.worker.wake import READ_WAIT_S, WakeListener
 
-from .conftest import DATA_URL, Worker, inflight, late_entries, poll
+from .conftest import DATA_URL, REDIS_HOST, REDIS_PORT, Worker, inflight, late_entries, poll, scrape
+from .proxy import Proxy
 
 HEAT = "quantum:harvest:heat:by_plan:"
 WAKE_DEGRADED = "quantum:p28:late_obs:wake_degraded"
@@ -171,3 +173,57 @@ def test_two_workers_record_every_plan_once(r: redis.Redis, env: dict[str, str],
     entries = assert_exactly_once(r, plans)
     assert Counter(e["heat_reason"] for e in entries) == {"ok": 40, "timeout": 40}
     assert {e["recorded_by"] for e in entries if e["heat_reason"] == "ok"} == {"wake"}
+
+
+@pytest.mark.slow
+def test_silently_dropped_wake_connection_is_replaced(r: redis.Redis, env: dict[str, str],
+                                                      start_worker: Callable[..., Worker]) -> None:
+    """A proxy stops forwarding the wake connection's traffic without closing it (a firewall that forgot the
+    flow): the listener notices by its PING, the chains poll at POLL_MS while it is lost, and once traffic
+    flows again a new connection resyncs."""
+    proxy = Proxy((REDIS_HOST, REDIS_PORT))
+    proxy.start()
+    try:
+        env.update({"P28_LATE_OBS_MAX_WAIT_MS": "2000", "P28_LATE_OBS_POLL_MS": "100",
+                    "P28_LATE_OBS_SAFETY_POLL_MS": "1000",
+                    "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{DATA_URL.rsplit('/', 1)[1]}"})
+        worker = start_worker()
+        poll(lambda: wake_healthy(r), what="wake path healthy")
+        # Healthy: a plan without heat is looked at every safety interval, about MAX_WAIT/SAFETY times.
+        assert observe_late("calm", "BTCUSDT") == "enqueued"
+        (calm,) = poll(lambda: late_entries(r), timeout=10, what="the calm plan recorded")
+        assert int(calm["polls"]) <= 4, calm
+        resyncs = heartbeat(r)["resyncs"]
+
+        proxy.silenced.add("wake")
+        cut = time.monotonic()
+        noticed_within = WAKE_PING_S + WAKE_SILENT_S + READ_WAIT_S + 2 * HEARTBEAT_S + 1.0
+        poll(lambda: r.exists(WAKE_DEGRADED), timeout=noticed_within, what="the silent connection noticed")
+        noticed = time.monotonic() - cut
+        assert heartbeat(r)["wake"] == "reconnecting"
+        # What the wake-degraded alert reads (listeners up < workers).
+        page = poll(lambda: scrape(worker.metrics_port), what="/metrics")
+        assert "p28_late_obs_wake_listeners_up 0.0" in page and "p28_late_obs_wake_workers 1.0" in page
+        # Lost: the chains poll at POLL_MS, and heat written now is recorded by a look within a few polls.
+        assert observe_late("cut", "BTCUSDT") == "enqueued"
+        assert observe_late("cut-hit", "BTCUSDT") == "enqueued"
+        r.hset(HEAT + "cut-hit", "heat_level", "hot")
+        poll(lambda: len(late_entries(r)) == 3, timeout=10, what="the plans of the cut recorded")
+        during = {e["plan_id"]: e for e in late_entries(r)}
+        assert int(during["cut"]["polls"]) >= 8, during["cut"]
+        assert (during["cut-hit"]["heat_reason"], during["cut-hit"]["recorded_by"]) == ("ok", "look")
+        assert heartbeat(r)["resyncs"] == resyncs  # still cut off: no new connection got through
+
+        proxy.silenced.discard("wake")
+        restored = time.monotonic()
+        poll(lambda: heartbeat(r)["resyncs"] > resyncs and wake_healthy(r), timeout=10,
+             what="a new wake connection, resynced")
+        back = time.monotonic() - restored
+        assert proxy.opened["wake"] >= 2
+        print(f"\nsilent wake connection: noticed (chains on POLL_MS) {noticed:.1f}s after the cut; "
+              f"replaced and resynced {back:.1f}s after traffic flowed again; cut plan polls {during['cut']['polls']}, "
+              f"calm plan polls {calm['polls']}")
+        entries = assert_exactly_once(r, ["calm", "cut", "cut-hit"])
+        assert Counter(e["heat_reason"] for e in entries) == {"ok": 1, "timeout": 2}
+    finally:
+        proxy.stop()
