@@ -411,6 +411,7 @@ def test_documented_timings_are_the_code() -> None:
         "SWEEP_INTERVAL_S": ("", [S.SWEEP_INTERVAL_S]),
         "HEARTBEAT_S": ("", [S.HEARTBEAT_S]),
         "WAKE_HEALTH_TTL_MS": ("", [S.WAKE_HEALTH_TTL_MS]),
+        "WAKE_PING_S / WAKE_SILENT_S": ("", [S.WAKE_PING_S, S.WAKE_SILENT_S]),
         "WORKER_STALE_MS / WORKER_FORGET_MS": ("", [S.WORKER_STALE_MS, S.WORKER_FORGET_MS]),
         "STREAM_MAXLEN": ("", [S.STREAM_MAXLEN]),
     }
