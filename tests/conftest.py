@@ -34,6 +34,9 @@ BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{os.environ.get('TEST_BROKER_DB
 #: Short waits keep the suite quick; tests that need the defaults set their own.
 FAST = {"P28_LATE_OBS_MAX_WAIT_MS": "600", "P28_LATE_OBS_POLL_MS": "50"}
 CELERY = str(Path(sys.executable).with_name("celery"))
+#: Servers a test must find again on the same port after a restart (Prometheus' targets, a private Redis)
+#: take TEST_PORT_BASE + n when it is set (to keep one suite in its own port range), else any free port.
+PORT_BASE = int(os.environ.get("TEST_PORT_BASE", "0"))
 
 
 #: CI=true (set by CI services, and by .ci/run): a test that cannot run here fails the run instead of skipping,
@@ -64,6 +67,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def server_port(n: int) -> int:
+    """The n-th fixed port of this suite (TEST_PORT_BASE + n), or a free port when TEST_PORT_BASE is unset."""
+    return PORT_BASE + n if PORT_BASE else free_port()
 
 
 def scrape(port: int) -> str | None:
@@ -109,8 +117,9 @@ def r(env: dict[str, str]) -> redis.Redis:
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], extra_args: list[str], log_path: Path) -> None:
-        self.metrics_port = free_port()
+    def __init__(self, env: dict[str, str], extra_args: list[str], log_path: Path,
+                 metrics_port: int | None = None) -> None:
+        self.metrics_port = metrics_port or free_port()
         self.env = {**os.environ, **env, "P28_METRICS_PORT": str(self.metrics_port)}
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
@@ -179,8 +188,8 @@ def start_worker(r: redis.Redis, env: dict[str, str], tmp_path: Path) -> Iterato
     """Start real worker processes with the test's environment; all are stopped at teardown."""
     started: list[Worker] = []
 
-    def start(*extra_args: str, wait: bool = True) -> Worker:
-        w = Worker(dict(env), list(extra_args), tmp_path / f"worker{len(started)}.log")
+    def start(*extra_args: str, wait: bool = True, metrics_port: int | None = None) -> Worker:
+        w = Worker(dict(env), list(extra_args), tmp_path / f"worker{len(started)}.log", metrics_port)
         started.append(w)
         return w.wait_ready() if wait else w
 
@@ -209,8 +218,8 @@ def inflight(r: redis.Redis) -> int:
 class PrivateRedis:
     """A redis-server this test owns, so it can be paused, killed and restarted."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.workdir = workdir
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
