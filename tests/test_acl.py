@@ -9,6 +9,7 @@ outside its patterns.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import redis
 
+from observer_tasks.client import producer
 from observer_tasks.core import keys as K
 from observer_tasks.core.settings import Settings
 from observer_tasks.core.store import Store, redis_client
@@ -70,14 +72,13 @@ class AclRedis:
         self.port = port_in_range()
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--aclfile", str(self.aclfile), "--acllog-max-len", "1000"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "--aclfile", str(self.aclfile), "--acllog-max-len", "1000", "--logfile", str(workdir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.admin = redis.Redis.from_url(self.url("admin"), socket_timeout=5)
 
         def up() -> bool:
             if self.proc.poll() is not None:
-                output = self.proc.stdout.read() if self.proc.stdout else ""
-                raise AssertionError(f"redis-server refused the ACL file:\n{output}")
+                raise AssertionError(f"redis-server refused the ACL file:\n{(workdir / 'redis.log').read_text()}")
             try:
                 return bool(self.admin.ping())
             except redis.ConnectionError:
@@ -208,3 +209,96 @@ def test_whole_pipeline_under_the_acl_then_each_role_refused_outside_it(
     with pytest.raises(redis.exceptions.NoPermissionError):
         ops_client.hincrby(K.COUNTERS, "observed|create_apply_plan|1", 1)  # the tools are read-only
     assert admin.hget(heat_key, "x") is None
+
+
+# -- a refused user is a configuration error, not an outage ------------------------------------------------
+
+
+def without_script_rights(server: AclRedis, user: str) -> None:
+    """The user may no longer run the steps' scripts (EVALSHA, and the selector naming their keys)."""
+    server.admin.execute_command("ACL", "SETUSER", user, "-evalsha", "clearselectors")
+
+
+REFUSED_WORKERS = {
+    "wrong password": ("REDIS_URL", "invalid username-password pair"),
+    "wrong broker password": ("CELERY_BROKER_URL", "invalid username-password pair"),
+    "no script rights": ("REDIS_URL", "no permissions"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_WORKERS))
+def test_worker_refuses_to_start_in_one_line_when_redis_refuses_its_user(
+        env: dict[str, str], acl_redis: AclRedis, start_worker: Any, case: str) -> None:
+    server = acl_redis
+    env.update({"REDIS_URL": server.url("observer-worker"),
+                "CELERY_BROKER_URL": server.url("observer-worker", BROKER_DB + 1)})
+    if case == "wrong password":
+        env["REDIS_URL"] = server.url("observer-worker", password="wrong-Pw")
+    elif case == "wrong broker password":
+        env["CELERY_BROKER_URL"] = server.url("observer-worker", BROKER_DB + 1, password="wrong-Pw")
+    else:
+        without_script_rights(server, "observer-worker")
+    worker: Worker = start_worker(wait=False)
+    assert worker.proc.wait(60) == 2
+    out = worker.output()
+    lines = [line for line in out.splitlines() if "refusing to start" in line]
+    variable, reply = REFUSED_WORKERS[case]
+    assert len(lines) == 1 and f"P2.8A.3: refusing to start: {variable}=redis://observer-worker:***@" in lines[0]
+    assert reply in lines[0] and "Traceback" not in out and "P2.8A Heat Observer" not in out, out
+    assert "Pw" not in out  # neither the password nor the wrong one
+
+
+def test_apply_layer_counts_a_refused_user_as_config_error_and_recovers_at_the_next_call(
+        env: dict[str, str], acl_redis: AclRedis, caplog: pytest.LogCaptureFixture) -> None:
+    server = acl_redis
+    env.update(role_env(server, "observer-apply"))
+    caplog.set_level(logging.WARNING, "observer_tasks")
+    without_script_rights(server, "observer-apply")
+    calls = [producer.observe(f"c{i}", "BTCUSDT", "EXECUTE") for i in range(3)]
+    calls += [producer.observe_late(f"c{i}", "BTCUSDT", "EXECUTE") for i in range(3)]
+    assert calls == ["error"] * 6
+    counters = server.admin
+    for point in (K.OBS_EARLY, K.OBS_LATE):
+        poll(lambda p=point: counters.hget(K.COUNTERS, f"refused|{p}|config_error") == b"3", 5,
+             what=f"{point} refusals counted as config_error")
+    logged = [r.getMessage() for r in caplog.records]
+    refused = [m for m in logged if "refuses the apply layer's user" in m]
+    assert len(refused) == 1 and "no permissions" in refused[0] and "configuration error" in refused[0], logged
+    assert not [m for m in logged if "unavailable" in m], logged  # no breaker: it is no outage
+    assert counters.hget(K.COUNTERS, f"refused|{K.OBS_LATE}|unavailable") is None
+
+    server.admin.acl_load()  # the file's line back: the very next calls observe
+    assert producer.observe("c9", "BTCUSDT", "EXECUTE") == "missing"
+    assert producer.observe_late("c9", "BTCUSDT", "EXECUTE") == "enqueued"
+
+
+def test_apply_layer_with_a_wrong_password_logs_a_configuration_error(
+        env: dict[str, str], acl_redis: AclRedis, caplog: pytest.LogCaptureFixture) -> None:
+    server = acl_redis
+    env.update(role_env(server, "observer-apply"))
+    env["REDIS_URL"] = server.url("observer-apply", password="wrong-Pw")
+    caplog.set_level(logging.WARNING, "observer_tasks")
+    assert [producer.observe_late(f"w{i}", "BTCUSDT") for i in range(3)] == ["error"] * 3
+    refused = [r.getMessage() for r in caplog.records if "refuses the apply layer's user" in r.getMessage()]
+    assert len(refused) == 1 and "invalid username-password pair" in refused[0] and "Pw" not in caplog.text
+    # The password the apply layer uses is added to the user: the next call is admitted, no breaker to wait out.
+    server.admin.execute_command("ACL", "SETUSER", "observer-apply", ">wrong-Pw")
+    assert producer.observe_late("w9", "BTCUSDT") == "enqueued"
+
+
+@pytest.mark.parametrize("case", ["ok", "wrong password", "no script rights"])
+def test_config_check_names_a_refused_user(env: dict[str, str], acl_redis: AclRedis, case: str) -> None:
+    server = acl_redis
+    values = role_env(server, "observer-worker")
+    if case == "wrong password":
+        values["REDIS_URL"] = server.url("observer-worker", password="wrong-Pw")
+    elif case == "no script rights":
+        without_script_rights(server, "observer-worker")
+    done = run_cli(values, "config", "check")
+    if case == "ok":
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "REDIS_URL=redis://observer-worker:***@" in done.stderr and "Redis refuses the user" in done.stderr
+    assert ("WRONGPASS" in done.stderr or "invalid username-password" in done.stderr) if case == "wrong password" \
+        else "no permissions" in done.stderr

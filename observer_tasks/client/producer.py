@@ -36,7 +36,7 @@ from ..core.app import app
 from ..core.heat import check_symbol, normalise_decision
 from ..core.messages import LateMessage
 from ..core.settings import CALL_TIMEOUT_S, Settings, SettingsError
-from ..core.store import Store, Unavailable, redis_client
+from ..core.store import AccessRefused, Store, Unavailable, redis_client
 from .publisher import PUBLISH_TIMEOUT_S, Breaker, Publisher, ThrottledLog
 
 log = logging.getLogger("observer_tasks")
@@ -56,6 +56,7 @@ class Producer:
         self.redis_breaker = Breaker("Redis")
         self.broker_breaker = Breaker("broker")
         self.problems = ThrottledLog()
+        self.access_problems = ThrottledLog()
         # Build Celery's lazy state here, in the caller's thread, not first in the publisher's: those first
         # builds take locks, and a fork() during one would leave the lock held in the child.
         _ = (app.amqp.router, app.amqp.queues, app.events, app.clock)
@@ -94,6 +95,13 @@ class Producer:
         self.redis_breaker.failed(exc)
         return self.refuse(obs_point, "unavailable")
 
+    def access_refused(self, obs_point: str, exc: AccessRefused) -> str:
+        """Redis refuses this process's user: a configuration error, counted as config_error. No breaker: it is
+        no outage, and a fixed password or ACL takes effect at the next call."""
+        self.access_problems.warning(f"Redis refuses the apply layer's user ({exc}): a configuration error, not an "
+                                     "outage; fix the password in REDIS_URL or the user's ACL (deploy/redis/users.acl)")
+        return self.refuse(obs_point, "config_error")
+
     def refusal(self, obs_point: str, enabled: bool, plan_id: Any, symbol: Any, *breakers: Breaker) -> str | None:
         """Why this call must not observe ('disabled' or 'error'), or None when it may."""
         if not enabled:
@@ -116,6 +124,8 @@ class Producer:
             return refused
         try:
             result = str(self.store.observe_early(plan_id, symbol, normalise_decision(apply_decision)))
+        except AccessRefused as exc:
+            return self.access_refused(K.OBS_EARLY, exc)
         except REDIS_FAILURES as exc:
             return self.unavailable(K.OBS_EARLY, exc)
         self.redis_breaker.succeeded()
@@ -131,6 +141,8 @@ class Producer:
         decision = normalise_decision(apply_decision)
         try:
             admission = self.store.admit(plan_id, symbol, decision)
+        except AccessRefused as exc:
+            return self.access_refused(K.OBS_LATE, exc)
         except REDIS_FAILURES as exc:
             return self.unavailable(K.OBS_LATE, exc)
         self.redis_breaker.succeeded()

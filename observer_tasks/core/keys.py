@@ -17,8 +17,9 @@ OBS_LATE = "publish_plan_post"
 OBS_POINTS = (OBS_EARLY, OBS_LATE)
 #: The closed set of reasons (metrics cardinality depends on it).
 REASONS = ("ok", "missing", "timeout", "redis_error", "parse_error")
-#: Why an observe call refused to observe (the p28_observe_refused_total causes).
-REFUSAL_CAUSES = ("invalid_input", "unavailable")
+#: Why an observe call refused to observe (the p28_observe_refused_total causes): a bad plan id or symbol,
+#: Redis or the broker unavailable (an outage), Redis refusing the user (NOPERM, NOAUTH, WRONGPASS: configuration).
+REFUSAL_CAUSES = ("invalid_input", "unavailable", "config_error")
 
 PLAN_ID_MAX = 128
 _PLAN_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.\-]{{0,{PLAN_ID_MAX - 1}}}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from importlib.resources import files
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import redis
 import redis.sentinel
@@ -25,25 +26,57 @@ from .settings import (
     WORKER_FORGET_MS,
     Settings,
     parse_sentinel_url,
+    redact_url,
 )
 
 #: Replies that mean "Redis cannot answer now", not "the data is bad": the server is busy with a script,
-#: loading, a replica that is read-only or lost its master, refusing for memory or permissions.
-UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "NOPERM", "OOM", "TRYAGAIN", "CLUSTERDOWN",
-                       "NOREPLICAS", "NOAUTH", "WRONGPASS")
+#: loading, a replica that is read-only or lost its master, refusing for memory.
+UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+#: Replies that mean Redis refuses the observer's user: a wrong or missing password (WRONGPASS, NOAUTH) or a
+#: missing ACL permission (NOPERM). A configuration error, never an outage: waiting will not fix it.
+ACCESS_REPLIES = ("NOPERM", "NOAUTH", "WRONGPASS")
+#: How Redis 7.0 words an ACL refusal inside a script (an ERR reply, not NOPERM).
+SCRIPT_ACCESS_REPLY = "The user executing the script can't"
+
+
+#: The plan id the start-up check names its keys with (nothing is read or written under it).
+PROBE_PLAN = "p28-access-check"
 
 
 class Unavailable(Exception):
     """Redis could not be asked (connection, timeout) or refused to answer now (BUSY, READONLY, OOM ...)."""
 
 
+class AccessRefused(Exception):
+    """Redis refused the observer's user (NOPERM, NOAUTH, WRONGPASS): fix the password or the ACL."""
+
+
+def _reply_code(exc: redis.ResponseError) -> str:
+    # redis-py strips the code of replies it maps to a class (READONLY -> ReadOnlyError, OOM, LOADING ...)
+    # and keeps it in status_code; others (BUSY) keep it at the start of the message.
+    return str(getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]).upper()
+
+
+def is_access_refused(exc: BaseException) -> bool:
+    # redis-py raises AuthenticationError (a ConnectionError) for WRONGPASS and NOAUTH, NoPermissionError for NOPERM.
+    if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError
+                       | redis.exceptions.NoPermissionError):
+        return True
+    return isinstance(exc, redis.ResponseError) and (_reply_code(exc) in ACCESS_REPLIES
+                                                     or SCRIPT_ACCESS_REPLY in str(exc))
+
+
 def is_unavailable(exc: BaseException) -> bool:
+    if is_access_refused(exc):
+        return False
     if isinstance(exc, redis.ResponseError):
-        # redis-py strips the code of replies it maps to a class (READONLY -> ReadOnlyError, OOM, LOADING ...)
-        # and keeps it in status_code; others (BUSY) keep it at the start of the message.
-        code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
-        return str(code).upper() in UNAVAILABLE_REPLIES
+        return _reply_code(exc) in UNAVAILABLE_REPLIES
     return isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError)
+
+
+def refused_text(exc: BaseException) -> str:
+    """One line for a refused user: Redis's reply (it never holds the password)."""
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def redis_client(url: str, timeout_s: float, role: str, settings: Settings | None = None,
@@ -120,12 +153,15 @@ class Store:
         self._admit = _script(client, "admit.lua")
         self._observe = _script(client, "observe.lua")
         self._heartbeat = _script(client, "heartbeat.lua")
+        self._probe = _script(client, "probe.lua")
         self._bounds = " ".join(str(b) for b in heat_wait_buckets(settings))
 
     def _call(self, script: Any, keys: list[str], args: list[Any], client: Any = None) -> Any:
         try:
             return script(keys=keys, args=args, client=client)
         except redis.RedisError as exc:
+            if is_access_refused(exc):
+                raise AccessRefused(refused_text(exc)) from exc
             if is_unavailable(exc):
                 raise Unavailable(f"{type(exc).__name__}: {exc}"[:200]) from exc
             raise
@@ -142,6 +178,13 @@ class Store:
              json.dumps(context or {}), a, b, *plans],
             client,
         )
+
+    def check_access(self) -> None:
+        """Raise AccessRefused when Redis refuses this user the steps' scripts or their keys (nothing is written)."""
+        plan = PROBE_PLAN
+        self._call(self._probe, [K.INFLIGHT, K.LEASES, self.keys.stream, K.COUNTERS, K.HEAT_WAIT, K.UNSENT, K.WAKE_OK,
+                                 K.WAKE_DEGRADED, self.keys.heat(plan), self.keys.dedupe(K.OBS_EARLY, plan),
+                                 self.keys.dedupe(K.OBS_LATE, plan)], [])
 
     # -- the apply layer's steps ------------------------------------------------
     def admit(self, plan_id: str, symbol: str, apply_decision: str) -> Admission:
@@ -218,6 +261,32 @@ class Store:
         """Write this worker's heartbeat and the wake path's health; returns Redis time (ms)."""
         return int(self._call(self._heartbeat, [K.WORKERS, K.WAKE_OK, K.WAKE_DEGRADED],
                               [nodename, json.dumps(state), wake_state, WAKE_HEALTH_TTL_MS, WORKER_FORGET_MS]))
+
+
+def access_problem(settings: Settings, timeout_s: float) -> str | None:
+    """Why Redis refuses the observer's user, in one line naming the URL and Redis's reply; None when it does not.
+
+    Asks REDIS_URL (a PING, then the steps' scripts with their keys: probe.lua) and a Redis broker (a PING).
+    Redis that cannot be reached is an outage, not a configuration error: None, and the caller goes on.
+    """
+    urls = [("REDIS_URL", settings.redis_url)]
+    redis_broker = urlsplit(settings.broker).scheme in ("redis", "rediss", *SENTINEL_SCHEMES)
+    if redis_broker and settings.broker != settings.redis_url:
+        urls.append(("CELERY_BROKER_URL", settings.broker))
+    for name, url in urls:
+        client = redis_client(url, timeout_s, "check", settings)
+        try:
+            client.ping()
+            if name == "REDIS_URL":
+                Store(settings, client).check_access()
+        except (redis.RedisError, AccessRefused, Unavailable) as exc:
+            cause = exc.__cause__ if isinstance(exc, AccessRefused) else exc
+            if cause is not None and is_access_refused(cause):
+                return (f"{name}={redact_url(url)}: Redis refuses the user ({refused_text(cause)}): fix the password "
+                        "in the URL or the user's ACL (deploy/redis/users.acl)")
+        finally:
+            client.close()
+    return None
 
 
 def heat_wait_buckets(settings: Settings) -> list[int]:

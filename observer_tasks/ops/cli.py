@@ -22,7 +22,7 @@ import redis
 from ..core import keys as K
 from ..core.messages import QUEUE
 from ..core.settings import Settings, SettingsError, redact_url
-from ..core.store import master_address
+from ..core.store import access_problem, master_address
 from . import demo as demo_run
 from . import envfile
 from . import probes as P
@@ -277,7 +277,11 @@ def config_check(env_file: Path | None) -> None:
     reads it, and a line that systemd, a shell or docker's env_file would read
     differently is refused. Exit 2 with one line naming the line (or the
     variable and the value) when the file or a value would be refused, as the
-    worker refuses it. Unknown P28_* names (typos) are warned about.
+    worker refuses it. Exit 2 too when Redis refuses the user in REDIS_URL (or
+    in a Redis CELERY_BROKER_URL): a wrong password (WRONGPASS, NOAUTH) or a
+    missing ACL permission for the observer's steps (NOPERM), as the worker
+    refuses to start on it; a Redis that cannot be reached is not checked.
+    Unknown P28_* names (typos) are warned about.
 
     \b
     Examples:
@@ -297,6 +301,10 @@ def config_check(env_file: Path | None) -> None:
     except SettingsError as exc:
         where = f"{env_file}:{origin[exc_name]}" if (exc_name := refused_name(str(exc), origin)) else None
         raise P.Refused(f"{where or env_file or 'environment'}: {exc}") from None
+    # The worker refuses to start when Redis refuses its user; so does this check (an unreachable Redis passes).
+    refused = access_problem(settings, P.CLI_TIMEOUT_S)
+    if refused:
+        raise P.Refused(f"{env_file or 'environment'}: {refused}")
     sources = {name: (f"{env_file}:{origin[name]}" if name in origin else source)
                for name, source in Settings.sources(values).items()}
     click.echo(R.table(("variable", "value", "source"), R.config_rows(settings, sources)))

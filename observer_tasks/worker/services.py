@@ -1,11 +1,11 @@
 """The worker's services, as one Celery bootstep loaded by ``celery worker`` alone.
 
 tasks.py adds this step to the worker blueprint by name (a string), so importing the API loads nothing of
-it: no signal handler, no transport, no thread. Created with the worker, the step refuses bad settings (exit
-code 2 and one line), logs the operators' start-up lines, names the guarded Redis transport for the broker,
-and turns off task-sent events for the worker's own reschedules. Started with the worker, it serves /metrics
-and runs the sweeper thread (heartbeat, sweeps, and the wake listener it supervises); stopped with it, it
-stops them. Everything lives on the step instance: no module-level state.
+it: no signal handler, no transport, no thread. Created with the worker, the step refuses bad settings and a
+Redis user that Redis refuses (exit code 2 and one line), logs the operators' start-up lines, names the guarded
+Redis transport for the broker, and turns off task-sent events for the worker's own reschedules. Started with
+the worker, it serves /metrics and runs the sweeper thread (heartbeat, sweeps, and the wake listener it
+supervises); stopped with it, it stops them. Everything lives on the step instance: no module-level state.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from celery import bootsteps
 
 from ..core.settings import Settings, SettingsError
-from ..core.store import Store, redis_client
+from ..core.store import Store, access_problem, redis_client
 from . import kombu_guard
 from .metrics import serve
 from .sweeper import Sweeper
@@ -42,6 +42,12 @@ class ObserverServices(bootsteps.StartStopStep):
         except SettingsError as exc:
             print(f"P2.8A.3: refusing to start: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        # A refused user (wrong password, missing ACL permission) is a configuration error, like a bad setting:
+        # waiting would not fix it. Redis that cannot be reached is an outage: the worker starts and waits.
+        refused = access_problem(self.settings, MAIN_TIMEOUT_S)
+        if refused:
+            print(f"P2.8A.3: refusing to start: {refused}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
         app = worker.app
         # The worker only ever sends late_poll reschedules: no task-sent event for those.
         app.conf.task_send_sent_event = False

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..core.settings import HEARTBEAT_S, SWEEP_INTERVAL_S
-from ..core.store import Store, Unavailable, master_address
+from ..core.store import AccessRefused, Store, Unavailable, master_address
 from .wake import WakeListener
 
 log = logging.getLogger("observer_tasks.sweeper")
@@ -48,6 +48,7 @@ class Sweeper(threading.Thread):
         self.last_contact_ms: int | None = None
         self.down_since_ms: int | None = None
         self.next_sweep = 0.0
+        self.refused = False  # Redis refused this worker's user (NOPERM, WRONGPASS ...) since the last beat
 
     def run(self) -> None:
         if self.listener:
@@ -62,6 +63,11 @@ class Sweeper(threading.Thread):
                 if self.down_since_ms is None and self.last_contact_ms is not None:
                     self.down_since_ms = self.last_contact_ms
                     log.warning("P2.8A.3: sweeper cannot reach Redis: %s", exc)
+            except AccessRefused as exc:
+                if not self.refused:  # once until Redis accepts the user again
+                    self.refused = True
+                    log.error("P2.8A.3: Redis refuses the worker's user (%s): a configuration error, not an outage; "
+                              "fix the password in REDIS_URL or the user's ACL (deploy/redis/users.acl)", exc)
             except Exception:
                 log.exception("P2.8A.3: sweeper failed; trying again in %ss", HEARTBEAT_S)
             if self.stopped.wait(HEARTBEAT_S):
@@ -90,6 +96,7 @@ class Sweeper(threading.Thread):
             self.outages.append((self.down_since_ms, now))
             self.down_since_ms = None
         self.last_contact_ms = now
+        self.refused = False
 
     def sweep(self) -> None:
         while True:

@@ -23,7 +23,7 @@ from ..core import keys as K
 from ..core.app import app
 from ..core.messages import LATE_OBSERVE, LATE_POLL, LateMessage
 from ..core.settings import LOOKUP_TIMEOUT_S, RECORD_PATIENCE_S, Settings
-from ..core.store import Store, Unavailable, redis_client
+from ..core.store import AccessRefused, Store, Unavailable, redis_client
 
 log = logging.getLogger("observer_tasks.late")
 
@@ -98,8 +98,9 @@ def look(settings: Settings, store: Store, msg: LateMessage) -> tuple[str | Late
     polls = msg.polls + 1
     try:
         seen = store.look(msg.plan_id, polls, msg.errors)
-    except Unavailable:
-        # A failed look; the second one ends the plan as redis_error (recorded by the next run).
+    except (Unavailable, AccessRefused):
+        # A failed look (a refused user too: the worker checked it at start-up, so its ACL changed since);
+        # the second one ends the plan as redis_error (recorded by the next run).
         return dataclasses.replace(msg, polls=polls, errors=msg.errors + 1), settings.late_obs_poll_ms
     if seen.status != "pending":
         return seen.reason or seen.status, 0
@@ -114,7 +115,7 @@ def finish_redis_error(settings: Settings, store: Store, msg: LateMessage) -> tu
     try:
         store.finish(msg.plan_id, "redis_error", {"polls": msg.polls, "errors": 2})
         return "redis_error", 0
-    except Unavailable as exc:
+    except (Unavailable, AccessRefused) as exc:
         attempts = msg.errors - 2 + 1
         if attempts * settings.late_obs_poll_ms >= RECORD_PATIENCE_S * 1000:
             log.error("P2.8A.3: could not record plan %s (%s); the sweeper will record it", msg.plan_id, exc)

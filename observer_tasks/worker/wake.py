@@ -33,7 +33,7 @@ import redis
 import redis.sentinel
 
 from ..core.settings import WAKE_PING_S, WAKE_SILENT_S
-from ..core.store import Store, Unavailable, master_address, redis_client
+from ..core.store import AccessRefused, Store, Unavailable, master_address, redis_client
 
 log = logging.getLogger("observer_tasks.wake")
 
@@ -72,7 +72,7 @@ class WakeListener(threading.Thread):
                 pause = RECONNECT_FIRST_S
                 self.resync()
                 self.listen(self.conn)
-            except (redis.RedisError, OSError, Unavailable) as exc:
+            except (redis.RedisError, OSError, Unavailable, AccessRefused) as exc:
                 if not self.stopped.is_set() and (self.connected or pause == RECONNECT_FIRST_S):
                     log.warning("P2.8A.3: wake listener lost Redis (%r); polls cover until it is back", exc)
             except Exception:
@@ -155,7 +155,7 @@ class WakeListener(threading.Thread):
     def wake(self, plans: list[str]) -> None:
         try:
             self.store.wake(plans)
-        except Unavailable as exc:
+        except (Unavailable, AccessRefused) as exc:
             # The chain's polls record these plans; nothing is lost, only later.
             log.warning("P2.8A.3: wake step failed for %d plan(s) (%s)", len(plans), exc)
 
