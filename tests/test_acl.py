@@ -27,7 +27,7 @@ import redis
 from observer_tasks.client import producer
 from observer_tasks.core import keys as K
 from observer_tasks.core.settings import Settings
-from observer_tasks.core.store import Store, redis_client
+from observer_tasks.core.store import AccessRefused, Store, redis_client
 from observer_tasks.ops import demo
 
 from .conftest import ROOT, Worker, poll, scrape
@@ -302,3 +302,56 @@ def test_config_check_names_a_refused_user(env: dict[str, str], acl_redis: AclRe
     assert "REDIS_URL=redis://observer-worker:***@" in done.stderr and "Redis refuses the user" in done.stderr
     assert ("WRONGPASS" in done.stderr or "invalid username-password" in done.stderr) if case == "wrong password" \
         else "no permissions" in done.stderr
+
+
+# -- every step touches only the keys it declares ---------------------------------------------------------
+
+
+class DeclaredKeysOnly(redis.Redis):
+    """A client whose user may touch exactly the keys of the script call it is making (set just before it):
+    any key a script reaches without naming it in KEYS is refused (NOPERM inside the script)."""
+
+    admin: redis.Redis
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in keys_and_args[:numkeys]]
+        patterns = ["~" + "".join("\\" + c if c in "*?[]\\" else c for c in k) for k in keys]
+        self.admin.execute_command("ACL", "SETUSER", "declared", "resetkeys", *patterns)
+        return super().evalsha(sha, numkeys, *keys_and_args)
+
+
+@pytest.fixture
+def declared_store(acl_redis: AclRedis) -> tuple[Store, redis.Redis]:
+    admin = acl_redis.admin
+    admin.execute_command("ACL", "SETUSER", "declared", "on", ">declared-Pw", "+@all", "&*")
+    client = DeclaredKeysOnly.from_url(acl_redis.url("declared", password="declared-Pw"), socket_timeout=5)
+    client.admin = admin
+    return Store(Settings(late_obs_max_wait_ms=50, late_obs_poll_ms=10), client), admin
+
+
+def test_admission_looks_wake_finish_and_heartbeat_touch_only_declared_keys(
+        declared_store: tuple[Store, redis.Redis]) -> None:
+    store, admin = declared_store
+    assert store.observe_early("d1", "BTCUSDT", "EXECUTE") == "missing"
+    assert store.admit("d1", "BTCUSDT", "EXECUTE").status == "admitted"
+    assert store.look("d1", 1, 0).status == "pending"
+    admin.hset(store.keys.heat("d1"), mapping={"heat_level": "hot", "ts_epoch": "1"})
+    assert store.wake(["d1"]) == {"d1": "ok"}
+    assert store.look("d1", 2, 0).status == "gone"
+    assert store.admit("d2", "BTCUSDT", "").status == "admitted"
+    assert store.finish("d2", "redis_error", {"polls": 2, "errors": 2})
+    store.heartbeat("declared@test", {"wake": "connected"}, "connected")
+    assert admin.acl_log() == []
+
+
+@pytest.mark.xfail(reason="until issue 20 item 2 lands: the sweep step builds each plan's dedupe key in Lua "
+                          "instead of receiving it in KEYS", raises=AccessRefused, strict=False)
+def test_the_sweep_touches_only_declared_keys(declared_store: tuple[Store, redis.Redis]) -> None:
+    store, admin = declared_store
+    for plan in ("s1", "s2"):
+        assert store.admit(plan, "BTCUSDT", "").status == "admitted"
+        admin.zadd(K.INFLIGHT, {plan: 1})  # its lease ended long ago: overdue for the sweeper
+    admin.hset(K.UNSENT, "s2", "broker unavailable")
+    store.sweep([])
+    assert admin.zcard(K.INFLIGHT) == 0 and admin.xlen(store.keys.stream) == 2
+    assert admin.acl_log() == []

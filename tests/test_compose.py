@@ -166,7 +166,10 @@ def test_systemd_unit() -> None:
     unit.read_string(UNIT.read_text())
     svc = unit["Service"]
     assert svc["ExecStart"].endswith("celery -A observer_tasks worker -Q late_obs")
-    assert svc["EnvironmentFile"] == "/etc/quantum/apply-layer.env"
+    # The apply layer's file, then the worker's own (optional: its Redis ACL user), which wins where both set a
+    # variable. configparser keeps only the last of repeated keys, so these are read as lines.
+    files = [line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if line.startswith("EnvironmentFile=")]
+    assert files == ["/etc/quantum/apply-layer.env", "-/etc/quantum/observer-worker.env"]
     assert svc["Restart"] == "on-failure"
     assert svc["User"] not in ("", "root")
     assert svc["KillSignal"] == "SIGTERM" and svc["KillMode"] == "mixed"
