@@ -30,7 +30,7 @@ from observer_tasks.core.settings import Settings
 from observer_tasks.core.store import AccessRefused, Store, redis_client
 from observer_tasks.ops import demo
 
-from .conftest import ROOT, Worker, poll, scrape
+from .conftest import ROOT, Worker, free_port, poll, scrape
 
 ACL_FILE = ROOT / "deploy" / "redis" / "users.acl"
 CLI = str(Path(sys.executable).with_name("observer-tasks"))
@@ -191,6 +191,16 @@ def test_whole_pipeline_under_the_acl_then_each_role_refused_outside_it(
         for command in (["coverage"], ["latency"]):
             done = run_cli(ops_env, *command)
             assert done.returncode == 0, done.stdout + done.stderr
+        exporter_port = free_port()
+        exporter = subprocess.Popen([CLI, "metrics", "--port", str(exporter_port), "--addr", "127.0.0.1"],
+                                    env={**os.environ, **ops_env}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        try:
+            exported = poll(lambda: scrape(exporter_port), 20, 0.1, "the standalone exporter, as observer-ops")
+        finally:
+            exporter.terminate()
+            exporter.wait(10)
+        assert "p28_metrics_redis_up 1.0" in exported and 'p28_late_obs_recorded_total{path="sweep"} 1.0' in exported
 
     refused = server.refusals()
     assert refused == [], f"the pipeline was refused under the ACL: {refused}"
@@ -208,6 +218,11 @@ def test_whole_pipeline_under_the_acl_then_each_role_refused_outside_it(
     ops_client = server.client("observer-ops")
     with pytest.raises(redis.exceptions.NoPermissionError):
         ops_client.hincrby(K.COUNTERS, "observed|create_apply_plan|1", 1)  # the tools are read-only
+    apply_client = server.client("observer-apply")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        apply_client.publish(f"/{BROKER_DB}.celery.pidbox", "x")  # channels: only its task.sent event
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        apply_client.lpush("celery", "x")  # the broker's keys: only late_obs
     assert admin.hget(heat_key, "x") is None
 
 
