@@ -152,6 +152,8 @@ def test_whole_pipeline_under_the_acl_then_each_role_refused_outside_it(
         # observer-apply, in this process), the operator's tally reading the stream as observer-ops.
         env.update(role_env(server, "observer-apply"))
         settings = Settings.from_env()
+        admin.hset(K.Keys.from_settings(settings).heat("acl-early"), mapping={"heat_level": "hot", "ts_epoch": "1"})
+        assert producer.observe("acl-early", "BTCUSDT", "EXECUTE") == "ok"  # the early observer reads heat
         ops = server.client("observer-ops")
         heat_writer = server.client("heatbridge")
         bridge = demo.HeatBridge(heat_writer, K.Keys.from_settings(settings))
