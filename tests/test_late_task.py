@@ -4,7 +4,6 @@ redelivered messages, many plans."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 
@@ -32,19 +31,29 @@ def broker_idle() -> bool:
     return broker.llen("late_obs") == 0 and broker.hlen("unacked") == 0
 
 
-def write_heat_after(r: redis.Redis, plan: str, delay_s: float) -> threading.Timer:
-    timer = threading.Timer(delay_s, r.hset, (HEAT + plan,), {"mapping": {"heat_level": "hot", "heat_action": "NONE"}})
-    timer.start()
-    return timer
+def write_heat_during_the_wait(r: redis.Redis, plan: str, after_ms: int) -> int:
+    """HeatBridge's write, once Redis's clock is after_ms past the plan's publish (heat that comes while the
+    observer waits); returns how long after the publish the write began, on Redis's clock (ms)."""
+    published_ms = int(json.loads(r.hget(LEASES, plan))["published_ms"])  # type: ignore[arg-type]
+
+    def redis_ms() -> int:
+        sec, usec = r.time()
+        return int(sec * 1000 + usec // 1000)
+
+    began_ms = poll(lambda: (now := redis_ms()) >= published_ms + after_ms and now, what=f"{after_ms} ms into the wait")
+    r.hset(HEAT + plan, mapping={"heat_level": "hot", "heat_action": "NONE"})
+    return int(began_ms) - published_ms
 
 
 def test_wake_records_the_moment_heat_is_written(r: redis.Redis, worker: Worker) -> None:
     assert observe_late("p1", "BTCUSDT", "EXECUTE") == "enqueued"
-    write_heat_after(r, "p1", 0.2).join()
+    written_ms = write_heat_during_the_wait(r, "p1", 200)
     entry = one_entry(r, "p1")
     assert (entry["heat_found"], entry["heat_reason"], entry["heat_level"], entry["apply_decision"]) == (
         "1", "ok", "hot", "EXECUTE")
-    assert entry["recorded_by"] == "wake" and 200 <= int(entry["wait_ms"]) < 300
+    # Recorded by the push, after the write (both on Redis's clock); how soon after is the benchmark's figure
+    # (wake lag in docs/performance.md), not a window to assert on a shared machine.
+    assert entry["recorded_by"] == "wake" and int(entry["wait_ms"]) >= written_ms
     # The chain's next look finds the plan gone and ends without rescheduling.
     poll(lambda: inflight(r) == 0 and broker_idle(), what="chain ended")
 
@@ -55,10 +64,12 @@ def test_polling_only_finds_heat_after_a_few_looks(r: redis.Redis, env: dict[str
     w = start_worker()  # type: ignore[operator]
     assert "P2.8A.3: wake path off" in w.output()
     assert observe_late("p1", "BTCUSDT", "EXECUTE") == "enqueued"
-    write_heat_after(r, "p1", 0.2).join()
+    written_ms = write_heat_during_the_wait(r, "p1", 200)
     entry = one_entry(r, "p1")
     assert (entry["heat_reason"], entry["recorded_by"]) == ("ok", "look")
-    assert int(entry["polls"]) >= 2 and 200 <= int(entry["wait_ms"]) < 600
+    # Found by one of the looks during the wait (eight POLL_MS lie between the write and the deadline), not by
+    # the deadline's look: a behaviour, not a speed.
+    assert int(entry["polls"]) >= 2 and written_ms <= int(entry["wait_ms"]) < 600
 
 
 def test_timeout_after_max_wait(r: redis.Redis, worker: Worker) -> None:
