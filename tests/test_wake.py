@@ -136,26 +136,38 @@ def test_burst_of_unrelated_writes_and_bad_keys(r: redis.Redis, env: dict[str, s
             status = f.read()
         return int(status.split("VmRSS:")[1].split()[0])
 
-    before = rss_kb()
-    plans = [f"b{i}" for i in range(10)]
-    for plan in plans:
-        assert observe_late(plan, "BTCUSDT") == "enqueued"
-    pipe = r.pipeline(transaction=False)
-    for i in range(10_000):
-        pipe.hset(f"{HEAT}unrelated-{i}", "heat_level", "cold")
-    for bad in ("a*b", "", "x:y", "é", "a" * 200):
-        pipe.hset(HEAT + bad, "heat_level", "hot")
-    r.publish("__redis__:invalidate", "not a tracking message")
-    pipe.execute()
-    written = time.monotonic()
-    for plan in plans:
-        r.hset(HEAT + plan, "heat_level", "warm")
-    poll(lambda: len(late_entries(r)) == 10, timeout=1.0 + 1.0, what="plans recorded within one safety interval")
-    print(f"\nafter 10 000 unrelated writes: 10 plans recorded {time.monotonic() - written:.2f}s later")
-    entries = assert_exactly_once(r, plans)
+    def burst_then_plans(tag: str, unrelated: int) -> int:
+        """Writes to unrelated keys, then heat for 10 plans under observation; returns the bytes of key names
+        pushed. The plans' pushes come after the burst's, so once they are recorded the burst was handled."""
+        plans = [f"{tag}{i}" for i in range(10)]
+        for plan in plans:
+            assert observe_late(plan, "BTCUSDT") == "enqueued"
+        pipe = r.pipeline(transaction=False)
+        names = [f"{HEAT}unrelated-{tag}-{i}" for i in range(unrelated)]
+        for name in names:
+            pipe.hset(name, "heat_level", "cold")
+        for bad in ("a*b", "", "x:y", "é", "a" * 200):
+            pipe.hset(HEAT + bad, "heat_level", "hot")
+        r.publish("__redis__:invalidate", "not a tracking message")
+        pipe.execute()
+        written = time.monotonic()
+        for plan in plans:
+            r.hset(HEAT + plan, "heat_level", "warm")
+        poll(lambda: {e["plan_id"] for e in late_entries(r)} >= set(plans), timeout=1.0 + 1.0,
+             what="plans recorded within one safety interval")
+        print(f"\nafter {unrelated} unrelated writes: 10 plans recorded {time.monotonic() - written:.2f}s later")
+        return sum(len(name) for name in names)
+
+    burst_then_plans("b", 10_000)  # the first burst also grows the worker's buffers once
+    settled = rss_kb()
+    pushed = burst_then_plans("c", 50_000)
+    grown_kb = rss_kb() - settled
+    print(f"worker RSS after 50 000 more pushed keys: {grown_kb:+d} kB (their names alone: {pushed // 1024} kB)")
+    entries = assert_exactly_once(r, [f"{tag}{i}" for tag in "bc" for i in range(10)])
     assert {e["heat_reason"] for e in entries} == {"ok"}
     assert worker.proc.poll() is None and "Traceback" not in worker.output()
-    assert rss_kb() - before < 20_000  # flat: nothing kept per pushed key
+    # Flat: a listener that kept anything per pushed key would keep at least its name.
+    assert grown_kb * 1024 < pushed
 
 
 def test_two_workers_record_every_plan_once(r: redis.Redis, env: dict[str, str],
