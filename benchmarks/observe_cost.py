@@ -9,7 +9,8 @@ own; then (not timed) the plan's heat hash is written, as HeatBridge would, so t
 each plan once instead of polling it to its deadline. A real worker
 (``celery -A observer_tasks worker -Q late_obs``) runs as a subprocess on the same databases, as in
 production, unless --no-worker. Prints p50/p99/max of both and the ratios; the goal (issue 11) is
-observe_late p50 <= 2.5x and p99 <= 3x the bare round trip.
+observe_late p50 <= 2.5x and p99 <= 3x the bare round trip. With P28_REPLICA_WAIT_MS set in the
+environment each admission also waits for a replica (run it against a master with a replica).
 
 FLUSHES both databases given by --redis-url and --broker-url (FLUSHDB, at start and at the end);
 nothing else is touched. The defaults are the benchmark databases 9 and 10, as for bench.py.
@@ -119,6 +120,10 @@ def measure(args: argparse.Namespace, data: redis.Redis) -> None:
     p50_met, p99_met = ("met" if ok else "MISSED" for ok in (l50 / b50 <= 2.5, l99 / b99 <= 3))
     print(f"ratio observe_late / bare:          p50 {l50 / b50:.2f}x (goal <= 2.5x: {p50_met})"
           f"  p99 {l99 / b99:.2f}x (goal <= 3x: {p99_met})")
+    counters = {k.decode(): int(v) for k, v in data.hgetall("quantum:p28:counters").items()}
+    print(f"P28_REPLICA_WAIT_MS={os.environ.get('P28_REPLICA_WAIT_MS', '0')}: replicas "
+          f"{data.info('replication').get('connected_slaves', 0)}, admissions no replica acknowledged "
+          f"{counters.get('unreplicated|admit', 0)}")
     if not args.no_worker:
         deadline = time.monotonic() + 30
         total = 200 + args.calls

@@ -163,3 +163,34 @@ def test_lua_scripts_are_loadable_with_redis_cli(r: redis.Redis) -> None:
                          capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[0] == "admitted"
     assert inflight(r) == 1
+
+
+def test_a_lease_lost_unrecorded_is_counted_once(r: redis.Redis, env: dict[str, str]) -> None:
+    """A failover to a replica that never received an admission leaves the message without its lease and
+    without a record: its look counts the plan as lost, once, and writes no entry."""
+    store = make_store(env)
+    admission = store.admit("p1", "BTCUSDT", "EXECUTE")
+    r.hdel(LEASES, "p1")  # what the promoted replica never had
+    r.zrem("quantum:p28:late_obs:inflight", "p1")
+    assert store.look("p1", 1, 0, admission.deadline_ms).status == "lost"
+    assert store.look("p1", 1, 0, admission.deadline_ms).status == "gone"  # a redelivery counts nothing
+    # A recorded plan, and a message older than the dedupe window (its record's key may be gone): gone.
+    recorded = store.admit("p2", "BTCUSDT", "EXECUTE")
+    r.hset(HEAT + "p2", "heat_level", "hot")
+    assert store.look("p2", 1, 0, recorded.deadline_ms).status == "recorded"
+    assert store.look("p2", 1, 0, recorded.deadline_ms).status == "gone"
+    assert store.look("p3", 1, 0, recorded.deadline_ms - 601_000).status == "gone"
+    assert counts(r)["lost"] == 1
+    assert [e["plan_id"] for e in late_entries(r)] == ["p2"]
+
+
+def test_replica_wait_counts_steps_no_replica_acknowledged(r: redis.Redis, env: dict[str, str]) -> None:
+    """The tests' Redis has no replica: with P28_REPLICA_WAIT_MS every admission and record waits that long,
+    stands, and is counted as unreplicated."""
+    store = make_store(env, P28_REPLICA_WAIT_MS="5")
+    admission = store.admit("p1", "BTCUSDT", "EXECUTE")
+    assert admission.status == "admitted"
+    r.hset(HEAT + "p1", "heat_level", "hot")
+    assert store.look("p1", 1, 0, admission.deadline_ms).status == "recorded"
+    assert (counts(r)["unreplicated|admit"], counts(r)["unreplicated|record"]) == (1, 1)
+    assert [e["plan_id"] for e in late_entries(r)] == ["p1"]

@@ -119,6 +119,10 @@ class Settings:
         metadata=_var("P28_LATE_OBS_SAFETY_POLL_MS", "interval between looks while the wake path is healthy (ms)",
                       lo=0, hi=600_000),
     )
+    replica_wait_ms: int = field(
+        default=0,
+        metadata=_var("P28_REPLICA_WAIT_MS", "after each admission and record, WAIT this long for one replica (ms, "
+                      "0: off); within the apply layer's call cap", lo=0, hi=int(CALL_TIMEOUT_S * 1000) - 10))
     redis_url: str = field(
         default="redis://localhost:6379/0", metadata=_var("REDIS_URL", "Redis holding heat, stream and counters")
     )

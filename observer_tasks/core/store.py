@@ -167,7 +167,7 @@ class Store:
             raise
 
     def _observe_call(self, mode: str, plans: list[str], obs_point: str = K.OBS_LATE, a: Any = "", b: Any = "",
-                      context: dict[str, Any] | None = None, client: Any = None) -> Any:
+                      context: dict[str, Any] | None = None, client: Any = None, tail: tuple[Any, ...] = ()) -> Any:
         s = self.settings
         plan_keys = [k for p in plans for k in (self.keys.heat(p), self.keys.dedupe(obs_point, p))]
         return self._call(
@@ -175,7 +175,7 @@ class Store:
             [K.INFLIGHT, K.LEASES, self.keys.stream, K.COUNTERS, K.HEAT_WAIT, K.UNSENT, K.WAKE_OK, K.WAKE_DEGRADED,
              *plan_keys],
             [mode, s.dedupe_ttl_sec, STREAM_MAXLEN, s.max_debug_chars, s.late_obs_poll_ms, self._bounds,
-             json.dumps(context or {}), a, b, *plans],
+             json.dumps(context or {}), a, b, *plans, *tail],
             client,
         )
 
@@ -194,7 +194,25 @@ class Store:
             self._admit, [K.INFLIGHT, K.LEASES, K.COUNTERS, self.keys.dedupe(K.OBS_LATE, plan_id)],
             [plan_id, s.late_obs_max_wait_ms, s.sweep_grace_ms, s.late_obs_max_inflight, symbol, apply_decision],
         )
+        if _text(status) == "admitted":
+            self.replicated("admit")
         return Admission(_text(status), int(published), int(deadline))
+
+    def replicated(self, step: str) -> None:
+        """With P28_REPLICA_WAIT_MS: WAIT for one replica to have the step's writes, at most that long.
+
+        Redis replication is asynchronous: a write the master acknowledged can vanish in a failover. After
+        WAIT 1 answers 1, the admission or record is on a replica too. A step no replica acknowledged in time
+        is kept (it is on the master) and counted in p28_late_obs_unreplicated_total{step}, best effort.
+        """
+        wait_ms = self.settings.replica_wait_ms
+        if not wait_ms:
+            return
+        try:
+            if int(self.client.execute_command("WAIT", 1, wait_ms)) < 1:
+                self.client.hincrby(K.COUNTERS, f"unreplicated|{step}", 1)
+        except redis.RedisError:
+            pass  # the step itself succeeded; the next one meets the outage
 
     def observe_early(self, plan_id: str, symbol: str, apply_decision: str) -> str:
         """The early observer in one round trip: the reason recorded, or 'duplicate'."""
@@ -221,11 +239,13 @@ class Store:
                 raise Unavailable(str(exc)[:200]) from exc
 
     # -- the worker's steps -------------------------------------------------------
-    def look(self, plan_id: str, polls: int, errors: int) -> Look:
-        """One look at a leased plan: recorded (heat there or deadline passed), gone, or pending."""
-        reply = self._observe_call("look", [plan_id], a=polls, b=errors)
+    def look(self, plan_id: str, polls: int, errors: int, deadline_ms: int = 0) -> Look:
+        """One look at a leased plan: recorded (heat there or deadline passed), gone, pending, or lost (no
+        lease and no record for a message younger than the dedupe window: counted once)."""
+        reply = self._observe_call("look", [plan_id], a=polls, b=errors, tail=(deadline_ms,))
         status = _text(reply[0])
         if status == "recorded":
+            self.replicated("record")
             return Look(status, _text(reply[1]))
         if status == "pending":
             return Look(status, "", int(reply[1]), int(reply[2]), bool(int(reply[3])))
@@ -234,13 +254,18 @@ class Store:
     def finish(self, plan_id: str, reason: str, context: dict[str, Any]) -> bool:
         """Record an outcome decided outside Redis (redis_error); False when the lease was already gone."""
         reply = self._observe_call("finish", [plan_id], a=reason, b="look", context=context)
-        return _text(reply[0]) == "recorded"
+        if _text(reply[0]) == "recorded":
+            self.replicated("record")
+            return True
+        return False
 
     def wake(self, plan_ids: list[str], client: Any = None) -> dict[str, str]:
         """The wake step for a batch of plans whose heat hash was written: {plan: reason} of those recorded."""
         if not plan_ids:
             return {}
         reply = self._observe_call("wake", plan_ids, client=client)
+        if reply:
+            self.replicated("record")
         return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)}
 
     def sweep(self, outages: list[tuple[int, int]]) -> tuple[int, int, int]:
@@ -248,6 +273,8 @@ class Store:
         windows = " ".join(f"{start} {end}" for start, end in outages)
         now, recorded, freed, _plans = self._observe_call(
             "sweep", [], a=windows, b=f"quantum:dedupe:p28:{K.OBS_LATE}:", context={})
+        if int(recorded):
+            self.replicated("record")
         return int(now), int(recorded), int(freed)
 
     def leased_plans(self) -> list[str]:

@@ -87,6 +87,13 @@ class RedisCollector(Collector):
         yield refused
         yield CounterMetricFamily("p28_late_obs_dropped", "Plans refused because MAX_INFLIGHT plans were in flight",
                                   value=counts.get("dropped", 0))
+        yield CounterMetricFamily("p28_late_obs_lost", "Admitted plans whose lease vanished unrecorded (a Redis"
+                                  " failover to a replica that had not received it)", value=counts.get("lost", 0))
+        unreplicated = CounterMetricFamily("p28_late_obs_unreplicated", "Admissions and records no replica"
+                                           " acknowledged within P28_REPLICA_WAIT_MS", labels=["step"])
+        for step in ("admit", "record"):
+            unreplicated.add_metric([step], counts.get(f"unreplicated|{step}", 0))
+        yield unreplicated
         yield CounterMetricFamily("p28_late_obs_recovered", "Plans recorded by the sweeper (no record by deadline"
                                   " + grace)", value=counts.get("recovered", 0))
         recorded = CounterMetricFamily("p28_late_obs_recorded", "publish_plan_post entries by who recorded them",

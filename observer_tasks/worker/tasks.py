@@ -97,7 +97,7 @@ def look(settings: Settings, store: Store, msg: LateMessage) -> tuple[str | Late
     """One look: the outcome recorded ('ok', 'timeout', ... or 'gone'), or the next message and its countdown."""
     polls = msg.polls + 1
     try:
-        seen = store.look(msg.plan_id, polls, msg.errors)
+        seen = store.look(msg.plan_id, polls, msg.errors, msg.deadline_ms)
     except (Unavailable, AccessRefused):
         # A failed look (a refused user too: the worker checked it at start-up, so its ACL changed since);
         # the second one ends the plan as redis_error (recorded by the next run).

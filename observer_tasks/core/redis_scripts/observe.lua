@@ -17,7 +17,7 @@
 -- ARGV[6] histogram bounds (ms, ascending, space separated)  ARGV[7] context JSON for debug_json
 -- ARGV[8], ARGV[9]: early: symbol, decision | look: polls, errors | finish: reason, path
 --                   sweep: outage windows 'start end ...' (Redis ms), dedupe key prefix
--- ARGV[10..] plan ids (one per heat/dedupe key pair)
+-- ARGV[10..] plan ids (one per heat/dedupe key pair); look: ARGV[11] the message's deadline (Redis ms)
 
 local mode = ARGV[1]
 local LATE = 'publish_plan_post'
@@ -209,7 +209,16 @@ end
 if mode == 'look' then
   local plan = ARGV[10]
   local lease = lease_of(plan)
-  if not lease then return {'gone'} end
+  if not lease then
+    -- No lease and no record while the message is still young enough that a record's dedupe key would be
+    -- there: the admission vanished (a failover to a replica that never received it). Counted, once.
+    local young = now <= (tonumber(ARGV[11]) or 0) + 1000 * tonumber(ARGV[2])
+    if young and redis.call('SET', KEYS[10], 'lost', 'NX', 'EX', ARGV[2]) then
+      redis.call('HINCRBY', KEYS[4], 'lost', 1)
+      return {'lost'}
+    end
+    return {'gone'}
+  end
   local polls = tonumber(ARGV[8])
   local extra = {}
   if tonumber(ARGV[9]) > 0 then extra.errors = tonumber(ARGV[9]) end
