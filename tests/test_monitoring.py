@@ -25,9 +25,9 @@ that long after the fault by design. Rather than wait 10 minutes, the test fast-
 the fault is over: it deletes the fault's samples of that one series through Prometheus's admin API, which
 is what the window would have forgotten by then, and the alert then resolves as it would 10 minutes later.
 
-Each alert's times to fire and resolve are printed (`pytest -s`). Without prometheus, promtool or
-prometheus-alertmanager on PATH (Debian packages prometheus, prometheus-alertmanager) the test skips, and
-fails when CI is set. Ports: TEST_PORT_BASE + 0..20 when set (tests/conftest.py), else free ports.
+Each alert's times to fire and resolve are printed (`pytest -s`). Without prometheus or
+prometheus-alertmanager on PATH (Debian packages of those names) the test skips, and fails when CI is set.
+Ports: TEST_PORT_BASE + 1..12 when it is set (tests/conftest.py), else free ports.
 """
 
 from __future__ import annotations
