@@ -358,6 +358,7 @@ def rules_with_short_for(path: Path) -> None:
     shipped = yaml.safe_load(RULES.read_text())
     for group in shipped["groups"]:
         for rule in group["rules"]:
+            assert rule["alert"] in FOR, f"{rule['alert']} is new: give it a short `for:` in FOR and a fault here"
             rule["for"] = FOR[rule["alert"]]
     path.write_text(yaml.safe_dump(shipped, sort_keys=False, width=200))
     ours = {r["alert"]: r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]}
