@@ -35,6 +35,13 @@ accept_content = ["json"]
 event_serializer = "json"
 
 task_default_queue = QUEUE
+if _settings.late_obs_queue_type == "quorum":
+    # late_obs as a RabbitMQ quorum queue. Celery sends its countdowns through RabbitMQ's native delayed
+    # delivery (whole seconds, which the settings enforce), which needs a topic exchange; Celery detects the
+    # quorum queue and drops global QoS. Both the apply layer and the worker must read the same setting:
+    # each declares the queue, and RabbitMQ refuses a declaration of another type.
+    task_default_queue_type = "quorum"
+    task_default_exchange_type = "topic"
 task_routes = {"observer_tasks.late_*": {"queue": QUEUE}}
 
 # Flower and celery-exporter see every plan: observe_late's message sends task-sent (with the queue name)

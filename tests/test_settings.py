@@ -37,6 +37,7 @@ def test_defaults_are_the_contracts() -> None:
         "P28_LATE_OBS_MAX_INFLIGHT": "200",
         "P28_LATE_OBS_WAKE": "true",
         "P28_LATE_OBS_SAFETY_POLL_MS": "1000",
+        "P28_LATE_OBS_QUEUE_TYPE": "classic",
         "P28_REPLICA_WAIT_MS": "0",
         "REDIS_URL": "redis://localhost:6379/0",
         "CELERY_BROKER_URL": "",

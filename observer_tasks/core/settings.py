@@ -63,6 +63,8 @@ SENTINEL_DEFAULT_PORT = 26379
 #: Schemes that name a Redis Cluster, refused until it is built (docs/architecture.md#beyond-one-redis).
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster", "redis-cluster", "cluster")
 REDIS_SCHEMES = ("redis", "rediss", *SENTINEL_SCHEMES)
+#: P28_LATE_OBS_QUEUE_TYPE's values: RabbitMQ's queue types for late_obs.
+QUEUE_TYPES = ("classic", "quorum")
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
 
@@ -119,6 +121,9 @@ class Settings:
         metadata=_var("P28_LATE_OBS_SAFETY_POLL_MS", "interval between looks while the wake path is healthy (ms)",
                       lo=0, hi=600_000),
     )
+    late_obs_queue_type: str = field(
+        default="classic",
+        metadata=_var("P28_LATE_OBS_QUEUE_TYPE", "RabbitMQ type of the late_obs queue: classic or quorum"))
     replica_wait_ms: int = field(
         default=0,
         metadata=_var("P28_REPLICA_WAIT_MS", "after each admission and record, WAIT this long for one replica (ms, "
@@ -152,6 +157,18 @@ class Settings:
         if safety and not poll <= safety <= wait:
             raise SettingsError(f"P28_LATE_OBS_SAFETY_POLL_MS={safety} is outside P28_LATE_OBS_POLL_MS={poll}"
                                 f"..P28_LATE_OBS_MAX_WAIT_MS={wait}")
+        kind = self.late_obs_queue_type
+        if kind not in QUEUE_TYPES:
+            raise SettingsError(f"P28_LATE_OBS_QUEUE_TYPE={kind!r} is not one of {'/'.join(QUEUE_TYPES)}")
+        if kind == "quorum":
+            if self.broker_is_redis:
+                raise SettingsError("P28_LATE_OBS_QUEUE_TYPE=quorum needs a RabbitMQ broker (CELERY_BROKER_URL="
+                                    f"amqp://...), not {redact_url(self.broker)!r}")
+            # Celery's native delayed delivery (how a quorum queue takes a countdown) counts whole seconds.
+            for env, ms in (("P28_LATE_OBS_POLL_MS", poll), ("P28_LATE_OBS_SAFETY_POLL_MS", self.safety_poll_ms)):
+                if ms % 1000:
+                    raise SettingsError(f"{env}={ms} with P28_LATE_OBS_QUEUE_TYPE=quorum: RabbitMQ's native "
+                                        "delayed delivery counts whole seconds; use a multiple of 1000")
 
     @property
     def safety_poll_ms(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -84,6 +85,9 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
             return outcome
         msg = outcome
         countdown_s = max(interval_ms, 0) / 1000
+        if settings.late_obs_queue_type == "quorum":
+            # Native delayed delivery truncates to whole seconds: round up, so the last look is never early.
+            countdown_s = math.ceil(countdown_s)
         try:
             late_poll.apply_async(args=msg.args(), kwargs=msg.kwargs(),
                                   countdown=countdown_s, task_id=task.request.id, retry=False)
