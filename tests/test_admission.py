@@ -83,3 +83,37 @@ def test_disabled_switch(r: redis.Redis, env: dict[str, str]) -> None:
     env["P28_LATE_OBS_ENABLED"] = "off"
     assert observe_late("p1", "BTCUSDT") == "disabled"
     assert inflight(r) == 0 and redis.Redis.from_url(env["CELERY_BROKER_URL"]).llen("late_obs") == 0
+
+
+def test_a_retried_admission_finds_its_own_lease_and_a_late_one_keeps_its_publish_time(
+        r: redis.Redis, env: dict[str, str]) -> None:
+    """A caller's admission whose reply was lost is retried by the thread with the same token: 'admitted' with
+    the first lease's times (its message is then sent), never a 'duplicate' left to the sweeper."""
+    settings = Settings.from_env()
+    store = Store(settings, redis_client(DATA_URL, 1.0, "test"))
+    first = store.admit("p1", "BTCUSDT", "EXECUTE", token="tok-1")
+    assert first.status == "admitted"
+    assert store.admit("p1", "BTCUSDT", "EXECUTE", token="tok-1") == first
+    assert store.admit("p1", "BTCUSDT", "EXECUTE", token="tok-2").status == "duplicate"
+    assert store.admit("p1", "BTCUSDT", "EXECUTE").status == "duplicate"
+    # Deferred 700 ms in the producer: published that much before Redis's now, the deadline with it.
+    before = redis_ms(r)
+    late = store.admit("p2", "BTCUSDT", "EXECUTE", token="tok-3", age_ms=700)
+    assert late.status == "admitted" and before - 700 <= late.published_ms <= redis_ms(r) - 700
+    assert late.deadline_ms - late.published_ms == settings.late_obs_max_wait_ms
+
+
+def test_settle_counts_a_lost_call_once_and_only_if_redis_never_did_it(r: redis.Redis, env: dict[str, str]) -> None:
+    """A call given up on after its reply was lost: settled against what Redis did, so a plan is never both
+    recorded and counted as refused, and the lost attempt cannot land afterwards."""
+    settings = Settings.from_env()
+    store = Store(settings, redis_client(DATA_URL, 1.0, "test"))
+    done = store.admit("done", "BTCUSDT", "", token="t-done")
+    store.observe_early("early-done", "BTCUSDT", "")
+    out = store.settle([("publish_plan_post", "done", "t-done"), ("publish_plan_post", "never", "t-never"),
+                        ("create_apply_plan", "early-done", ""), ("create_apply_plan", "early-never", "")])
+    assert [o.status for o in out] == ["admitted", "refused", "duplicate", "refused"]
+    assert (out[0].published_ms, out[0].deadline_ms) == (done.published_ms, done.deadline_ms)
+    # The settled-as-refused calls cannot happen any more: the lost attempt, if it lands now, is a duplicate.
+    assert store.admit("never", "BTCUSDT", "", token="t-never").status == "duplicate"
+    assert store.observe_early("early-never", "BTCUSDT", "") == "duplicate"

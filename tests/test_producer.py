@@ -262,7 +262,9 @@ def test_redis_busy_refuses_at_once_with_one_line_and_no_traceback(
     script.start()
     caplog.set_level(logging.WARNING, "observer_tasks")
     try:
-        poll(lambda: observe("probe", "BTCUSDT") == "error", 5, what="BUSY seen")
+        # BUSY is "not now": calls are deferred to the thread, refused once it has waited DEFER_PATIENCE_S.
+        poll(lambda: observe("probe", "BTCUSDT") == "deferred", 5, what="BUSY seen")
+        poll(lambda: observe("probe", "BTCUSDT") == "error", publisher.DEFER_PATIENCE_S + 5, what="the breaker open")
         results, costs = [], []
         for i in range(50):
             for call in (observe, observe_late):

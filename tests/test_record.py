@@ -43,7 +43,7 @@ def test_admission_stamps_redis_time(r: redis.Redis, env: dict[str, str]) -> Non
     assert admission.deadline_ms - admission.published_ms == 600
     assert json.loads(r.hget(LEASES, "p1")) == {  # type: ignore[arg-type]
         "symbol": "BTCUSDT", "apply_decision": "EXECUTE", "published_ms": admission.published_ms,
-        "deadline_ms": admission.deadline_ms}
+        "deadline_ms": admission.deadline_ms, "token": ""}
     assert store.admit("p1", "BTCUSDT", "EXECUTE").status == "duplicate"
 
 

@@ -9,12 +9,18 @@ that is never sent leaves its lease to the worker's sweeper, so the plan is
 still recorded exactly once.
 
 Every call is bounded: Redis is reached through a fail-fast client (short
-socket timeout, no retries), and after a failure a small circuit breaker
-refuses calls at once for a while (1 s, doubling up to 30 s while failures
-continue; one breaker for Redis, one for the broker, so a dead broker does not
-stop the early observer), logging one line per period and no traceback.
-Refusals are counted in Redis by the publisher thread, off the caller's path,
-and at the latest when the interpreter exits.
+socket timeout, no retries). A hiccup costs latency, not observations: a call
+whose round trip fails for a reason worth waiting out (a timeout, a lost
+connection, BUSY, LOADING, a failover's READONLY) is handed to the publisher
+thread and returns 'deferred'; so does every call after it until the thread
+has replayed them all, so one stall costs one caller the per-call cap once and
+every other caller nothing. Only when Redis has not answered the thread for
+DEFER_PATIENCE_S does the Redis breaker open and refuse calls at once (counted;
+1 s, doubling up to 30 s while failures continue). The broker has its own
+breaker, so a dead broker does not stop the early observer. Every log line
+here is throttled and none carries a traceback per call. Refusals are counted
+in Redis by the publisher thread, off the caller's path, and at the latest
+when the interpreter exits.
 
 Fork safety: a child process after ``fork()`` forgets the parent's Producer
 (never closing it: that would shut the parent's sockets) and builds its own on
@@ -24,9 +30,12 @@ its first call: its own clients, queue, thread and broker connection.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import threading
+import time
+import uuid
 from typing import Any
 
 import redis
@@ -37,7 +46,16 @@ from ..core.heat import check_symbol, normalise_decision
 from ..core.messages import LateMessage
 from ..core.settings import CALL_TIMEOUT_S, Settings, SettingsError
 from ..core.store import AccessRefused, Store, Unavailable, redis_client
-from .publisher import PUBLISH_TIMEOUT_S, Breaker, Publisher, ThrottledLog
+from .publisher import (
+    PUBLISH_TIMEOUT_S,
+    REPLAY_TIMEOUT_S,
+    Breaker,
+    Deferred,
+    Publisher,
+    ThrottledLog,
+    describe,
+    transient,
+)
 
 log = logging.getLogger("observer_tasks")
 
@@ -57,10 +75,15 @@ class Producer:
         self.broker_breaker = Breaker("broker")
         self.problems = ThrottledLog()
         self.access_problems = ThrottledLog()
+        # Tokens make a retried admission recognise its own lease (admit.lua): unique per process and call.
+        self.token_prefix, self.token_serial = uuid.uuid4().hex[:12], itertools.count()  # (count: thread-safe)
         # Build Celery's lazy state here, in the caller's thread, not first in the publisher's: those first
         # builds take locks, and a fork() during one would leave the lock held in the child.
         _ = (app.amqp.router, app.amqp.queues, app.events, app.clock)
-        self.publisher = Publisher(self.store, self.broker_breaker, REDIS_FAILURES, self.connect)
+        # The thread's own Redis client: a longer timeout, so a stall up to REPLAY_TIMEOUT_S is waited out.
+        thread_store = Store(settings, redis_client(settings.redis_url, REPLAY_TIMEOUT_S, "producer"))
+        self.publisher = Publisher(thread_store, self.broker_breaker, REDIS_FAILURES, self.connect,
+                                   self.redis_breaker)
 
     def connect(self) -> Any:
         """The publisher's broker connection: its own, short timeouts, no retries (the worker's connection
@@ -82,6 +105,7 @@ class Producer:
     def close(self) -> None:
         self.publisher.close()
         self.store.client.close()
+        self.publisher.store.client.close()
 
     # -- refusals -------------------------------------------------------------
     def refuse(self, obs_point: str, cause: str, message: str | None = None) -> str:
@@ -101,6 +125,14 @@ class Producer:
         self.access_problems.warning(f"Redis refuses the apply layer's user ({exc}): a configuration error, not an "
                                      "outage; fix the password in REDIS_URL or the user's ACL (deploy/redis/users.acl)")
         return self.refuse(obs_point, "config_error")
+    def defer(self, call: Deferred, exc: BaseException | None = None) -> str:
+        """Hand the call to the publisher thread (Redis is slow): 'deferred', or 'error' (counted) when its
+        buffer is full. ``exc``: this call's own attempt failed, so Redis may still have done it."""
+        if exc is not None:
+            call.attempted = True
+            self.problems.warning(f"Redis slow ({describe(exc)}); calls are deferred to "
+                                  "the background thread until it catches up")
+        return "deferred" if self.publisher.defer(call) else "error"
 
     def refusal(self, obs_point: str, enabled: bool, plan_id: Any, symbol: Any, *breakers: Breaker) -> str | None:
         """Why this call must not observe ('disabled' or 'error'), or None when it may."""
@@ -122,12 +154,16 @@ class Producer:
         refused = self.refusal(K.OBS_EARLY, self.settings.heat_obs_enabled, plan_id, symbol, self.redis_breaker)
         if refused:
             return refused
+        decision = normalise_decision(apply_decision)
+        call = Deferred(K.OBS_EARLY, plan_id, symbol, decision, "", time.monotonic())
+        if self.publisher.deferring:
+            return self.defer(call)
         try:
-            result = str(self.store.observe_early(plan_id, symbol, normalise_decision(apply_decision)))
+            result = str(self.store.observe_early(plan_id, symbol, decision))
         except AccessRefused as exc:
             return self.access_refused(K.OBS_EARLY, exc)
         except REDIS_FAILURES as exc:
-            return self.unavailable(K.OBS_EARLY, exc)
+            return self.defer(call, exc) if transient(exc) else self.unavailable(K.OBS_EARLY, exc)
         self.redis_breaker.succeeded()
         return result
 
@@ -139,12 +175,16 @@ class Producer:
         if refused:
             return refused
         decision = normalise_decision(apply_decision)
+        token = f"{self.token_prefix}-{next(self.token_serial)}"
+        call = Deferred(K.OBS_LATE, plan_id, symbol, decision, token, time.monotonic())
+        if self.publisher.deferring:
+            return self.defer(call)
         try:
-            admission = self.store.admit(plan_id, symbol, decision)
+            admission = self.store.admit(plan_id, symbol, decision, call.token)
         except AccessRefused as exc:
             return self.access_refused(K.OBS_LATE, exc)
         except REDIS_FAILURES as exc:
-            return self.unavailable(K.OBS_LATE, exc)
+            return self.defer(call, exc) if transient(exc) else self.unavailable(K.OBS_LATE, exc)
         self.redis_breaker.succeeded()
         if admission.status != "admitted":
             return str(admission.status)
@@ -177,7 +217,7 @@ def producer() -> Producer | None:
                 log.error("P2.8A observer disabled by bad configuration: %s", exc)
             except Exception as exc:  # never fail the apply layer over the observer
                 _producer_error = repr(exc)
-                log.exception("P2.8A observer could not start")
+                log.exception("P2.8A observer could not start")  # once: the error is kept, never retried
     return _producer
 
 
@@ -211,6 +251,9 @@ def _flush_at_exit() -> None:
             log.exception("P2.8A observer: exit flush failed; the sweeper will record unsent plans")
 
 
+#: A bug reached the caller's thread: its traceback is logged at most once per LOG_EVERY_S, with a count.
+_unexpected = ThrottledLog()
+
 os.register_at_fork(after_in_child=_forget_inherited)
 atexit.register(_flush_at_exit)
 
@@ -221,7 +264,7 @@ def observe(plan_id: Any, symbol: Any, apply_decision: Any = "") -> str:
         p = producer()
         return p.observe(plan_id, symbol, apply_decision) if p else "error"
     except Exception:
-        log.exception("P2.8A observer: unexpected error in observe()")
+        _unexpected.warning("unexpected error in observe()", exc_info=True)
         return "error"
 
 
@@ -231,5 +274,5 @@ def observe_late(plan_id: Any, symbol: Any, apply_decision: Any = "") -> str:
         p = producer()
         return p.observe_late(plan_id, symbol, apply_decision) if p else "error"
     except Exception:
-        log.exception("P2.8A observer: unexpected error in observe_late()")
+        _unexpected.warning("unexpected error in observe_late()", exc_info=True)
         return "error"

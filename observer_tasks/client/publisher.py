@@ -12,9 +12,25 @@ it) leaves its lease in the ledger, and the worker's sweeper records the plan
 at deadline + grace. The cause is noted best-effort in Redis
 (``Store.note_unsent``) so the sweeper can put it into debug_json.
 
+The same thread carries the calls the callers could not make while Redis was
+slow (a long script, a fork, a failover's first second): a caller whose one
+round trip failed, and every caller after it until the thread has caught up,
+hands its call over here (``defer``) and returns at once. The thread replays
+them in pipelines on its own connection, with a longer timeout, once Redis
+answers: the early observation with how late it is in debug_json, the
+admission with its publish time moved back by the time the call waited (the
+one duration measured on the host, by its monotonic clock) and the call's
+token, so an admission whose reply was lost finds its own lease instead of
+being a duplicate whose message is never sent. Only when Redis has not
+answered for DEFER_PATIENCE_S does the Redis breaker open (callers refuse at
+once, counted); a deferred call older than that is counted as refused, once:
+one that was sent and whose reply was lost is first settled in Redis
+(``Store.settle``), so it is never both recorded and counted. Broker sends are
+retried the same way before their plans are left to the sweeper.
+
 The same thread pays the refusal counts the callers owe Redis, so a refusal
 costs the caller no round trip, and ``close`` (run at interpreter exit) flushes
-both within a bounded time.
+all of it within a bounded time.
 
 Fork safety: a Publisher belongs to the process that built it (``pid``). The
 thread does not survive ``fork()``, and its locks may have been held at that
@@ -30,10 +46,15 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import redis
+
+from ..core import keys as K
 from ..core.app import app
 from ..core.messages import LATE_OBSERVE, LateMessage
+from ..core.store import admission
 
 log = logging.getLogger("observer_tasks")
 
@@ -49,6 +70,18 @@ DEBT_RETRY_S = 1.0
 EXIT_FLUSH_S = 0.9
 #: Unsent notes kept while Redis is unreachable (best effort: the sweeper records the plans anyway).
 UNSENT_MAX = 10_000
+#: A Redis or broker stall shorter than this costs latency, not observations: deferred calls and unsent
+#: messages are retried for this long (s) before the breaker opens and they are counted / left to the sweeper.
+#: Above the 1 s the observer promises to ride out (issue 19), below MAX_WAIT_MS's default.
+DEFER_PATIENCE_S = 2.0
+#: Calls waiting for Redis in the thread at most; beyond it a call is refused (counted) at once.
+DEFER_MAX = 10_000
+#: Socket timeout of the thread's own Redis connection (s): a stall up to this long is simply waited out.
+REPLAY_TIMEOUT_S = 1.0
+#: After a failed replay or send, the thread tries again after this (s), doubling up to RETRY_MAX_S while the
+#: failures last: a stall's end is seen within tens of ms, a dead service is not hammered.
+RETRY_S = 0.05
+RETRY_MAX_S = 0.4
 BREAKER_FIRST_OPEN_S = 1.0
 BREAKER_MAX_OPEN_S = 30.0
 LOG_EVERY_S = 10.0
@@ -85,10 +118,27 @@ class Breaker:
             self.period = min(self.period * 2, BREAKER_MAX_OPEN_S)
             refused, self.refused = self.refused, 0
         more = f"; {refused} call(s) refused since the last report" if refused else ""
-        log.warning("P2.8A observer: %s unavailable (%.200r); refusing calls for %.0fs%s", self.what, exc, period, more)
+        log.warning("P2.8A observer: %s unavailable (%s); refusing calls for %.0fs%s", self.what, describe(exc),
+                    period, more)
 
     def succeeded(self) -> None:
         self.period = BREAKER_FIRST_OPEN_S
+
+    def close(self) -> None:
+        """The thread reached the service again: callers may try at once."""
+        with self.lock:
+            self.open_until, self.period = 0.0, BREAKER_FIRST_OPEN_S
+
+
+def backoff(failing_for: float) -> float:
+    """The wait before the next attempt: RETRY_S, doubling with every RETRY_S-long stretch of failing."""
+    return min(RETRY_MAX_S, max(RETRY_S, failing_for))
+
+
+def describe(exc: BaseException) -> str:
+    """One short line for a failure: its type and message (a pipeline's error names its command first)."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return f"{type(cause).__name__}: {str(cause).split(' of pipeline caused error: ')[-1]}"[:200]
 
 
 class ThrottledLog:
@@ -99,7 +149,8 @@ class ThrottledLog:
         self.quiet = 0
         self.lock = threading.Lock()
 
-    def warning(self, message: str) -> None:
+    def warning(self, message: str, exc_info: bool = False) -> None:
+        """Log at most one line per period; with exc_info, the traceback too (so at most one per period)."""
         with self.lock:
             now = time.monotonic()
             if now - self.last < LOG_EVERY_S:
@@ -107,26 +158,60 @@ class ThrottledLog:
                 return
             suffix = f" ({self.quiet} more since the last report)" if self.quiet else ""
             self.last, self.quiet = now, 0
-        log.warning("P2.8A observer: %s%s", message, suffix)
+        log.warning("P2.8A observer: %s%s", message, suffix, exc_info=exc_info)
+
+
+@dataclass
+class Deferred:
+    """A call handed to the thread because Redis was slow: what to replay, since when, and whether an attempt
+    was sent (its reply lost: it may have been done, so it is settled rather than simply counted)."""
+
+    obs_point: str
+    plan_id: str
+    symbol: str
+    apply_decision: str
+    token: str
+    since: float  # monotonic time of the call
+    attempted: bool = False
+
+
+#: Replies that mean Redis did not run the call and will soon (a script or load under way, a failover): the
+#: call is deferred and retried. Any other error reply is refused at once.
+TRANSIENT_REPLIES = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "NOREPLICAS")
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure worth waiting out: a timeout, a lost connection, or a reply saying 'not now'."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, redis.ResponseError):
+        code = getattr(cause, "status_code", None) or str(cause).split(" ", 1)[0]
+        return str(code).upper() in TRANSIENT_REPLIES
+    return isinstance(cause, redis.ConnectionError | redis.TimeoutError | OSError)
 
 
 class Publisher:
     """A queue and the thread that empties it; built lazily, one per process."""
 
     def __init__(self, store: Any, broker_breaker: Breaker, redis_failures: tuple[type[BaseException], ...],
-                 connection_factory: Callable[[], Any]) -> None:
+                 connection_factory: Callable[[], Any], redis_breaker: Breaker | None = None) -> None:
         self.pid = os.getpid()
-        self.store = store
+        self.store = store  # the thread's own: REPLAY_TIMEOUT_S, never the callers' 50 ms client
         self.breaker = broker_breaker
+        self.redis_breaker = redis_breaker or Breaker("Redis")
         self.redis_failures = redis_failures
         self.app = app
         self.connection_factory = connection_factory
         self.problems = ThrottledLog()
         self.cond = threading.Condition(threading.Lock())  # guards everything below
-        self.queue: deque[LateMessage] = deque()
+        self.queue: deque[tuple[float, LateMessage]] = deque()  # (monotonic time queued, message)
+        self.deferred: deque[Deferred] = deque()
         self.owed: Counter[str] = Counter()
         self.unsent: dict[str, str] = {}
         self.retry_at = 0.0  # monotonic time of the next attempt to pay debts after a Redis failure
+        self.replay_at = 0.0  # ... to replay deferred calls after a failure
+        self.publish_at = 0.0  # ... to send queued messages after a broker failure
+        self.redis_failing_since: float | None = None
+        self.broker_failing_since: float | None = None
         self.stopping = False
         self.thread: threading.Thread | None = None
         # Broker objects: used by the thread only.
@@ -141,7 +226,23 @@ class Publisher:
             if len(self.queue) >= QUEUE_MAX:
                 self._note_locked([message.plan_id], "publisher queue full")
                 return False
-            self.queue.append(message)
+            self.queue.append((time.monotonic(), message))
+            self._wake_locked()
+        return True
+
+    @property
+    def deferring(self) -> bool:
+        """True while calls wait for Redis here: later calls join them rather than try Redis themselves."""
+        return bool(self.deferred)
+
+    def defer(self, call: Deferred) -> bool:
+        """Hand a call to the thread; False (refused, counted) when DEFER_MAX calls already wait."""
+        with self.cond:
+            if len(self.deferred) >= DEFER_MAX:
+                self.owed[K.Keys.refused_field(call.obs_point, "unavailable")] += 1
+                self._wake_locked()
+                return False
+            self.deferred.append(call)
             self._wake_locked()
         return True
 
@@ -152,7 +253,7 @@ class Publisher:
             self._wake_locked()
 
     def close(self, timeout: float = EXIT_FLUSH_S) -> None:
-        """Flush the queue and the debts, then stop: at most ``timeout`` seconds."""
+        """Flush the deferred calls, the queue and the debts, then stop: at most ``timeout`` seconds."""
         if os.getpid() != self.pid:
             return  # an inherited copy: its thread and connections are the parent's
         deadline = time.monotonic() + timeout
@@ -165,13 +266,23 @@ class Publisher:
         elif self._pending():
             self._work(deadline)  # no thread was needed yet (or it cannot start): flush here
         with self.cond:
-            left = [m.plan_id for m in self.queue]
+            left = [m.plan_id for _, m in self.queue]
             self.queue.clear()
+            unknown = sum(c.attempted for c in self.deferred)
+            for c in self.deferred:
+                if not c.attempted:
+                    self.owed[K.Keys.refused_field(c.obs_point, "unavailable")] += 1
+            self.deferred.clear()
         if left:  # the thread ran out of time; leases stay for the sweeper
             self._note(left, "process exited before the message was sent")
             log.warning("P2.8A observer: %d late message(s) not sent before exit; the sweeper will record them",
                         len(left))
+        if unknown:
+            log.warning("P2.8A observer: %d call(s) sent to Redis whose reply never came before exit: "
+                        "each was recorded or admitted by Redis, or not at all", unknown)
         if thread is None or not thread.is_alive():
+            with contextlib.suppress(*self.redis_failures):
+                self._pay_debts()
             self._drop_connection()
 
     # -- the thread ------------------------------------------------------------------
@@ -182,52 +293,174 @@ class Publisher:
         self.cond.notify()
 
     def _pending(self) -> bool:
-        return bool(self.queue or self.owed or self.unsent)
+        return bool(self.queue or self.owed or self.unsent or self.deferred)
+
+    def _next_due_locked(self) -> float | None:
+        """Monotonic time at which the thread has work, or None when it has none."""
+        times = []
+        if self.deferred:
+            times.append(self.replay_at)
+        if self.queue:
+            times.append(self.publish_at)
+        if self.owed or self.unsent:
+            times.append(self.retry_at)
+        return min(times) if times else None
 
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.queue and not self.stopping:
-                    debts = self.owed or self.unsent
-                    if debts and time.monotonic() >= self.retry_at:
+                while not self.stopping:
+                    due = self._next_due_locked()
+                    if due is not None and due <= time.monotonic():
                         break
-                    self.cond.wait(DEBT_RETRY_S if debts else None)
+                    self.cond.wait(None if due is None else due - time.monotonic())
                 if self.stopping and not self._pending():
                     return
-            if self.stopping:
-                self._work(time.monotonic() + EXIT_FLUSH_S)
-                return
             try:
+                if self.stopping:
+                    self._work(time.monotonic() + EXIT_FLUSH_S)
+                    return
                 self._work(None)
             except Exception:  # a bug here must not kill the thread: the sweeper covers the plans
-                log.exception("P2.8A observer: unexpected error in the late publisher")
+                self.problems.warning("unexpected error in the late publisher", exc_info=True)
 
     def _work(self, deadline: float | None) -> None:
-        """Publish what is queued, then pay debts; with a deadline, until done or out of time."""
+        """Replay deferred calls, publish what is queued, pay debts; with a deadline, until done or out of time."""
         while True:
-            with self.cond:
-                batch = [self.queue.popleft() for _ in range(min(BATCH_MAX, len(self.queue)))]
-            if batch:
-                self._publish(batch)
+            self._replay()
+            self._publish_queued()
             self._pay_debts()
             with self.cond:
-                done = not self.queue
-            if done or deadline is None or time.monotonic() > deadline:
-                return
+                if not self._pending() or deadline is None:
+                    return
+                now, due = time.monotonic(), self._next_due_locked()
+                if now > deadline:
+                    return
+                if due is not None and due > now:
+                    self.cond.wait(min(due, deadline) - now)
 
-    def _publish(self, batch: list[LateMessage]) -> None:
+    # -- deferred calls (Redis was slow) --------------------------------------------
+    def _replay(self) -> None:
+        now = time.monotonic()
+        with self.cond:
+            if not self.deferred or now < self.replay_at:
+                return
+            batch = [self.deferred[i] for i in range(min(BATCH_MAX, len(self.deferred)))]
+        live = [c for c in batch if now - c.since <= DEFER_PATIENCE_S]
+        expired = [c for c in batch if now - c.since > DEFER_PATIENCE_S]
+        try:
+            if self.redis_failing_since is not None:
+                self.store.client.ping()  # no call is sent (and left in doubt) until Redis answers again
+        except self.redis_failures as exc:
+            self._replay_failed(exc, now)
+            return
+        try:
+            replies = self._send_replays(live, now)
+            settled = self.store.settle([(c.obs_point, c.plan_id, c.token) for c in expired if c.attempted])
+        except self.redis_failures as exc:
+            for c in live:
+                c.attempted = True  # sent, reply lost: Redis may have done it (a retry or settle will tell)
+            self._replay_failed(exc, now)
+            return
+        retry: list[Deferred] = []
+        for call, reply in zip(live, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if transient(reply):  # refused before it ran (BUSY, LOADING, READONLY): simply try again
+                    retry.append(call)
+                    first_refusal = reply
+                else:  # Redis refused it for good (a script error, permissions): counted, never retried
+                    self.owe(K.Keys.refused_field(call.obs_point, "unavailable"))
+                    self.problems.warning(f"deferred {call.obs_point} call refused by Redis: {describe(reply)}")
+            elif call.obs_point == K.OBS_LATE:
+                self._admitted(call, admission(reply))
+        settled_calls = iter(settled)
+        for call in expired:
+            if call.attempted:
+                self._admitted(call, next(settled_calls))
+            else:
+                self.owe(K.Keys.refused_field(call.obs_point, "unavailable"))
+        with self.cond:
+            for _ in batch:
+                if self.deferred:  # (close() may have cleared it at exit)
+                    self.deferred.popleft()
+            self.deferred.extendleft(reversed(retry))
+            drained = not self.deferred
+        if retry:
+            self._replay_failed(first_refusal, now)
+            return
+        if self.redis_failing_since is not None or drained:
+            self.redis_breaker.close()
+        if self.redis_failing_since is not None:
+            log.warning("P2.8A observer: Redis answers again after %.1fs; deferred calls replayed",
+                        now - self.redis_failing_since)
+        self.redis_failing_since = None
+
+    def _send_replays(self, calls: list[Deferred], now: float) -> list[Any]:
+        """One pipeline: each early call with how late it is, each admission with its age and token."""
+        if not calls:
+            return []
+        pipe = self.store.client.pipeline(transaction=False)
+        for c in calls:
+            age_ms = int((now - c.since) * 1000)
+            if c.obs_point == K.OBS_LATE:
+                self.store.admit(c.plan_id, c.symbol, c.apply_decision, c.token, age_ms, client=pipe)
+            else:
+                self.store.observe_early(c.plan_id, c.symbol, c.apply_decision, {"deferred_ms": age_ms}, client=pipe)
+        return list(pipe.execute(raise_on_error=False))
+
+    def _admitted(self, call: Deferred, outcome: Any) -> None:
+        """A replayed or settled call's outcome: an admitted plan's first message is queued; a settled call
+        that Redis never did is counted as refused; anything else (recorded, duplicate, dropped) is done."""
+        if outcome.status == "admitted":
+            # Admitted after its whole window had passed (Redis was unavailable longer than MAX_WAIT_MS): nobody
+            # could look in time, so the first look records redis_error, as after two failed looks, not timeout.
+            waited_out = time.monotonic() - call.since >= self.store.settings.late_obs_max_wait_ms / 1000
+            message = LateMessage(call.plan_id, call.symbol, call.apply_decision, outcome.published_ms,
+                                  outcome.deadline_ms, errors=2 if waited_out else 0)
+            with self.cond:
+                self.queue.append((time.monotonic(), message))
+        elif outcome.status == "refused":
+            self.owe(K.Keys.refused_field(call.obs_point, "unavailable"))
+
+    def _replay_failed(self, exc: BaseException, now: float) -> None:
+        """Redis did not answer: try again soon; past DEFER_PATIENCE_S, open the breaker (callers refuse) and
+        count the calls that were never sent and are now too old."""
+        if self.redis_failing_since is None:
+            self.redis_failing_since = now
+            self.problems.warning(f"Redis slow or refusing ({describe(exc)}); "
+                                  f"{len(self.deferred)} call(s) waiting, retried for up to {DEFER_PATIENCE_S:g}s")
+        with self.cond:
+            self.replay_at = time.monotonic() + backoff(now - self.redis_failing_since)
+            too_old = [c for c in self.deferred if now - c.since > DEFER_PATIENCE_S and not c.attempted]
+            if too_old:
+                self.deferred = deque(c for c in self.deferred if c.attempted or now - c.since <= DEFER_PATIENCE_S)
+                for c in too_old:
+                    self.owed[K.Keys.refused_field(c.obs_point, "unavailable")] += 1
+        if now - self.redis_failing_since >= DEFER_PATIENCE_S:
+            self.redis_breaker.failed(exc)
+
+    # -- first messages -------------------------------------------------------------
+    def _publish_queued(self) -> None:
+        with self.cond:
+            if not self.queue or time.monotonic() < self.publish_at:
+                return
+            batch = [self.queue.popleft() for _ in range(min(BATCH_MAX, len(self.queue)))]
+        self._publish(batch)
+
+    def _publish(self, batch: list[tuple[float, LateMessage]]) -> None:
         if self.breaker.is_open():
-            self._note([m.plan_id for m in batch], "broker unavailable (circuit open)")
+            self._note([m.plan_id for _, m in batch], "broker unavailable (circuit open)")
             return
         # A connection that worked before may have gone stale while idle (the server closed it): one fresh
-        # connection gets a second try before the broker counts as down.
+        # connection gets a second try at once.
         fresh_retry = self.producer is not None
         sent = 0
         while True:
             try:
                 producer, dispatcher = self._broker()
-                for message in batch[sent:]:
+                for _, message in batch[sent:]:
                     self.app.send_task(LATE_OBSERVE, args=message.args(), producer=producer,
+                                       kwargs=message.kwargs() if message.errors else None,
                                        event_dispatcher=dispatcher, retry=False, task_id=f"p28-late-{message.plan_id}")
                     sent += 1
             except Exception as exc:  # kombu wraps broker failures in many types
@@ -235,11 +468,33 @@ class Publisher:
                 if fresh_retry:
                     fresh_retry = False
                     continue
-                self._note([m.plan_id for m in batch[sent:]], f"broker unavailable: {exc!r:.160}")
-                self.breaker.failed(exc)
+                self._send_failed(batch[sent:], exc)
                 return
-            self.breaker.succeeded()
+            self._broker_ok()
             return
+
+    def _broker_ok(self) -> None:
+        if self.broker_failing_since is not None:
+            log.warning("P2.8A observer: broker answers again after %.1fs",
+                        time.monotonic() - self.broker_failing_since)
+        self.broker_failing_since = None
+        self.breaker.succeeded()
+
+    def _send_failed(self, unsent: list[tuple[float, LateMessage]], exc: BaseException) -> None:
+        """Keep the messages and try again soon; once the broker has failed for DEFER_PATIENCE_S, leave them
+        (and, while the breaker is open, every new one) to the sweeper, with the cause."""
+        now = time.monotonic()
+        if self.broker_failing_since is None:
+            self.broker_failing_since = now
+            self.problems.warning(f"broker slow or refusing ({describe(exc)}); {len(unsent)} message(s) retried "
+                                  f"for up to {DEFER_PATIENCE_S:g}s")
+        if now - self.broker_failing_since < DEFER_PATIENCE_S and not self.stopping:  # (at exit: no time left)
+            with self.cond:
+                self.queue.extendleft(reversed(unsent))
+                self.publish_at = now + backoff(now - self.broker_failing_since)
+            return
+        self._note([m.plan_id for _, m in unsent], f"broker unavailable: {exc!r:.160}")
+        self.breaker.failed(exc)
 
     def _broker(self) -> tuple[Any, Any]:
         if self.producer is None:

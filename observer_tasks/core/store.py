@@ -7,6 +7,7 @@ time that decides an outcome is Redis's own ``TIME``, read inside the script: ho
 
 from __future__ import annotations
 
+import contextlib
 import json
 from importlib.resources import files
 from typing import Any, NamedTuple
@@ -187,16 +188,24 @@ class Store:
                                  self.keys.dedupe(K.OBS_LATE, plan)], [])
 
     # -- the apply layer's steps ------------------------------------------------
-    def admit(self, plan_id: str, symbol: str, apply_decision: str) -> Admission:
-        """Take a lease for the plan (publish time and deadline from Redis TIME), or count a drop."""
+    def admit(self, plan_id: str, symbol: str, apply_decision: str, token: str = "", age_ms: int = 0,
+              client: Any = None) -> Any:
+        """Take a lease for the plan (publish time and deadline from Redis TIME, less ``age_ms`` for a call
+        admitted late), or count a drop. A retry with the same ``token`` finds its own lease: 'admitted'.
+        With a pipeline as ``client`` the reply comes from its execute(): read it with ``admission``."""
         s = self.settings
-        status, published, deadline = self._call(
+        reply = self._call(
             self._admit, [K.INFLIGHT, K.LEASES, K.COUNTERS, self.keys.dedupe(K.OBS_LATE, plan_id)],
-            [plan_id, s.late_obs_max_wait_ms, s.sweep_grace_ms, s.late_obs_max_inflight, symbol, apply_decision],
+            [plan_id, s.late_obs_max_wait_ms, s.sweep_grace_ms, s.late_obs_max_inflight, symbol, apply_decision,
+             age_ms, token],
+            client,
         )
-        if _text(status) == "admitted":
+        if client is not None:
+            return reply
+        result = admission(reply)
+        if result.status == "admitted":
             self.replicated("admit")
-        return Admission(_text(status), int(published), int(deadline))
+        return result
 
     def replicated(self, step: str) -> None:
         """With P28_REPLICA_WAIT_MS: WAIT for one replica to have the step's writes, at most that long.
@@ -214,9 +223,41 @@ class Store:
         except redis.RedisError:
             pass  # the step itself succeeded; the next one meets the outage
 
-    def observe_early(self, plan_id: str, symbol: str, apply_decision: str) -> str:
-        """The early observer in one round trip: the reason recorded, or 'duplicate'."""
-        return _text(self._observe_call("early", [plan_id], K.OBS_EARLY, symbol, apply_decision))
+    def observe_early(self, plan_id: str, symbol: str, apply_decision: str,
+                      context: dict[str, Any] | None = None, client: Any = None) -> Any:
+        """The early observer in one round trip: the reason recorded, or 'duplicate'. ``context`` goes into
+        debug_json (a call recorded late says how late); with a pipeline as ``client``, see ``admit``."""
+        reply = self._observe_call("early", [plan_id], K.OBS_EARLY, symbol, apply_decision, context, client)
+        return reply if client is not None else _text(reply)
+
+    def settle(self, calls: list[tuple[str, str, str]]) -> list[Admission]:
+        """Calls given up on after an attempt whose reply was lost, as (obs_point, plan, token): mark each
+        settled, so the lost attempt cannot still count, and say what it did. Early: SET NX of its dedupe key
+        ('refused' when set: the attempt never recorded; else 'duplicate'). Late: the call's own lease (its
+        token) is 'admitted' with the lease's times (its message is still to be sent); otherwise SET NX of
+        the late dedupe key, which admit.lua honours: 'refused' when set, else 'duplicate'."""
+        pipe = self.client.pipeline(transaction=False)
+        for obs_point, plan_id, _token in calls:
+            if obs_point == K.OBS_LATE:
+                pipe.hget(K.LEASES, plan_id)
+            pipe.set(self.keys.dedupe(obs_point, plan_id), "refused", nx=True, ex=self.settings.dedupe_ttl_sec)
+        try:
+            replies = iter(pipe.execute())
+        except redis.RedisError as exc:
+            raise Unavailable(str(exc)[:200]) from exc
+        out = []
+        for obs_point, _plan_id, token in calls:
+            lease: Any = {}
+            if obs_point == K.OBS_LATE:
+                raw = next(replies)
+                with contextlib.suppress(ValueError, TypeError):
+                    lease = json.loads(raw) if raw else {}
+            was_set = bool(next(replies))
+            if token and isinstance(lease, dict) and lease.get("token") == token:
+                out.append(Admission("admitted", int(lease["published_ms"]), int(lease["deadline_ms"])))
+            else:
+                out.append(Admission("refused" if was_set else "duplicate", 0, 0))
+        return out
 
     def add_counts(self, counts: dict[str, int]) -> None:
         """Add counts kept while Redis could not be reached (one round trip)."""
@@ -314,6 +355,11 @@ def access_problem(settings: Settings, timeout_s: float) -> str | None:
         finally:
             client.close()
     return None
+
+
+def admission(reply: Any) -> Admission:
+    status, published, deadline = reply
+    return Admission(_text(status), int(published), int(deadline))
 
 
 def heat_wait_buckets(settings: Settings) -> list[int]:

@@ -3,11 +3,22 @@
 -- KEYS[3] counters HASH                                 KEYS[4] the plan's publish_plan_post dedupe key
 -- ARGV[1] plan_id  ARGV[2] MAX_WAIT_MS  ARGV[3] sweeper grace (ms)  ARGV[4] MAX_INFLIGHT
 -- ARGV[5] symbol  ARGV[6] apply decision
+-- ARGV[7] how long ago the call was made (ms; > 0 when the producer's thread admits a call it deferred
+--         while Redis was slow: the plan's publish time is then that much before Redis's TIME)
+-- ARGV[8] the call's token: a retry of an admission whose reply was lost finds its own lease and is
+--         'admitted' again (with the lease's times), not a 'duplicate' whose message is never sent
 -- Returns {'admitted'|'duplicate'|'dropped', published ms, deadline ms}.
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - (tonumber(ARGV[7]) or 0)
 local deadline = now + tonumber(ARGV[2])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('EXISTS', KEYS[4]) == 1 then
+  local raw = redis.call('HGET', KEYS[2], ARGV[1])
+  if raw and ARGV[8] and ARGV[8] ~= '' then
+    local ok, lease = pcall(cjson.decode, raw)
+    if ok and type(lease) == 'table' and lease.token == ARGV[8] then
+      return {'admitted', tostring(lease.published_ms), tostring(lease.deadline_ms)}
+    end
+  end
   return {'duplicate', tostring(now), tostring(deadline)}
 end
 -- Leases past their end hold no slot (a crashed worker cannot leak one); they
@@ -18,5 +29,6 @@ if redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') >= tonumber(ARGV[4]) then
 end
 redis.call('ZADD', KEYS[1], deadline + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({symbol = ARGV[5], apply_decision = ARGV[6],
-                                                   published_ms = now, deadline_ms = deadline}))
+                                                   published_ms = now, deadline_ms = deadline,
+                                                   token = ARGV[8] or ''}))
 return {'admitted', tostring(now), tostring(deadline)}
