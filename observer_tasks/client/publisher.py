@@ -54,7 +54,7 @@ import redis
 from ..core import keys as K
 from ..core.app import app
 from ..core.messages import LATE_OBSERVE, LateMessage
-from ..core.store import admission
+from ..core.store import admission, is_access_refused
 
 log = logging.getLogger("observer_tasks")
 
@@ -76,6 +76,9 @@ UNSENT_MAX = 10_000
 DEFER_PATIENCE_S = 2.0
 #: Calls waiting for Redis in the thread at most; beyond it a call is refused (counted) at once.
 DEFER_MAX = 10_000
+#: After the thread has caught up, calls keep going through it for this long (s): a Redis just out of a stall
+#: is busy with every client's backlog, and a caller must not pay the cap again for that.
+HOLD_S = 0.5
 #: Socket timeout of the thread's own Redis connection (s): a stall up to this long is simply waited out.
 REPLAY_TIMEOUT_S = 1.0
 #: After a failed replay or send, the thread tries again after this (s), doubling up to RETRY_MAX_S while the
@@ -183,6 +186,8 @@ TRANSIENT_REPLIES = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "READONLY", "C
 def transient(exc: BaseException) -> bool:
     """A failure worth waiting out: a timeout, a lost connection, or a reply saying 'not now'."""
     cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if is_access_refused(cause):  # a configuration error (NOPERM, NOAUTH, WRONGPASS): waiting fixes nothing
+        return False
     if isinstance(cause, redis.ResponseError):
         code = getattr(cause, "status_code", None) or str(cause).split(" ", 1)[0]
         return str(code).upper() in TRANSIENT_REPLIES
@@ -211,6 +216,7 @@ class Publisher:
         self.replay_at = 0.0  # ... to replay deferred calls after a failure
         self.publish_at = 0.0  # ... to send queued messages after a broker failure
         self.redis_failing_since: float | None = None
+        self.hold_until = 0.0  # monotonic time until which callers keep deferring after a stall
         self.broker_failing_since: float | None = None
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -232,8 +238,8 @@ class Publisher:
 
     @property
     def deferring(self) -> bool:
-        """True while calls wait for Redis here: later calls join them rather than try Redis themselves."""
-        return bool(self.deferred)
+        """True while calls wait for Redis here (and HOLD_S after): later calls join them rather than try Redis."""
+        return bool(self.deferred) or time.monotonic() < self.hold_until
 
     def defer(self, call: Deferred) -> bool:
         """Hand a call to the thread; False (refused, counted) when DEFER_MAX calls already wait."""
@@ -360,6 +366,9 @@ class Publisher:
         except self.redis_failures as exc:
             for c in live:
                 c.attempted = True  # sent, reply lost: Redis may have done it (a retry or settle will tell)
+            if is_access_refused(exc.__cause__ or exc):  # refused for this user: counted, never retried
+                self._refuse_all(batch, "config_error", exc)
+                return
             self._replay_failed(exc, now)
             return
         retry: list[Deferred] = []
@@ -369,7 +378,8 @@ class Publisher:
                     retry.append(call)
                     first_refusal = reply
                 else:  # Redis refused it for good (a script error, permissions): counted, never retried
-                    self.owe(K.Keys.refused_field(call.obs_point, "unavailable"))
+                    cause = "config_error" if is_access_refused(reply) else "unavailable"
+                    self.owe(K.Keys.refused_field(call.obs_point, cause))
                     self.problems.warning(f"deferred {call.obs_point} call refused by Redis: {describe(reply)}")
             elif call.obs_point == K.OBS_LATE:
                 self._admitted(call, admission(reply))
@@ -385,6 +395,8 @@ class Publisher:
                     self.deferred.popleft()
             self.deferred.extendleft(reversed(retry))
             drained = not self.deferred
+            if drained and not retry and now >= self.hold_until:  # the end of a stall, not of its hold
+                self.hold_until = time.monotonic() + HOLD_S
         if retry:
             self._replay_failed(first_refusal, now)
             return
@@ -394,6 +406,14 @@ class Publisher:
             log.warning("P2.8A observer: Redis answers again after %.1fs; deferred calls replayed",
                         now - self.redis_failing_since)
         self.redis_failing_since = None
+
+    def _refuse_all(self, batch: list[Deferred], cause: str, exc: BaseException) -> None:
+        with self.cond:
+            for call in batch:
+                if self.deferred:
+                    self.deferred.popleft()
+                self.owed[K.Keys.refused_field(call.obs_point, cause)] += 1
+        self.problems.warning(f"{len(batch)} deferred call(s) refused by Redis: {describe(exc)}")
 
     def _send_replays(self, calls: list[Deferred], now: float) -> list[Any]:
         """One pipeline: each early call with how late it is, each admission with its age and token."""
