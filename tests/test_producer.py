@@ -279,7 +279,8 @@ def test_redis_busy_refuses_at_once_with_one_line_and_no_traceback(
     lines = [rec for rec in caplog.records if "unavailable" in rec.getMessage()]
     assert len(lines) == 1 and "BUSY" in lines[0].getMessage() and not lines[0].exc_info
     assert "Traceback" not in caplog.text
-    poll(lambda: observe("after", "BTCUSDT") == "missing", 5, what="the breaker closes again")
+    after = (f"after{n}" for n in range(1_000_000))  # a new plan each time: a deferred one is recorded later
+    poll(lambda: observe(next(after), "BTCUSDT") == "missing", 5, what="the breaker closes again")
     poll(lambda: int(admin.hget("quantum:p28:counters", "refused|create_apply_plan|unavailable") or 0) >= 50, 5,
          what="refusals paid once Redis answers")
 
