@@ -25,7 +25,11 @@ from tests.hosts import Net, Proc
 #: One round: 10 plans that get heat 300 ms after publish, 4 that never do.
 HEAT = [True, True, True, False, True, True, True, False, True, True, False, True, True, False]
 SETTINGS = {"P28_LATE_OBS_MAX_WAIT_MS": "1000", "P28_LATE_OBS_POLL_MS": "80", "P28_METRICS_PORT": "0"}
-WAIT_TOLERANCE_MS = 20
+#: How far an untouched plan's wait_ms (a hit's lag behind its write) or a timeout's late_ms may differ from the
+#: baseline's: one look interval, derived from the settings. A push the wake path handles late on the loaded
+#: shared cores is at worst caught by the next look; a clock that counted would differ by its shift (>= 3 s),
+#: and a lost wake path or a late chain by more than a look. Below that it is scheduling, not behaviour.
+WAIT_TOLERANCE_MS = int(SETTINGS["P28_LATE_OBS_POLL_MS"])
 #: Long enough for the sweeper (deadline + its grace) to record a plan whose message is lost.
 SETTLE_S = 20.0
 #: The Redis host's server is the module's own: these databases are the observer's data and the broker.
@@ -158,7 +162,7 @@ def run_round(cluster: Cluster, prod: Producer, name: str) -> tuple[dict[str, st
 
 
 def check(out: Outcome, baseline: Outcome | None, touched: set[str] = frozenset(),  # type: ignore[assignment]
-          compare_late: bool = False, hit_tolerance_ms: int = WAIT_TOLERANCE_MS) -> dict[str, Any]:
+          compare_late: bool = False, tolerance_ms: int = WAIT_TOLERANCE_MS) -> dict[str, Any]:
     """The invariants of every case; returns its figures, fails with every problem found."""
     problems = []
     admitted = [p for p, res in out.admitted.items() if res == "enqueued"]
@@ -194,9 +198,8 @@ def check(out: Outcome, baseline: Outcome | None, touched: set[str] = frozenset(
             late, b_late = out.late_ms(plan), baseline.late_ms(base)
             deltas.append(wait - b_wait)
             late_deltas.append(late - b_late)
-            late_off = abs(late - b_late) > WAIT_TOLERANCE_MS if compare_late else False
-            tolerance = hit_tolerance_ms if reason == b_reason == "ok" else WAIT_TOLERANCE_MS
-            if reason != b_reason or abs(wait - b_wait) > tolerance or late_off:
+            late_off = abs(late - b_late) > tolerance_ms if compare_late else False
+            if reason != b_reason or abs(wait - b_wait) > tolerance_ms or late_off:
                 by = out.entries[plan][0].get("recorded_by")
                 problems.append(f"{plan}: {reason} wait_ms={wait} late_ms={late} by {by}, "
                                 f"baseline {b_reason} wait_ms={b_wait} late_ms={b_late}")

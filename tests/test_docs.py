@@ -35,7 +35,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,14 +228,12 @@ def test_runnable_blocks_work_as_written(block: Block, stage: Stage) -> None:
     if first_command(block.text).startswith(SERVICES):
         run_service(block, first_command(command), stage)
         return
-    started = time.monotonic()
     done = subprocess.run(["bash", "-c", "set -o pipefail\n" + command], cwd=ROOT, env=stage.env,
                           capture_output=True, text=True, timeout=30)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{block.name}: exit {done.returncode}\n$ {command}\n{output}"
     missing = missing_lines(block.expected, output)
     assert not missing, f"{block.name}: lines not in the output: {missing}\n$ {command}\n{output}"
-    assert time.monotonic() - started < 15, f"{block.name} is slow"
 
 
 def test_every_documented_command_is_marked() -> None:

@@ -66,7 +66,7 @@ def calls(tag):
         start = time.monotonic()
         results[plan] = observe_late(plan, "BTCUSDT", "EXECUTE")
         worst = max(worst, time.monotonic() - start)
-        time.sleep(0.001)
+        time.sleep(0.001)  # pacing, so the processes' calls interleave (the case under test): not a wait
     with open(os.path.join(out, tag + ".json"), "w") as f:
         json.dump({"results": results, "worst_s": worst}, f)
 calls("parent0")
