@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -284,7 +285,11 @@ def test_apply_layer_counts_a_refused_user_as_config_error_and_recovers_at_the_n
     assert not [m for m in logged if "unavailable" in m], logged  # no breaker: it is no outage
     assert counters.hget(K.COUNTERS, f"refused|{K.OBS_LATE}|unavailable") is None
 
-    server.admin.acl_load()  # the file's line back: the very next calls observe
+    # The rights back, as an operator would: ACL SETUSER (ACL LOAD would also drop the user's connections).
+    script_selector = re.search(r"\((\+evalsha [^)]*)\)", ACL_FILE.read_text().splitlines()[0])
+    assert script_selector, "observer-apply's first selector grants EVALSHA its keys"
+    server.admin.execute_command("ACL", "SETUSER", "observer-apply", "+evalsha", f"({script_selector[1]})")
+    # No breaker was opened by the refusals: the very next calls observe.
     assert producer.observe("c9", "BTCUSDT", "EXECUTE") == "missing"
     assert producer.observe_late("c9", "BTCUSDT", "EXECUTE") == "enqueued"
 
