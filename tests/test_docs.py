@@ -389,6 +389,22 @@ def test_documented_defaults_and_bounds_are_the_settings() -> None:
     assert not wrong, wrong
 
 
+def test_readme_defaults_are_the_settings() -> None:
+    """README's short settings table (the common ones; configuration.md has all): each with the default
+    Settings() has."""
+    fields = {f.metadata["env"]: f for f in dataclasses.fields(Settings)}
+    rows = table_rows((ROOT / "README.md").read_text(), set(fields))
+    assert len(rows) >= 10
+    fields = {env: f for env, f in fields.items() if env in rows}
+    d = Settings()
+    shown = {env: cells[0] for env, cells in rows.items()}
+    code = {env: str(getattr(d, f.name)).lower() if isinstance(getattr(d, f.name), bool) else str(getattr(d, f.name))
+            for env, f in fields.items()}
+    # The two that default to a derived value: the broker is REDIS_URL, the safety interval its clamped default.
+    code["CELERY_BROKER_URL"], code["P28_LATE_OBS_SAFETY_POLL_MS"] = "REDIS_URL", str(d.safety_poll_ms)
+    assert {env: code[env] for env in shown} == shown
+
+
 def test_documented_timings_are_the_code() -> None:
     """configuration.md's interlocked timings against the constants and the derived values with the defaults."""
     from observer_tasks.client import publisher as P
