@@ -455,7 +455,8 @@ def test_metrics_exporter_serves_on_8043_when_workers_serve_none(r: redis.Redis,
 
 def test_demo_runs_the_pipeline_and_ends_with_the_coverage_table(r: redis.Redis, env: dict[str, str]) -> None:
     add_entry(r, "publish_plan_post", "ok", 100, plan_id="not-this-run")
-    done = run_cli(env, "demo", "--seconds", "3", "--seed", "1")
+    done = run_cli(env, "demo", "--seconds", "3", "--seed", "1", "--redis-url", env["REDIS_URL"],
+                   "--broker-url", env["CELERY_BROKER_URL"], "--force")  # (--force: a plan not a demo's is there)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "started worker demo-" in out
@@ -473,12 +474,12 @@ def test_demo_runs_the_pipeline_and_ends_with_the_coverage_table(r: redis.Redis,
     assert invoke("status", "--check").exit_code == 1
 
 
-def test_demo_starts_a_private_redis_when_none_answers(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_on_a_private_redis_whatever_the_environment_says(r: redis.Redis, env: dict[str, str]) -> None:
+    """The operator's env file sourced (REDIS_URL and CELERY_BROKER_URL pointing at a live Redis): the demo still
+    starts its own redis-server and writes nothing where the environment points."""
     if not shutil.which("redis-server"):
         cannot_run("needs redis-server on PATH")
-    monkeypatch.delenv("CELERY_BROKER_URL")
-    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
-    done = run_cli({k: v for k, v in env.items() if k != "CELERY_BROKER_URL"}, "demo", "--seconds", "1", "--json")
+    done = run_cli(env, "demo", "--seconds", "1", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     port = re.search(r"started a private redis-server on port (\d+)", done.stderr).group(1)
     report = json.loads(done.stdout)
@@ -486,6 +487,24 @@ def test_demo_starts_a_private_redis_when_none_answers(env: dict[str, str], monk
     assert report["redis_url"] == f"redis://127.0.0.1:{port}/0"
     with pytest.raises(redis.ConnectionError):
         redis.Redis(port=int(port), socket_connect_timeout=1).ping()  # stopped at the end
+    assert r.keys("*") == [] and redis.Redis.from_url(env["CELERY_BROKER_URL"]).keys("*") == []
+
+
+def test_demo_refuses_a_redis_with_a_live_worker_or_real_plans(r: redis.Redis, env: dict[str, str],
+                                                               worker: Worker) -> None:
+    urls = ["--redis-url", env["REDIS_URL"], "--broker-url", env["CELERY_BROKER_URL"]]
+    poll(lambda: r.hlen("quantum:p28:workers"), 10, what="the worker's heartbeat")
+    done = run_cli(env, "demo", "--seconds", "1", *urls, timeout=60)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stdout + done.stderr
+    assert "refusing to write demo plans" in done.stderr and worker.nodename in done.stderr
+    assert not r.exists("quantum:stream:apply.plan") and not r.exists("quantum:stream:apply.heat.observed")
+    # Without a worker, real plans in the plan stream are refused the same way.
+    worker.stop()
+    r.delete("quantum:p28:workers")
+    r.xadd("quantum:stream:apply.plan", {"plan_id": "P-20261203-1", "symbol": "BTCUSDT", "decision": "EXECUTE"})
+    done = run_cli(env, "demo", "--seconds", "1", "--no-worker", *urls, timeout=60)
+    assert done.returncode == 1 and "quantum:stream:apply.plan holds plans that are not a demo's" in done.stderr
+    assert r.xlen("quantum:stream:apply.plan") == 1
 
 
 def test_demo_without_redis_or_redis_server_says_what_to_install(env: dict[str, str]) -> None:

@@ -334,6 +334,9 @@ def refused_name(message: str, origin: dict[str, int]) -> str | None:
 @click.option("--seed", type=int, help="random seed, for a repeatable run")
 @click.option("--no-worker", is_flag=True, help="do not start a worker when none consumes late_obs")
 @click.option("--json", "as_json", is_flag=True, help="progress to stderr, one JSON object to stdout")
+@click.option("--redis-url", help="run on this Redis instead of a private redis-server (REDIS_URL is never used)")
+@click.option("--broker-url", help="with --redis-url: the broker (default: the --redis-url)")
+@click.option("--force", is_flag=True, help="with --redis-url: write even to a Redis with a live worker or real plans")
 def demo(**options: Any) -> None:
     """Run the whole pipeline on simulated plans for a bounded time, then report.
 
@@ -345,15 +348,18 @@ def demo(**options: Any) -> None:
     coverage per observation point, reasons, drops and latency. Only this run's
     plans (ids demo-<run>-<n>) are counted.
 
-    It writes to the stream and counters at REDIS_URL: do not point it at a
-    production Redis. With no Redis at REDIS_URL it starts a private
-    redis-server (from PATH) for the run.
+    It runs on a private redis-server (from PATH) that it starts and stops,
+    whatever REDIS_URL and CELERY_BROKER_URL say, so a sourced production env
+    file cannot send fake plans to the real streams. Given --redis-url, it
+    runs there, but refuses a Redis with a live worker's heartbeat or with
+    plans that are not a demo's unless told --force.
 
     \b
     Examples:
       observer-tasks demo
       observer-tasks demo --seconds 60 --rate 50 --heat-median-ms 900 --never-share 0.1
       P28_LATE_OBS_MAX_WAIT_MS=3000 observer-tasks demo --seed 7 --json
+      observer-tasks demo --redis-url redis://127.0.0.1:6379/9 --broker-url redis://127.0.0.1:6379/10
     """
     raise SystemExit(demo_run.run(**options))
 

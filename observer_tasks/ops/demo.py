@@ -36,7 +36,7 @@ from ..core import keys as K
 from ..core.messages import QUEUE
 from ..core.settings import SWEEP_INTERVAL_S, Settings, redact_url
 from ..core.store import redis_client
-from .probes import REDIS_ERRORS, broker_error, connect, late_obs_workers, load, use_broker
+from .probes import REDIS_ERRORS, broker_error, connect, heartbeats, late_obs_workers, load, use_broker
 from .reports import coverage, coverage_table, late_waits, percentiles, reasons, reasons_table
 
 PLAN_STREAM = "quantum:stream:apply.plan"
@@ -98,20 +98,35 @@ def answers(url: str) -> bool:
         return False
 
 
-def private_redis(stack: ExitStack, url: str, say: Any) -> None:
-    """Start a throw-away redis-server and point REDIS_URL (and an unset CELERY_BROKER_URL) at it."""
+def private_redis(stack: ExitStack, say: Any) -> None:
+    """Start a throw-away redis-server and point REDIS_URL and CELERY_BROKER_URL at it, whatever the environment
+    says (an operator's sourced env file must never send fake plans to the real streams)."""
     exe = shutil.which("redis-server")
     if not exe:
-        raise click.ClickException(f"no Redis at {redact_url(url)} and no redis-server on PATH: "
-                                   "install one (apt-get install redis-server) or set REDIS_URL")
+        raise click.ClickException("the demo runs on a private redis-server and there is none on PATH: install one "
+                                   "(apt-get install redis-server), or give a Redis of its own with --redis-url")
     port = free_port()
     server = Child("redis-server", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                     "--appendonly", "no"])
     stack.callback(server.stop)
     os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-    os.environ.setdefault("CELERY_BROKER_URL", f"redis://127.0.0.1:{port}/1")
+    os.environ["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{port}/1"
     server.wait_for(lambda: answers(os.environ["REDIS_URL"]), f"port {port}")
-    say(f"no Redis at {redact_url(url)}: started a private redis-server on port {port} (stopped at the end)")
+    say(f"started a private redis-server on port {port} (stopped at the end)")
+
+
+def production_signs(client: redis.Redis, settings: Settings) -> str | None:
+    """Why this Redis looks like one the demo must not write to: a live worker's heartbeat, or plan or
+    observation streams holding plans that are not a demo's. None when it looks like a demo's own."""
+    live = [b["name"] for b in heartbeats(client) if b.get("fresh")]
+    if live:
+        return f"a live worker's heartbeat is there ({', '.join(live[:3])})"
+    for stream in (PLAN_STREAM, settings.obs_stream):
+        for _id, fields in client.xrevrange(stream, count=100):
+            plan = fields.get(b"plan_id", b"").decode(errors="replace")
+            if not plan.startswith("demo-"):
+                return f"{stream} holds plans that are not a demo's (e.g. {plan[:40]!r})"
+    return None
 
 
 def ensure_worker(stack: ExitStack, settings: Settings, run_id: str, no_worker: bool, say: Any) -> bool:
@@ -209,7 +224,8 @@ class Tally:
 
 
 def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, seed: int | None,
-        no_worker: bool, as_json: bool) -> int:
+        no_worker: bool, as_json: bool, redis_url: str | None = None, broker_url: str | None = None,
+        force: bool = False) -> int:
     def say(line: str) -> None:
         click.echo(line, err=as_json)
 
@@ -217,12 +233,18 @@ def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, 
     run_id = uuid.uuid4().hex[:8]
     prefix = f"demo-{run_id}-"
     with ExitStack() as stack:
-        url = load().redis_url
-        if not answers(url):
-            private_redis(stack, url, say)
+        if redis_url is None:
+            private_redis(stack, say)
+        else:  # only a URL given on the command line, never one from the environment
+            os.environ["REDIS_URL"] = redis_url
+            os.environ["CELERY_BROKER_URL"] = broker_url or redis_url
         settings = load()
-        producer.reset()  # its settings (REDIS_URL, broker) may have just changed
+        producer.reset()  # its settings (REDIS_URL, broker) have just changed
         client = connect(settings.redis_url, settings)
+        signs = production_signs(client, settings) if redis_url is not None else None
+        if signs and not force:
+            raise click.ClickException(f"refusing to write demo plans to {redact_url(settings.redis_url)}: {signs}. "
+                                       "Run the demo on its own Redis (the default), or add --force")
         error = broker_error(settings)
         if error:
             raise click.ClickException(f"cannot reach the broker at {redact_url(settings.broker)}: {error}")
