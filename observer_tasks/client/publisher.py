@@ -207,6 +207,7 @@ class Publisher:
         self.app = app
         self.connection_factory = connection_factory
         self.problems = ThrottledLog()
+        self.recoveries = ThrottledLog()
         self.cond = threading.Condition(threading.Lock())  # guards everything below
         self.queue: deque[tuple[float, LateMessage]] = deque()  # (monotonic time queued, message)
         self.deferred: deque[Deferred] = deque()
@@ -403,8 +404,8 @@ class Publisher:
         if self.redis_failing_since is not None or drained:
             self.redis_breaker.close()
         if self.redis_failing_since is not None:
-            log.warning("P2.8A observer: Redis answers again after %.1fs; deferred calls replayed",
-                        now - self.redis_failing_since)
+            self.recoveries.warning(f"Redis answers again after {now - self.redis_failing_since:.1f}s; "
+                                    "deferred calls replayed")
         self.redis_failing_since = None
 
     def _refuse_all(self, batch: list[Deferred], cause: str, exc: BaseException) -> None:
@@ -495,8 +496,7 @@ class Publisher:
 
     def _broker_ok(self) -> None:
         if self.broker_failing_since is not None:
-            log.warning("P2.8A observer: broker answers again after %.1fs",
-                        time.monotonic() - self.broker_failing_since)
+            self.recoveries.warning(f"broker answers again after {time.monotonic() - self.broker_failing_since:.1f}s")
         self.broker_failing_since = None
         self.breaker.succeeded()
 
