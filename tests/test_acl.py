@@ -31,7 +31,7 @@ from observer_tasks.core.settings import Settings
 from observer_tasks.core.store import AccessRefused, Store, redis_client
 from observer_tasks.ops import demo
 
-from .conftest import ROOT, Worker, free_port, poll, scrape
+from .conftest import ROOT, Worker, free_port, poll, scrape, stream_entries
 
 ACL_FILE = ROOT / "deploy" / "redis" / "users.acl"
 CLI = str(Path(sys.executable).with_name("observer-tasks"))
@@ -169,10 +169,16 @@ def test_whole_pipeline_under_the_acl_then_each_role_refused_outside_it(
         finally:
             bridge.stop()
         assert bridge.errors == 0 and bridge.written > 0
-        assert set(results["early"]) <= {"ok", "missing"} and sum(results["early"].values()) == published
-        assert results["late"] == {"enqueued": published}
-        late = tally.late()
-        assert sorted(e["plan_id"] for e in late) == sorted(f"{prefix}{n}" for n in range(published))
+        # "deferred": a call that met a slow Redis (a loaded machine), replayed by the publisher thread.
+        assert set(results["early"]) <= {"ok", "missing", "deferred"} and sum(results["early"].values()) == published
+        assert set(results["late"]) <= {"enqueued", "deferred"} and sum(results["late"].values()) == published
+        every_plan = sorted(f"{prefix}{n}" for n in range(published))
+
+        def all_recorded() -> bool:
+            tally.update()
+            return sorted(e["plan_id"] for e in tally.late()) == every_plan
+
+        poll(all_recorded, 30, 0.2, "every plan recorded once")
         # The sweeper too: a plan admitted whose first message is never sent.
         Store(settings, redis_client(server.url("observer-apply"), 1, "producer")).admit("acl-swept", "BTCUSDT", "")
         poll(lambda: admin.hget(K.COUNTERS, "recorded|sweep") == b"1", 30, 0.2, "the sweeper records the unsent plan")
@@ -180,6 +186,9 @@ def test_whole_pipeline_under_the_acl_then_each_role_refused_outside_it(
         print("counters:", counts)
         assert counts["recorded|wake"] > 0, "the wake listener recorded nothing under the ACL"
         assert counts["recorded|look"] + counts["recorded|wake"] == published
+        late_entries = [e for e in stream_entries(admin) if e["obs_point"] == K.OBS_LATE]
+        assert len(late_entries) == published + 1  # once each, the swept plan included
+        assert counts[f"observed|{K.OBS_LATE}|0"] + counts[f"observed|{K.OBS_LATE}|1"] == published + 1
 
         # Metrics over HTTP: the worker's, and the standalone exporter run as the operator.
         page = scrape(worker.metrics_port) or ""
