@@ -44,9 +44,12 @@ if _settings.late_obs_queue_type == "quorum":
     task_default_exchange_type = "topic"
 task_routes = {"observer_tasks.late_*": {"queue": QUEUE}}
 
-# Flower and celery-exporter see every plan: observe_late's message sends task-sent (with the queue name)
-# and its first look sends received/started/succeeded. Later looks (observer_tasks.late_poll) send no
-# events and the worker sends no task-sent for them (worker/services.py): a poll then costs a third as much.
+# Flower and celery-exporter see every plan's life (worker/task_states.py): observe_late's message sends
+# task-sent (with the queue name), the first look sends task-retried when the plan still waits, and whoever
+# decides the plan (a look, the wake step, the sweeper) sends its one task-succeeded with the outcome. The
+# tasks send no other events (send_events=False on both), and the worker sends no task-sent for its own
+# reschedules (worker/services.py): each event is a broker message. Task events stay on for the worker so
+# that those events and its heartbeats go out.
 worker_send_task_events = True
 task_send_sent_event = True
 

@@ -1,17 +1,21 @@
-"""Blocking baseline, polling only and the wake path, on the same seeded simulated load.
+"""Blocking baseline, thread-pool pattern, polling only and the wake path, on the same seeded simulated load.
 
     .venv/bin/python benchmarks/bench.py [--quick] [--rates 10,50,100,150,200] [--seconds 20]
-        [--sides baseline,polling,wake,wake:250] [--brokers redis,amqp] [--max-inflight N] [--kill-wake N]
+        [--sides baseline,threadpool,polling,wake,wake:250] [--brokers redis,amqp] [--max-inflight N] [--kill-wake N]
 
-Before each row it FLUSHDBs the data database (--redis-url) and, with the Redis broker, the broker
-database (--broker-url), and with RabbitMQ purges the queue late_obs on --amqp-url's vhost: nothing else.
+By default it starts two private redis-servers on free loopback ports (data, and the Redis broker) and stops
+them at the end, so their INFO commandstats count this benchmark alone; --redis-url / --broker-url use given
+servers instead. Before each row it FLUSHDBs the data database and, with the Redis broker, the broker
+database, and with RabbitMQ purges the queue late_obs on --amqp-url's vhost: nothing else.
 Each row publishes ``rate * seconds`` plans at a fixed rate while a simulated HeatBridge (its own process)
 writes each plan's heat hash after a seeded delay (lognormal, or never), waits for the observations to
 drain, then reads the stream.
 
 Sides: ``baseline`` the blocking design in this process (ThreadPoolExecutor(MAX_WORKERS), each job EXISTS +
 sleep(POLL_MS) until found or MAX_WAIT_MS, an in-process inflight cap of MAX_INFLIGHT; it writes the same
-stream entries with a plain XADD). ``polling`` the real observe_late() here and a real
+stream entries with a plain XADD). ``threadpool`` the replaced design's Redis traffic without its thread
+limit (every plan: an EXISTS every POLL_MS until found or MAX_WAIT_MS, then HGETALL, XADD, SETEX of the
+dedupe key), the reference for the Redis load. ``polling`` the real observe_late() here and a real
 ``celery -A observer_tasks worker -Q late_obs`` with P28_LATE_OBS_WAKE=false. ``wake`` the same with the
 wake path on; ``wake:N`` with P28_LATE_OBS_SAFETY_POLL_MS=N. Several brokers run one after the other, each in
 a child process (Celery reads its broker once); the baseline does not use a broker and runs with the first.
@@ -20,8 +24,15 @@ Detection = entry ts_epoch - heat hash ts_epoch, both Redis TIME (the entry's is
 In window = the heat was written within MAX_WAIT_MS of the call (5 ms margin); lost = admitted plans in
 window not recorded with heat found. Looks = task runs (the worker's `inspect stats` totals), polls = the
 entries' polls field. Worker CPU = user+sys of the worker's process tree (baseline: its pool threads) from
-the first publish to the end of the drain. Redis CPU = INFO cpu delta, broker CPU = RabbitMQ's beam.smp:
-both servers are shared, so other clients' work is included.
+the first publish to the end of the drain. Redis CPU = INFO cpu delta, broker CPU = RabbitMQ's beam.smp
+(RabbitMQ is shared: other clients' work is included).
+
+Redis load per plan = INFO commandstats deltas over the same window, data server plus (Redis broker) broker
+server, per admitted plan, net of the load generator (the HeatBridge's EVAL with its TIME, HSET and EXPIRE
+inside, and the benchmark's own XLEN). Commands count every call, those inside scripts and MULTI included.
+Command time counts each top-level command once: a script's EVALSHA time includes its inner commands (so
+the commands the observer's Lua scripts call are not added again), and EXEC's includes the commands it
+runs (so EXEC's own time is left out instead).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -64,6 +76,8 @@ WORKERS_KEY = "quantum:p28:workers"
 WINDOW_MARGIN_S = 0.005
 #: Most plans per row: the stream is trimmed to about 10 000 entries (STREAM_MAXLEN) and is read at the end.
 MAX_PLANS = 9_000
+#: The sides that run in this process without the observer (and without a broker).
+REFERENCES = ("baseline", "threadpool")
 
 
 @dataclass(frozen=True)
@@ -91,7 +105,7 @@ def heat_bridge(redis_url: str, prefix: str, writes: list[tuple[float, str, str]
     """Child process: write each heat hash at t0 + offset (t0 arrives over the pipe)."""
     import redis
 
-    script = redis.Redis.from_url(redis_url).register_script(HEAT_LUA)
+    client = redis.Redis.from_url(redis_url)
     rng = random.Random(len(writes))
     conn.send("ready")
     t0 = conn.recv()
@@ -100,7 +114,9 @@ def heat_bridge(redis_url: str, prefix: str, writes: list[tuple[float, str, str]
         if delay > 0:
             time.sleep(delay)
         level, action = rng.choice(HEATS)
-        script(keys=[prefix + plan_id], args=[plan_id, symbol, level, f"{rng.random():.3f}", action])
+        # EVAL, not EVALSHA: the observer never sends EVAL, so the generator's calls can be taken out of the
+        # Redis load exactly (with the TIME, HSET and EXPIRE inside each).
+        client.eval(HEAT_LUA, 1, prefix + plan_id, plan_id, symbol, level, f"{rng.random():.3f}", action)
 
 
 # -- measurement helpers ----------------------------------------------------------------------
@@ -154,6 +170,88 @@ def dist(values: list[float], digits: int = 1) -> dict[str, float | None]:
     return {"p50": pick(0.50), "p99": pick(0.99), "max": pick(1.0)}
 
 
+# -- Redis load (INFO commandstats) -------------------------------------------------------------
+#: Commands the generator runs inside each of its EVALs (taken out of the load with the EVAL itself).
+GENERATOR_INNER = ("time", "hset", "expire")
+SCRIPT_CALL = re.compile(r"redis\.p?call\(\s*'(\w+)'", re.IGNORECASE)
+
+
+def script_commands() -> set[str]:
+    """Every command the observer's Lua scripts call (their time is inside EVALSHA's)."""
+    names: set[str] = set()
+    for lua in (ROOT / "observer_tasks").rglob("*.lua"):
+        names.update(m.lower() for m in SCRIPT_CALL.findall(lua.read_text()))
+    return names
+
+
+def commandstats(client) -> dict[str, tuple[int, int]]:
+    """{command: (calls, usec)} from INFO commandstats (subcommands as 'client|setname')."""
+    return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+            for name, v in client.info("commandstats").items()}
+
+
+def redis_load(before: dict, after: dict, inner: set[str], exec_nests: bool) -> dict:
+    """One server's load over a window, net of the generator and the benchmark's own reads.
+
+    inner: commands whose time is already in their script's EVALSHA; exec_nests: leave EXEC's own time out
+    (it includes the commands it runs, which are counted themselves)."""
+    by: dict[str, list[int]] = {}
+    generated = after.get("eval", (0, 0))[0] - before.get("eval", (0, 0))[0]
+    for name, (calls1, usec1) in after.items():
+        calls0, usec0 = before.get(name, (0, 0))
+        calls, usec = calls1 - calls0, usec1 - usec0
+        own = calls if name in ("eval", "xlen") else generated if name in GENERATOR_INNER else 0
+        net = max(0, calls - own)
+        if net:
+            by[name] = [net, round(usec * net / calls)]
+    timed = {n: v for n, v in by.items() if n not in inner and not (exec_nests and n == "exec")}
+    return {"commands": sum(v[0] for v in by.values()), "usec": sum(v[1] for v in timed.values()),
+            "generator_writes": generated, "by_command": dict(sorted(by.items(), key=lambda kv: -kv[1][0]))}
+
+
+class PrivateRedis:
+    """A redis-server of the benchmark's own on a loopback port: its commandstats count nothing else."""
+
+    def __init__(self, port: int, workdir: Path, name: str) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir), "--logfile", str(workdir / f"redis-{name}.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        import redis
+
+        client, deadline = redis.Redis(port=self.port), time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    sys.exit(f"redis-server on port {self.port} did not start; see {workdir}")
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 # -- the baseline -----------------------------------------------------------------------------
 class Baseline:
     """The blocking design: a thread pool polling EXISTS, an in-process inflight counter."""
@@ -196,6 +294,71 @@ class Baseline:
 
     def cpu(self) -> float:
         return sum(proc_cpu(f"/proc/{os.getpid()}/task/{tid}/stat")[0] for tid in list(self.tids))
+
+
+class ThreadPoolPattern:
+    """The replaced design's Redis traffic, without its thread limit (the reference for the Redis load).
+
+    Each plan: an EXISTS every POLL_MS until found or MAX_WAIT_MS, then HGETALL, XADD and SETEX of the dedupe
+    key. Four threads take the due polls from one heap, so no plan waits for a free thread (the real design's
+    four blocking threads drop most plans from a few per second: see ``baseline``)."""
+
+    THREADS = 4
+
+    def __init__(self, settings, client) -> None:
+        import heapq
+
+        self.s, self.client, self.heapq = settings, client, heapq
+        self.heap: list[tuple[float, int, str, str, str, float]] = []
+        self.cond, self.seq, self.stopped, self.tids = threading.Condition(), 0, False, list[int]()
+        self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(self.THREADS)]
+        for t in self.threads:
+            t.start()
+
+    def observe_late(self, plan_id: str, symbol: str, decision: str) -> str:
+        now = time.monotonic()
+        with self.cond:
+            self.seq += 1
+            self.heapq.heappush(self.heap, (now, self.seq, plan_id, symbol, decision, now))
+            self.cond.notify()
+        return "enqueued"
+
+    def work(self) -> None:
+        self.tids.append(threading.get_native_id())
+        s, key_of = self.s, self.s.heat_lookup_prefix.__add__
+        while True:
+            with self.cond:
+                while not self.stopped and (not self.heap or self.heap[0][0] > time.monotonic()):
+                    self.cond.wait(max(0.0, self.heap[0][0] - time.monotonic()) if self.heap else None)
+                if self.stopped:
+                    return
+                _, seq, plan_id, symbol, decision, start = self.heapq.heappop(self.heap)
+            waited_ms = (time.monotonic() - start) * 1000
+            if not self.client.exists(key_of(plan_id)) and waited_ms < s.late_obs_max_wait_ms:
+                with self.cond:
+                    self.heapq.heappush(self.heap, (time.monotonic() + s.late_obs_poll_ms / 1000, seq, plan_id,
+                                                    symbol, decision, start))
+                continue
+            heat = {k.decode(): v.decode() for k, v in self.client.hgetall(key_of(plan_id)).items()}
+            found, now = bool(heat), time.time()
+            entry = {"ts_epoch": f"{now:.3f}", "plan_id": plan_id, "symbol": symbol, "apply_component": "apply",
+                     "obs_point": "publish_plan_post", "heat_found": "1" if found else "0",
+                     **{field: heat.get(source, "") for field, source in COPIED},
+                     "heat_reason": "ok" if found else "timeout", "apply_decision": decision,
+                     "debug_json": json.dumps({"wait_ms": int(waited_ms)}), "wait_ms": str(int(waited_ms)),
+                     "recorded_by": "look"}
+            self.client.xadd(s.obs_stream, entry, maxlen=10_000, approximate=True)
+            self.client.setex(f"quantum:dedupe:p28:publish_plan_post:{plan_id}", s.dedupe_ttl_sec, "1")
+
+    def cpu(self) -> float:
+        return sum(proc_cpu(f"/proc/{os.getpid()}/task/{tid}/stat")[0] for tid in list(self.tids))
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join(5)
 
 
 # -- the worker -------------------------------------------------------------------------------
@@ -261,7 +424,15 @@ def kill_wake(data, times: list[float], done: list[dict]) -> None:
 # -- one row ----------------------------------------------------------------------------------
 def run(args: argparse.Namespace, side: str, rate: float, data, broker) -> dict:
     from observer_tasks import app, observe_late
+    from observer_tasks.client import producer
     from observer_tasks.core.settings import Settings
+
+    # The apply layer's side reads the safety interval too (the first look's countdown): same as the worker.
+    for name in ("P28_LATE_OBS_WAKE", "P28_LATE_OBS_SAFETY_POLL_MS"):
+        os.environ.pop(name, None)
+        if name in side_env(side):
+            os.environ[name] = side_env(side)[name]
+    producer.reset()
 
     settings, plans = Settings.from_env(), make_plans(args, rate)
     stream, prefix = settings.obs_stream, settings.heat_lookup_prefix
@@ -270,13 +441,16 @@ def run(args: argparse.Namespace, side: str, rate: float, data, broker) -> dict:
         broker.flushdb()
     else:
         app.control.purge()
-    worker = baseline = bridge = None
+    worker = baseline = pattern = bridge = None
     kills: list[dict] = []
     try:
         if side == "baseline":
             baseline = Baseline(settings, data)
             call: Any = baseline.observe_late
             cpu, warm = baseline.cpu, 0
+        elif side == "threadpool":
+            pattern = ThreadPoolPattern(settings, data)
+            call, cpu, warm = pattern.observe_late, pattern.cpu, 0
         else:
             worker = start_worker(args, side, data, Path(args.json).parent / "worker.log")
             # Warm the producer up and check the round trip with a plan whose heat is already there.
@@ -302,6 +476,7 @@ def run(args: argparse.Namespace, side: str, rate: float, data, broker) -> dict:
         admitted: set[str] = set()
         costs_us, max_lag, call_cpu_ns = [], 0.0, 0
         cpu0, redis0, rabbit0 = cpu(), redis_cpu(data), rabbit_cpu()
+        stats0 = commandstats(data), commandstats(broker) if broker is not None else {}
         t0 = time.time() + 0.1
         parent_end.send(t0)
         if worker and side != "polling" and args.kill_wake:
@@ -325,6 +500,7 @@ def run(args: argparse.Namespace, side: str, rate: float, data, broker) -> dict:
         cap = end + args.drain
         while (data.xlen(stream) - warm < returns.get("enqueued", 0) or time.time() < end) and time.time() < cap:
             time.sleep(0.05)
+        stats1 = commandstats(data), commandstats(broker) if broker is not None else {}
         runs = task_runs() if worker else None
         while runs is not None and time.time() < cap + 10:  # a saturated worker is still working its backlog
             time.sleep(1.0)
@@ -346,10 +522,16 @@ def run(args: argparse.Namespace, side: str, rate: float, data, broker) -> dict:
             stop_worker(worker)
         if baseline:
             baseline.pool.shutdown(wait=True, cancel_futures=True)
+        if pattern:
+            pattern.close()
+    inner = script_commands() if worker else set()
+    load = {"data": redis_load(stats0[0], stats1[0], inner, exec_nests=True),
+            "broker": redis_load(stats0[1], stats1[1], set(), exec_nests=True) if broker is not None else None}
     extra = {"observe_late_us": dist(costs_us), "observe_late_cpu_us": round(call_cpu_ns / 1000 / len(plans), 1),
              "kills": kills, "resyncs": sum(b.get("resyncs", 0) for b in beats), "task_runs": runs,
              "broker_cpu_ms": round((rabbit1 - rabbit0) * 1000) if broker is None and rabbit0 and rabbit1 else None,
-             "publisher_max_lag_ms": round(max_lag * 1000, 1), "redis_cpu_ms": round(redis_s * 1000)}
+             "publisher_max_lag_ms": round(max_lag * 1000, 1), "redis_cpu_ms": round(redis_s * 1000),
+             "redis_load": load}
     return summarise(side, rate, args, settings, (plans, returns, admitted, called_at, heat_at), entries, cpu_s, extra)
 
 
@@ -371,13 +553,19 @@ def summarise(side, rate, args, settings, load, entries, cpu_s, extra) -> dict:
         polls += int(e.get("polls") or 0)
         if e["heat_found"] == "1":
             detect.append((float(e["ts_epoch"]) - float(e["heat_ts_epoch"])) * 1000)
-        elif e["heat_reason"] == "timeout" and e.get("recorded_by") == "look" and side != "baseline":
+        elif e["heat_reason"] == "timeout" and e.get("recorded_by") == "look" and side not in REFERENCES:
             late.append(float(json.loads(e["debug_json"]).get("late_ms", 0)))
     window = settings.late_obs_max_wait_ms / 1000 - WINDOW_MARGIN_S
     in_window = [pid for pid in admitted if pid in heat_at and heat_at[pid] - called_at[pid] <= window]
     lost = [pid for pid in in_window if seen.get(pid, {}).get("heat_found") != "1"]
     n = len(admitted)
     per = lambda x: round(x / n, 3) if n and x is not None else None  # noqa: E731
+    servers = [v for v in extra["redis_load"].values() if v is not None]
+    for v in servers:
+        v["commands_per_plan"], v["usec_per_plan"] = per(v["commands"]), per(v["usec"])
+        v["by_command_per_plan"] = {c: [per(k), per(u)] for c, (k, u) in v.pop("by_command").items()}
+    extra["redis_load"]["commands_per_plan"] = per(sum(v["commands"] for v in servers))
+    extra["redis_load"]["usec_per_plan"] = per(sum(v["usec"] for v in servers))
     return {
         "side": side, "rate": rate, "broker": args.brokers, "kill_wake": args.kill_wake if extra["kills"] else 0,
         "seconds": args.seconds, "max_inflight": settings.late_obs_max_inflight, "published": len(plans),
@@ -404,12 +592,16 @@ COLUMNS = (  # header, result key ("a.b" = nested), scale (None: as is), decimal
     ("look/wake/sweep", "by", None, 0),
     ("cpu/plan", "worker_cpu_ms_per_plan", 1, 2), ("redis", "redis_cpu_ms", None, 0),
     ("rabbit", "broker_cpu_ms", None, 0), ("obs99us", "observe_late_us.p99", 1, 0),
+    ("cmd/p", "redis_load.commands_per_plan", 1, 1), ("bcmd/p", "redis_load.broker.commands_per_plan", 1, 1),
+    ("us/p", "redis_load.usec_per_plan", 1, 0), ("bus/p", "redis_load.broker.usec_per_plan", 1, 0),
 )
 LEGEND = ("err = observe_late said 'error'; lost = heat within MAX_WAIT, not recorded with heat; det = detection ms;\n"
           "late99 = p99 of how late after the deadline a timeout's last look ran (ms: the worker's backlog);\n"
           "looks/p = task runs per admitted plan, polls/p = entries' polls field; look/wake/sweep: recorded_by;\n"
           "cpu/plan = worker CPU ms per admitted plan; redis, rabbit = server CPU ms (shared servers); "
-          "obs99us = observe_late p99 in the caller")
+          "obs99us = observe_late p99 in the caller;\n"
+          "cmd/p, us/p = Redis commands (inside scripts counted) and command time (us) per admitted plan, data plus\n"
+          "broker server, net of the generator; bcmd/p, bus/p = the Redis broker's share")
 
 
 def label(r: dict) -> str:
@@ -424,7 +616,7 @@ def cell(row: dict, key: str, scale: float | None, digits: int) -> str:
         return "/".join(str(row["recorded_by"].get(k, 0)) for k in ("look", "wake", "sweep"))
     value: Any = row
     for part in key.split("."):
-        value = value[part]
+        value = None if value is None else value.get(part)
     if scale is None or value is None:
         return "-" if value is None else str(value)
     return f"{value * scale:.{digits}f}"
@@ -436,6 +628,10 @@ def table(rows: list[dict], markdown: bool = False) -> str:
         return "\n".join("| " + " | ".join(line) + " |" for line in cells[:1] + [["---"] * len(COLUMNS)] + cells[1:])
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     return "\n".join([" ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells] + [LEGEND])
+
+
+#: Redis load per plan (commands, command time in us) the issue asks for, by broker.
+LOAD_GOALS = {"redis": (20, 200), "amqp": (12, 90)}
 
 
 def goals(rows: list[dict]) -> list[str]:
@@ -459,11 +655,18 @@ def goals(rows: list[dict]) -> list[str]:
         if r["side"] == "wake" and r["rate"] == 150 and r["max_inflight"] == 200 and not r.get("kill_wake"):
             ok = clean(r) and (det["p99"] or 0) <= 25
             out.append(f"{'met' if ok else 'MISSED'}: {name}: no losses, p99 {det['p99']} <= 25")
+        load = LOAD_GOALS.get(r["broker"])
+        if r["side"] == "wake" and r["rate"] in (50, 150) and load and not r.get("kill_wake"):
+            cmds, usec = r["redis_load"]["commands_per_plan"], r["redis_load"]["usec_per_plan"]
+            ok = cmds is not None and cmds <= load[0] and usec <= load[1]
+            out.append(f"{'met' if ok else 'MISSED'}: {name}: Redis load per plan {cmds} commands <= {load[0]}, "
+                       f"{usec} us <= {load[1]}")
         if r.get("kill_wake"):
             ok = r["missing"] + r["duplicates"] + r["lost"] == 0
             out.append(f"{'met' if ok else 'MISSED'}: {name}: kills {r['kills']}, missing {r['missing']}, "
                        f"duplicates {r['duplicates']}, lost {r['lost']}, resyncs {r['resyncs']}")
-    for key in sorted({(r["broker"], label(r)) for r in rows if r["side"] != "baseline" and not r.get("kill_wake")}):
+    observer_rows = [r for r in rows if r["side"] not in REFERENCES and not r.get("kill_wake")]
+    for key in sorted({(r["broker"], label(r)) for r in observer_rows}):
         good = [r["rate"] for r in rows if (r["broker"], label(r)) == key and clean(r)
                 and (r["detect_ms"]["p99"] or 1e9) <= 25]
         out.append(f"highest rate with no losses and p99 <= 25 ms, {key[0]} {key[1]}: {max(good, default=0):g}/s")
@@ -491,7 +694,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="rates 50,150 for 4 s each, --drain 1 (under 3 minutes)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/latest.json"))
     ap.add_argument("--seed", type=int, default=28)
-    ap.add_argument("--sides", default="baseline,polling,wake", help="baseline, polling, wake, wake:<safety poll ms>")
+    ap.add_argument("--sides", default="baseline,threadpool,polling,wake",
+                    help="baseline, threadpool, polling, wake, wake:<safety poll ms>")
     ap.add_argument("--brokers", default="redis,amqp", help="redis and/or amqp (skipped if unreachable)")
     ap.add_argument("--max-inflight", type=int, help="P28_LATE_OBS_MAX_INFLIGHT for every side (default: 200)")
     ap.add_argument("--kill-wake", type=int, default=0, help="CLIENT KILL the wake connection N times per wake row")
@@ -499,19 +703,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heat-sigma", type=float, default=0.6, help="lognormal sigma of the heat delay")
     ap.add_argument("--heat-never", type=float, default=0.3, help="fraction of plans that never get heat")
     ap.add_argument("--drain", type=float, default=3.0, help="s to wait past the last plan's MAX_WAIT_MS")
-    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/9",
-                    help="data db, FLUSHDB before each row (%(default)s)")
-    ap.add_argument("--broker-url", default="redis://127.0.0.1:6379/10",
-                    help="Redis broker db, FLUSHDB before each row (%(default)s)")
+    ap.add_argument("--redis-url", default="",
+                    help="data db, FLUSHDB before each row (default: a private redis-server this run starts)")
+    ap.add_argument("--broker-url", default="",
+                    help="Redis broker db, FLUSHDB before each row (default: a second private redis-server)")
+    ap.add_argument("--redis-port", type=int, default=0,
+                    help="port of the private data server (the broker's is the next one; default: free ports)")
     ap.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/bench",
                     help="RabbitMQ: queue late_obs purged before each row (%(default)s)")
     ap.add_argument("--worker-args", default="", help="extra celery worker options (experiments only)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rates, args.seconds, args.drain = "50,150", 4.0, 1.0
-    if any(s not in ("baseline", "polling", "wake") and not (s.startswith("wake:") and s[5:].isdigit())
+    if any(s not in (*REFERENCES, "polling", "wake") and not (s.startswith("wake:") and s[5:].isdigit())
            for s in args.sides.split(",")):
-        ap.error("--sides takes baseline, polling, wake and wake:<ms>")
+        ap.error("--sides takes baseline, threadpool, polling, wake and wake:<ms>")
     if set(args.brokers.split(",")) - {"redis", "amqp"}:
         ap.error("--brokers takes redis and/or amqp")
     return args
@@ -554,6 +760,21 @@ def measure(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    servers = []
+    try:
+        for name in ("redis_url", "broker_url"):
+            if not getattr(args, name):  # private servers: their commandstats count this run alone
+                port = args.redis_port + len(servers) if args.redis_port else 0
+                servers.append(PrivateRedis(port, Path(args.json).parent / "redis", name.split("_")[0]))
+                setattr(args, name, servers[-1].url)
+                argv = [*argv, f"--{name.replace('_', '-')}", servers[-1].url]
+        return run_all(args, argv)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def run_all(args: argparse.Namespace, argv: list[str]) -> int:
     brokers = args.brokers.split(",")
     import redis
 
@@ -578,8 +799,8 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, __file__, *argv, "--brokers", broker, "--sides", sides, "--json", str(part)],
                        check=True)
         rows += json.loads(part.read_text())["results"]
-        # The baseline uses no broker: once is enough.
-        sides = ",".join(s for s in sides.split(",") if s != "baseline")
+        # The references use no broker: once is enough.
+        sides = ",".join(s for s in sides.split(",") if s not in REFERENCES)
     print("\n# all brokers", table(rows), *goals(rows), sep="\n")
     out.write_text(json.dumps({"meta": meta, "skipped": skipped, "results": rows, "goals": goals(rows)}, indent=2))
     print(f"# wrote {out}")

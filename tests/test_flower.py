@@ -1,10 +1,16 @@
-"""A real Flower against the test broker sees the worker online and the late_obs tasks."""
+"""A real Flower against the test broker sees the worker online and the late_obs tasks, and each plan's life:
+waiting while it waits, then its outcome (checked over Flower's API and, as an operator sees it, in a
+headless Chromium: a screenshot and the page's text)."""
 
 from __future__ import annotations
 
+import ast
 import base64
+import html
 import json
 import os
+import re
+import shutil
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -15,7 +21,7 @@ import redis
 
 from observer_tasks import observe_late
 
-from .conftest import CELERY, ROOT, Worker, free_port, inflight, poll
+from .conftest import CELERY, ROOT, Worker, free_port, inflight, late_entries, poll
 
 AUTH = "ops:s3cret"
 
@@ -76,3 +82,66 @@ def test_flower_sees_the_worker_and_the_late_tasks(r: redis.Redis, flower: str,
     poll(online, what="flower_worker_online for the worker")
     _status, metrics = get(flower + "/metrics", auth=None)
     assert 'flower_events_total{task="observer_tasks.late_observe",type="task-succeeded"' in metrics
+
+
+def task_info(flower: str, plan: str) -> dict[str, object]:
+    status, body = get(f"{flower}/api/task/info/p28-late-{plan}")
+    return json.loads(body) if status == 200 else {}
+
+
+def chromium() -> str:
+    """Debian's chromium; skip without it, or fail when CI is set (.ci/run installs it)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; CI is set, so Flower's page must be checked in a browser")
+        pytest.skip("chromium is not installed")
+    return path
+
+
+def browse(browser: str, url: str, out: Path) -> str:
+    """Open the page as an operator would (basic auth as a browser sends it), screenshot it, return its text."""
+    authed = url.replace("http://", f"http://{AUTH}@", 1)
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--hide-scrollbars", f"--user-data-dir={out.parent / 'chromium-profile'}", "--window-size=1280,1400"]
+    subprocess.run([*args, f"--screenshot={out}", authed], check=True, capture_output=True, timeout=90)
+    dom = subprocess.run([*args, "--dump-dom", authed], check=True, capture_output=True, text=True, timeout=90).stdout
+    text = html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"(?s)<(script|style)\b.*?</\1>", " ", dom)))
+    return " ".join(text.split())
+
+
+@pytest.mark.slow
+def test_each_plans_life_in_flower_as_an_operator_sees_it(r: redis.Redis, env: dict[str, str], flower: str,
+                                                         start_worker: Callable[..., Worker],
+                                                         tmp_path: Path) -> None:
+    browser = chromium()
+    # Long enough to watch a waiting plan: the first look after the 1 s safety interval, the deadline at 6 s.
+    env.update(P28_LATE_OBS_MAX_WAIT_MS="6000", P28_LATE_OBS_POLL_MS="100")
+    start_worker()
+    for plan in ("wake1", "quiet1"):
+        assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
+    # Waiting: PENDING with the first look's eta, then RETRY once the first look has found no heat.
+    pending = poll(lambda: task_info(flower, "quiet1"), what="quiet1 in Flower")
+    assert pending["state"] == "PENDING" and pending["eta"]
+    waiting = poll(lambda: (t := task_info(flower, "quiet1")).get("state") == "RETRY" and t, timeout=10,
+                   what="quiet1 waiting (RETRY)")
+    assert "Waiting(" in str(waiting["exception"]) and "next look in" in str(waiting["exception"])
+    page = browse(browser, f"{flower}/task/p28-late-quiet1", tmp_path / "waiting.png")
+    assert "RETRY" in page and "SUCCESS" not in page and "next look in" in page
+
+    r.hset("quantum:harvest:heat:by_plan:wake1", mapping={"heat_level": "hot", "heat_action": "NONE"})
+    decided = poll(lambda: (t := task_info(flower, "wake1")).get("state") == "SUCCESS" and t, what="wake1 decided")
+    result = ast.literal_eval(str(decided["result"]))
+    entry = next(e for e in late_entries(r) if e["plan_id"] == "wake1")
+    assert result == {"reason": "ok", "wait_ms": int(entry["wait_ms"]), "recorded_by": "wake"}
+
+    shot = tmp_path / "decided.png"
+    page = browse(browser, f"{flower}/task/p28-late-wake1", shot)
+    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+    assert "observer_tasks.late_observe" in page and "p28-late-wake1" in page
+    assert "SUCCESS" in page and "RETRY" not in page and "Waiting(" not in page
+    assert f"{{'reason': 'ok', 'wait_ms': {entry['wait_ms']}, 'recorded_by': 'wake'}}" in page
+
+    quiet = poll(lambda: (t := task_info(flower, "quiet1")).get("state") == "SUCCESS" and t, timeout=15,
+                 what="quiet1 decided at its deadline")
+    assert ast.literal_eval(str(quiet["result"])) == {"reason": "timeout", "wait_ms": 6000, "recorded_by": "look"}

@@ -79,7 +79,9 @@ def test_timeout_after_max_wait(r: redis.Redis, worker: Worker) -> None:
     assert (entry["heat_found"], entry["heat_reason"], entry["wait_ms"], entry["recorded_by"]) == (
         "0", "timeout", "600", "look")
     assert float(entry["ts_epoch"]) - started >= 0.59
-    assert int(entry["polls"]) >= 2
+    # With the wake path healthy the first look waits one safety interval (here clamped to MAX_WAIT_MS):
+    # one look, at the deadline; otherwise looks every POLL_MS.
+    assert int(entry["polls"]) >= 1
     assert inflight(r) == 0
 
 
@@ -87,7 +89,10 @@ def test_wrong_type_is_a_parse_error(r: redis.Redis, worker: Worker) -> None:
     r.sadd(HEAT + "p1", "member")
     observe_late("p1", "BTCUSDT")
     entry = one_entry(r, "p1")
-    assert (entry["heat_found"], entry["heat_reason"], entry["polls"]) == ("0", "parse_error", "1")
+    assert (entry["heat_found"], entry["heat_reason"]) == ("0", "parse_error")
+    # The first look (polls 1), or the wake step when a push for the same key name in another database of
+    # a shared Redis reaches it first (client tracking spans the server).
+    assert (entry["recorded_by"], entry["polls"]) in {("look", "1"), ("wake", "0")}
     assert "WRONGTYPE" in entry["debug_json"]
 
 

@@ -53,10 +53,11 @@ def test_look_records_once_then_the_plan_is_gone(r: redis.Redis, env: dict[str, 
     look = store.look("p1", 1, 0)
     assert look.status == "pending" and 0 < look.deadline_ms - look.now_ms <= 600
     r.hset(HEAT + "p1", mapping={"heat_level": "hot", "heat_action": "NONE"})
-    assert store.look("p1", 2, 0) == ("recorded", "ok", 0, 0, False)
+    recorded = store.look("p1", 2, 0)
+    assert recorded[:5] == ("recorded", "ok", 0, 0, False) and recorded.wait_ms >= 0
     assert store.look("p1", 3, 0).status == "gone"
     assert store.wake(["p1"]) == {}
-    assert not store.finish("p1", "redis_error", {})
+    assert store.finish("p1", "redis_error", {}).status == "gone"
     (entry,) = late_entries(r)
     assert (entry["heat_reason"], entry["polls"], entry["recorded_by"], entry["apply_decision"]) == (
         "ok", "2", "look", "EXECUTE")
@@ -71,7 +72,8 @@ def test_wake_records_leased_plans_only(r: redis.Redis, env: dict[str, str]) -> 
     r.hset(HEAT + "a", "heat_level", "warm")
     r.sadd(HEAT + "b", "x")  # unreadable
     r.hset(HEAT + "free", "heat_level", "warm")  # not under observation
-    assert store.wake(["a", "b", "c", "free"]) == {"a": "ok", "b": "parse_error"}  # c: no heat hash yet
+    woken = store.wake(["a", "b", "c", "free"])  # c: no heat hash yet
+    assert {p: o.reason for p, o in woken.items()} == {"a": "ok", "b": "parse_error"}
     assert store.wake(["a", "b"]) == {}
     assert sorted((e["plan_id"], e["heat_reason"], e["recorded_by"]) for e in late_entries(r)) == [
         ("a", "ok", "wake"), ("b", "parse_error", "wake")]
@@ -82,11 +84,11 @@ def test_redelivery_after_the_dedupe_ttl_writes_nothing(r: redis.Redis, env: dic
     store = make_store(env, P28_DEDUPE_TTL_SEC="1")
     store.admit("p1", "BTCUSDT", "")
     r.hset(HEAT + "p1", "heat_level", "hot")
-    assert store.wake(["p1"]) == {"p1": "ok"}
+    assert {p: o.reason for p, o in store.wake(["p1"]).items()} == {"p1": "ok"}
     poll(lambda: not r.exists("quantum:dedupe:p28:publish_plan_post:p1"), timeout=5, what="dedupe key expired")
     before = counts(r)
     assert store.look("p1", 1, 0).status == "gone"  # a late, redelivered message
-    assert not store.finish("p1", "redis_error", {})
+    assert store.finish("p1", "redis_error", {}).status == "gone"
     assert store.wake(["p1"]) == {}
     assert len(late_entries(r)) == 1 and counts(r) == before
 
@@ -99,7 +101,7 @@ def test_a_late_look_records_timeout_with_the_window_as_wait(r: redis.Redis, env
     shift_lease(r, "heat-late", -3000)
     r.hset(HEAT + "heat-late", "heat_level", "hot")  # written after the deadline
     assert store.look("quiet", 4, 0).reason == "timeout"
-    assert store.wake(["heat-late"]) == {"heat-late": "timeout"}
+    assert store.wake(["heat-late"])["heat-late"].reason == "timeout"
     entries = {e["plan_id"]: e for e in late_entries(r)}
     for plan in ("quiet", "heat-late"):
         assert (entries[plan]["heat_reason"], entries[plan]["wait_ms"]) == ("timeout", "600")
@@ -126,11 +128,12 @@ def test_sweep_records_overdue_leases_once(r: redis.Redis, env: dict[str, str]) 
     store.note_unsent(["unsent"], "publisher queue full")
     r.hset(LEASES, "junk", "not json")
     r.zadd("quantum:p28:late_obs:inflight", {"junk": 1})
-    now, recorded, freed = store.sweep([])
+    now, recorded, freed, outcomes = store.sweep([])
     assert (recorded, freed) == (2, 1)
-    assert store.sweep([])[1:] == (0, 0)
+    assert store.sweep([])[1:] == (0, 0, {})
     entries = {e["plan_id"]: e for e in late_entries(r)}
     assert sorted(entries) == ["lost", "unsent"]
+    assert outcomes == {p: (e["heat_reason"], int(e["wait_ms"])) for p, e in entries.items()}
     assert (entries["lost"]["heat_reason"], entries["lost"]["recorded_by"], entries["lost"]["wait_ms"]) == (
         "timeout", "sweep", "600")
     # Its first message never reached the broker: an outage, recorded as missing, not timeout.

@@ -58,6 +58,8 @@ from ..core.store import admission, is_access_refused
 
 log = logging.getLogger("observer_tasks")
 
+#: How often the thread reads the wake path's health for the first looks' countdown (s).
+WAKE_HEALTH_READ_S = 1.0
 #: Messages waiting for the thread; beyond this the plan is left to the sweeper.
 QUEUE_MAX = 10_000
 #: Messages published per pass of the thread before it looks at its debts.
@@ -219,6 +221,8 @@ class Publisher:
         self.redis_failing_since: float | None = None
         self.hold_until = 0.0  # monotonic time until which callers keep deferring after a stall
         self.broker_failing_since: float | None = None
+        self.wake_healthy = False
+        self.health_read_at = -WAKE_HEALTH_READ_S
         self.stopping = False
         self.thread: threading.Thread | None = None
         # Broker objects: used by the thread only.
@@ -468,6 +472,28 @@ class Publisher:
             batch = [self.queue.popleft() for _ in range(min(BATCH_MAX, len(self.queue)))]
         self._publish(batch)
 
+    def _first_look_s(self, message: LateMessage, queued_at: float) -> float:
+        """When the plan's first look runs (s from now): one safety interval after the call (less the time the
+        message waited here) while the wake path is healthy, since the wake step records most plans before
+        then and a look at once would only find them waiting (its countdown then reaches the safety look it
+        would have sent anyway); at once otherwise.
+
+        The health is the workers' (wake_ok and no wake_degraded, as the looks read it), asked at most once
+        per WAKE_HEALTH_READ_S; a Redis that cannot answer means "not healthy": the first look runs at once."""
+        now = time.monotonic()
+        if now >= self.health_read_at + WAKE_HEALTH_READ_S:
+            self.health_read_at = now
+            try:
+                ok, degraded = self.store.client.mget(K.WAKE_OK, K.WAKE_DEGRADED)
+                self.wake_healthy = ok is not None and degraded is None
+            except self.redis_failures + (redis.RedisError,):
+                self.wake_healthy = False
+        settings = self.store.settings
+        if not (self.wake_healthy and settings.late_obs_wake):
+            return 0.0
+        first_ms = min(settings.safety_poll_ms, message.deadline_ms - message.published_ms)
+        return max(0.0, first_ms / 1000 - (now - queued_at))
+
     def _publish(self, batch: list[tuple[float, LateMessage]]) -> None:
         if self.breaker.is_open():
             self._note([m.plan_id for _, m in batch], "broker unavailable (circuit open)")
@@ -479,10 +505,11 @@ class Publisher:
         while True:
             try:
                 producer, dispatcher = self._broker()
-                for _, message in batch[sent:]:
+                for queued_at, message in batch[sent:]:
                     self.app.send_task(LATE_OBSERVE, args=message.args(), producer=producer,
                                        kwargs=message.kwargs() if message.errors else None,
-                                       event_dispatcher=dispatcher, retry=False, task_id=f"p28-late-{message.plan_id}")
+                                       event_dispatcher=dispatcher, retry=False, task_id=f"p28-late-{message.plan_id}",
+                                       countdown=self._first_look_s(message, queued_at) or None)
                     sent += 1
             except Exception as exc:  # kombu wraps broker failures in many types
                 self._drop_connection()  # reconnect from scratch next time

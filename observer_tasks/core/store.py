@@ -133,13 +133,34 @@ class Admission(NamedTuple):
 
 
 class Look(NamedTuple):
-    """One look's answer: 'recorded' (with its reason), 'gone' (no lease: nothing to do) or 'pending'."""
+    """One look's answer: 'recorded' (with its reason and wait), 'gone' (no lease: nothing to do) or 'pending'."""
 
     status: str
     reason: str = ""
     now_ms: int = 0
     deadline_ms: int = 0
     wake_healthy: bool = False
+    wait_ms: int = 0
+
+
+class Outcome(NamedTuple):
+    """A recorded plan's outcome, as its stream entry has it (for the plan's final state in Flower)."""
+
+    reason: str
+    wait_ms: int
+
+
+class Sweep(NamedTuple):
+    """sweep()'s answer: Redis now (ms), plans recorded and leases freed, and the recorded plans' outcomes."""
+
+    now_ms: int
+    recorded: int
+    freed: int
+    outcomes: dict[str, Outcome]
+
+
+def _outcomes(flat: list[Any]) -> dict[str, Outcome]:
+    return {_text(flat[i]): Outcome(_text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat) - 2, 3)}
 
 
 def _text(value: Any) -> str:
@@ -287,36 +308,36 @@ class Store:
         status = _text(reply[0])
         if status == "recorded":
             self.replicated("record")
-            return Look(status, _text(reply[1]))
+            return Look(status, _text(reply[1]), wait_ms=int(reply[2]))
         if status == "pending":
             return Look(status, "", int(reply[1]), int(reply[2]), bool(int(reply[3])))
         return Look(status)
 
-    def finish(self, plan_id: str, reason: str, context: dict[str, Any]) -> bool:
-        """Record an outcome decided outside Redis (redis_error); False when the lease was already gone."""
+    def finish(self, plan_id: str, reason: str, context: dict[str, Any]) -> Look:
+        """Record an outcome decided outside Redis (redis_error): 'recorded' (with the wait) or 'gone'."""
         reply = self._observe_call("finish", [plan_id], a=reason, b="look", context=context)
         if _text(reply[0]) == "recorded":
             self.replicated("record")
-            return True
-        return False
+            return Look("recorded", _text(reply[1]), wait_ms=int(reply[2]))
+        return Look("gone")
 
-    def wake(self, plan_ids: list[str], client: Any = None) -> dict[str, str]:
-        """The wake step for a batch of plans whose heat hash was written: {plan: reason} of those recorded."""
+    def wake(self, plan_ids: list[str], client: Any = None) -> dict[str, Outcome]:
+        """The wake step for a batch of plans whose heat hash was written: the outcomes of those recorded."""
         if not plan_ids:
             return {}
         reply = self._observe_call("wake", plan_ids, client=client)
         if reply:
             self.replicated("record")
-        return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)}
+        return _outcomes(reply)
 
-    def sweep(self, outages: list[tuple[int, int]]) -> tuple[int, int, int]:
-        """Record overdue leases (up to 200): (Redis now ms, recorded, freed); call again while it records."""
+    def sweep(self, outages: list[tuple[int, int]]) -> Sweep:
+        """Record overdue leases (up to 200); call again while it records."""
         windows = " ".join(f"{start} {end}" for start, end in outages)
-        now, recorded, freed, _plans = self._observe_call(
+        now, recorded, freed, _plans, *outcomes = self._observe_call(
             "sweep", [], a=windows, b=f"quantum:dedupe:p28:{K.OBS_LATE}:", context={})
         if int(recorded):
             self.replicated("record")
-        return int(now), int(recorded), int(freed)
+        return Sweep(int(now), int(recorded), int(freed), _outcomes(outcomes))
 
     def leased_plans(self) -> list[str]:
         """Every plan under observation (for the wake listener's resync)."""

@@ -5,7 +5,8 @@ it: no signal handler, no transport, no thread. Created with the worker, the ste
 Redis user that Redis refuses (exit code 2 and one line), logs the operators' start-up lines, names the guarded
 Redis transport for the broker, and turns off task-sent events for the worker's own reschedules. Started with
 the worker, it serves /metrics and runs the sweeper thread (heartbeat, sweeps, and the wake listener it
-supervises); stopped with it, it stops them. Everything lives on the step instance: no module-level state.
+supervises) and the thread that sends the final state of the plans those two decide (task_states.py);
+stopped with it, it stops them. Everything lives on the step instance: no module-level state.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..core.store import Store, access_problem, redis_client
 from . import kombu_guard
 from .metrics import serve
 from .sweeper import Sweeper
+from .task_states import FinalStates
 from .wake import WakeListener
 
 log = logging.getLogger("observer_tasks.worker")
@@ -67,6 +69,7 @@ class ObserverServices(bootsteps.StartStopStep):
         log.warning(self.settings.wake_line())
         self.metrics: Any = None
         self.sweeper: Sweeper | None = None
+        self.final_states: FinalStates | None = None
 
     def start(self, worker: Any) -> None:
         s = self.settings
@@ -77,12 +80,18 @@ class ObserverServices(bootsteps.StartStopStep):
                 log.warning("observer_tasks: /metrics served on http://%s:%s/metrics", s.metrics_addr, s.metrics_port)
             except OSError as exc:
                 log.error("P2.8A.3: cannot serve metrics on %s:%s: %s", s.metrics_addr, s.metrics_port, exc)
+        # The plans the wake step and the sweeper decide get their final state in Flower from here.
+        self.final_states = FinalStates(worker.app, worker.hostname)
+        self.final_states.start()
         make_listener = None
         if s.late_obs_enabled and s.late_obs_wake:
             def make_listener() -> WakeListener:
-                return WakeListener(Store(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "wake_step", s)),
-                                    s.redis_url, MAIN_TIMEOUT_S)
+                listener = WakeListener(Store(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "wake_step", s)),
+                                        s.redis_url, MAIN_TIMEOUT_S)
+                listener.on_recorded = self.final_states.decided
+                return listener
         self.sweeper = Sweeper(store, worker.hostname, make_listener)
+        self.sweeper.on_recorded = self.final_states.decided
         self.sweeper.start()
 
     def stop(self, worker: Any) -> None:
@@ -90,6 +99,10 @@ class ObserverServices(bootsteps.StartStopStep):
             self.sweeper.stopped.set()
             self.sweeper.join(5)
             self.sweeper = None
+        if self.final_states is not None:
+            self.final_states.stop()
+            self.final_states.join(2)
+            self.final_states = None
         if self.metrics is not None:
             server, _thread = self.metrics
             server.shutdown()

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..core.settings import HEARTBEAT_S, SWEEP_INTERVAL_S
-from ..core.store import AccessRefused, Store, Unavailable, master_address
+from ..core.store import AccessRefused, Outcome, Store, Unavailable, master_address
 from .wake import WakeListener
 
 log = logging.getLogger("observer_tasks.sweeper")
@@ -49,6 +49,8 @@ class Sweeper(threading.Thread):
         self.down_since_ms: int | None = None
         self.next_sweep = 0.0
         self.refused = False  # Redis refused this worker's user (NOPERM, WRONGPASS ...) since the last beat
+        #: Called with the outcomes of the plans each sweep recorded (their final state in Flower).
+        self.on_recorded: Callable[[dict[str, Outcome], str], None] | None = None
 
     def run(self) -> None:
         if self.listener:
@@ -100,7 +102,9 @@ class Sweeper(threading.Thread):
 
     def sweep(self) -> None:
         while True:
-            _now, recorded, freed = self.store.sweep(list(self.outages))
+            _now, recorded, freed, outcomes = self.store.sweep(list(self.outages))
+            if outcomes and self.on_recorded is not None:
+                self.on_recorded(outcomes, "sweep")
             if recorded:
                 log.warning("P2.8A.3: sweeper recorded %d overdue plan(s)", recorded)
             if freed:

@@ -7,6 +7,13 @@ otherwise says how long is left and whether the wake path is healthy. The chain 
 the safety interval while the wake path is healthy, POLL_MS otherwise, never past the deadline, so the
 last look at the deadline always happens. Two failed looks end the plan as redis_error.
 The message's times are informational: no decision trusts the sender's clock.
+
+What Flower and exporters see of a plan (task id ``p28-late-{plan_id}``; worker/task_states.py): task-sent
+when observe_late's message leaves (PENDING, with the first look's eta), task-retried when the first look
+finds the plan still waiting (RETRY, Celery's state for a task that runs again later, its exception naming
+the next look), and one task-succeeded when the plan is decided, whoever decided it (SUCCESS, its result
+the outcome: reason, wait_ms, recorded_by). The tasks send no events of their own otherwise: each event
+is a broker message, and most plans are decided by the wake step between two looks.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from ..core import keys as K
 from ..core.app import app
 from ..core.messages import LATE_OBSERVE, LATE_POLL, LateMessage
 from ..core.settings import LOOKUP_TIMEOUT_S, RECORD_PATIENCE_S, Settings
-from ..core.store import AccessRefused, Store, Unavailable, redis_client
+from ..core.store import AccessRefused, Look, Store, Unavailable, redis_client
+from . import task_states
 
 log = logging.getLogger("observer_tasks.late")
 
@@ -42,35 +50,36 @@ def worker_store() -> tuple[Settings, Store]:
     return _worker_state[1], _worker_state[2]
 
 
-@app.task(name=LATE_OBSERVE, bind=True)
-def late_observe(self: Task, *args: Any, **kwargs: Any) -> str:
-    """A plan's first look: sent by observe_late, with task events, so Flower and exporters see every plan."""
-    return look_once(self, args, kwargs)
+@app.task(name=LATE_OBSERVE, bind=True, send_events=False)
+def late_observe(self: Task, *args: Any, **kwargs: Any) -> Any:
+    """A plan's first look, sent by observe_late: RETRY in Flower when it reschedules the plan."""
+    return look_once(self, args, kwargs, first=True)
 
 
 @app.task(name=LATE_POLL, bind=True, send_events=False)
-def late_poll(self: Task, *args: Any, **kwargs: Any) -> str:
-    """Every later look: the same work without task events, which would triple the cost of each poll."""
-    return look_once(self, args, kwargs)
+def late_poll(self: Task, *args: Any, **kwargs: Any) -> Any:
+    """Every later look: the same work; only its decision shows in Flower (the plan's SUCCESS)."""
+    return look_once(self, args, kwargs, first=False)
 
 
-def look_once(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def look_once(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], first: bool) -> Any:
     """Never raises: whatever happens, the plan's lease is either recorded here or left to the sweeper."""
     try:
         msg = LateMessage.parse(args, kwargs)
     except K.InvalidInput as exc:
         # The lease (if any) stays: a bad message must not free a live plan; the sweeper records it.
         log.error("P2.8A.3: rejected late_observe message (%s): args=%.200r kwargs=%.200r", exc, args, kwargs)
+        task_states.send(task, "task-failed", exception=f"InvalidInput({str(exc)!r})", traceback=None)
         return "rejected"
     try:
         settings, store = worker_store()
-        return observe_until_done(task, settings, store, msg)
+        return observe_until_done(task, settings, store, msg, first)
     except Exception:  # a task that raises would lose its chain; the sweeper still has the lease
         log.exception("P2.8A.3: late look of plan %s failed; the sweeper will record it", msg.plan_id)
         return "failed"
 
 
-def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMessage) -> str:
+def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMessage, first: bool) -> Any:
     """Look (or, after two failed looks, record redis_error), then reschedule through the broker.
 
     Nothing here waits in the worker: a slot is held only while Redis answers, so an outage that fails
@@ -78,16 +87,25 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
     """
     while True:
         if msg.errors >= 2:
-            outcome, interval_ms = finish_redis_error(settings, store, msg)
+            outcome, interval_ms, why = finish_redis_error(settings, store, msg)
         else:
-            outcome, interval_ms = look(settings, store, msg)
-        if isinstance(outcome, str):
+            outcome, interval_ms, why = look(settings, store, msg)
+        if isinstance(outcome, Look):  # decided here: the plan's one final state
+            result = task_states.result(outcome.reason, outcome.wait_ms, "look")
+            task_states.send(task, "task-succeeded", **task_states.succeeded(result))
+            return result
+        if isinstance(outcome, str):  # gone (its recorder sent the final state), or left to the sweeper
             return outcome
         msg = outcome
         countdown_s = max(interval_ms, 0) / 1000
         if settings.late_obs_queue_type == "quorum":
             # Native delayed delivery truncates to whole seconds: round up, so the last look is never early.
             countdown_s = math.ceil(countdown_s)
+        if first:
+            # Before the reschedule: the plan cannot be decided by a look before this event has left.
+            task_states.send(task, "task-retried", exception=f"Waiting({why}; next look in {interval_ms} ms)",
+                             traceback=None)
+            first = False
         try:
             late_poll.apply_async(args=msg.args(), kwargs=msg.kwargs(),
                                   countdown=countdown_s, task_id=task.request.id, retry=False)
@@ -97,31 +115,39 @@ def observe_until_done(task: Task, settings: Settings, store: Store, msg: LateMe
             time.sleep(countdown_s)
 
 
-def look(settings: Settings, store: Store, msg: LateMessage) -> tuple[str | LateMessage, int]:
-    """One look: the outcome recorded ('ok', 'timeout', ... or 'gone'), or the next message and its countdown."""
+def look(settings: Settings, store: Store, msg: LateMessage) -> tuple[Look | str | LateMessage, int, str]:
+    """One look: the recorded Look, 'gone', or the next message, its countdown and why it waits."""
+    if task_states.decided_here(msg.plan_id, settings.dedupe_ttl_sec):
+        return "gone", 0, ""  # recorded by this worker's wake step or sweeper: no need to ask Redis
     polls = msg.polls + 1
     try:
         seen = store.look(msg.plan_id, polls, msg.errors, msg.deadline_ms)
     except (Unavailable, AccessRefused):
         # A failed look (a refused user too: the worker checked it at start-up, so its ACL changed since);
         # the second one ends the plan as redis_error (recorded by the next run).
-        return dataclasses.replace(msg, polls=polls, errors=msg.errors + 1), settings.late_obs_poll_ms
+        return dataclasses.replace(msg, polls=polls, errors=msg.errors + 1), settings.late_obs_poll_ms, \
+            "Redis did not answer the look"
+    if seen.status == "recorded":
+        return seen, 0, ""
     if seen.status != "pending":
-        return seen.reason or seen.status, 0
+        return seen.status, 0, ""
     healthy = seen.wake_healthy and settings.late_obs_wake
     interval = settings.safety_poll_ms if healthy else settings.late_obs_poll_ms
-    return dataclasses.replace(msg, polls=polls), min(interval, seen.deadline_ms - seen.now_ms)
+    left = seen.deadline_ms - seen.now_ms
+    why = f"no heat {max(0, seen.now_ms - msg.published_ms)} ms after publish_plan, deadline in {left} ms"
+    return dataclasses.replace(msg, polls=polls), min(interval, left), why
 
 
-def finish_redis_error(settings: Settings, store: Store, msg: LateMessage) -> tuple[str | LateMessage, int]:
+def finish_redis_error(settings: Settings, store: Store, msg: LateMessage) -> tuple[Look | str | LateMessage, int, str]:
     """Record redis_error; while Redis still refuses, try again every POLL_MS for RECORD_PATIENCE_S,
     then leave the plan to the sweeper (which records redis_error too, having seen the outage)."""
     try:
-        store.finish(msg.plan_id, "redis_error", {"polls": msg.polls, "errors": 2})
-        return "redis_error", 0
+        done = store.finish(msg.plan_id, "redis_error", {"polls": msg.polls, "errors": 2})
+        return (done if done.status == "recorded" else "gone"), 0, ""
     except (Unavailable, AccessRefused) as exc:
         attempts = msg.errors - 2 + 1
         if attempts * settings.late_obs_poll_ms >= RECORD_PATIENCE_S * 1000:
             log.error("P2.8A.3: could not record plan %s (%s); the sweeper will record it", msg.plan_id, exc)
-            return "unrecorded", 0
-        return dataclasses.replace(msg, errors=msg.errors + 1), settings.late_obs_poll_ms
+            return "unrecorded", 0, ""
+        return dataclasses.replace(msg, errors=msg.errors + 1), settings.late_obs_poll_ms, \
+            "Redis refused to record redis_error"

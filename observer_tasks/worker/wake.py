@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 import redis.sentinel
 
 from ..core.settings import WAKE_PING_S, WAKE_SILENT_S
-from ..core.store import AccessRefused, Store, Unavailable, master_address, redis_client
+from ..core.store import AccessRefused, Outcome, Store, Unavailable, master_address, redis_client
 
 log = logging.getLogger("observer_tasks.wake")
 
@@ -61,6 +62,8 @@ class WakeListener(threading.Thread):
         self.conn: Any = None
         self.pool: Any = None
         self.master = ""  # host:port the current connection's tracking is on
+        #: Called with the outcomes of the plans each wake step recorded (their final state in Flower).
+        self.on_recorded: Callable[[dict[str, Outcome], str], None] | None = None
 
     def run(self) -> None:
         pause = RECONNECT_FIRST_S
@@ -154,7 +157,9 @@ class WakeListener(threading.Thread):
 
     def wake(self, plans: list[str]) -> None:
         try:
-            self.store.wake(plans)
+            recorded = self.store.wake(plans)
+            if recorded and self.on_recorded is not None:
+                self.on_recorded(recorded, "wake")
         except (Unavailable, AccessRefused) as exc:
             # The chain's polls record these plans; nothing is lost, only later.
             log.warning("P2.8A.3: wake step failed for %d plan(s) (%s)", len(plans), exc)

@@ -18,6 +18,9 @@
 -- ARGV[8], ARGV[9]: early: symbol, decision | look: polls, errors | finish: reason, path
 --                   sweep: outage windows 'start end ...' (Redis ms), dedupe key prefix
 -- ARGV[10..] plan ids (one per heat/dedupe key pair); look: ARGV[11] the message's deadline (Redis ms)
+-- Replies: look {'gone'} | {'pending', now, deadline, wake healthy} | {'recorded', reason, wait ms};
+-- finish {'gone'} | {'recorded', reason, wait ms}; wake {plan, reason, wait ms, ...} of the plans it recorded;
+-- sweep {now, recorded, freed, leases read, plan, reason, wait ms, ...}; early: the reason or 'duplicate'.
 
 local mode = ARGV[1]
 local LATE = 'publish_plan_post'
@@ -174,7 +177,8 @@ local function record_late(plan, lease, dedupe_key, reason, heat, path, polls, e
     redis.call('HINCRBY', KEYS[5], 'count', 1)
     redis.call('HINCRBYFLOAT', KEYS[5], 'sum', string.format('%.3f', wait / 1000))
   end
-  return reason
+  -- The outcome and the wait, for the plan's final state in Flower (worker/task_states.py).
+  return {reason, tostring(wait)}
 end
 
 local function lease_of(plan)
@@ -188,7 +192,7 @@ local function lease_of(plan)
 end
 
 -- Record a plan whose heat hash was seen (by a look or the wake step): ok or parse_error, unless it was seen
--- after deadline + slack, when it came too late: timeout, without copying it.
+-- after deadline + slack, when it came too late: timeout, without copying it. Returns {reason, wait ms}.
 local function record_heat(plan, lease, dedupe_key, heat, path, polls, extra)
   if now > tonumber(lease.deadline_ms) + tonumber(ARGV[5]) then
     extra.heat_after_deadline = true
@@ -224,10 +228,10 @@ if mode == 'look' then
   if tonumber(ARGV[9]) > 0 then extra.errors = tonumber(ARGV[9]) end
   local heat = read_heat(KEYS[9])
   if heat then
-    return {'recorded', record_heat(plan, lease, KEYS[10], heat, 'look', polls, extra)}
+    return {'recorded', unpack(record_heat(plan, lease, KEYS[10], heat, 'look', polls, extra))}
   end
   if now >= tonumber(lease.deadline_ms) then
-    return {'recorded', record_late(plan, lease, KEYS[10], 'timeout', nil, 'look', polls, extra)}
+    return {'recorded', unpack(record_late(plan, lease, KEYS[10], 'timeout', nil, 'look', polls, extra))}
   end
   local healthy = redis.call('EXISTS', KEYS[7]) == 1 and redis.call('EXISTS', KEYS[8]) == 0
   return {'pending', tostring(now), tostring(lease.deadline_ms), healthy and 1 or 0}
@@ -241,8 +245,10 @@ if mode == 'wake' then
     if lease then
       local heat = read_heat(KEYS[9 + 2 * (i - 10)])
       if heat then
+        local outcome = record_heat(plan, lease, KEYS[10 + 2 * (i - 10)], heat, 'wake', 0, {})
         out[#out + 1] = plan
-        out[#out + 1] = record_heat(plan, lease, KEYS[10 + 2 * (i - 10)], heat, 'wake', 0, {})
+        out[#out + 1] = outcome[1]
+        out[#out + 1] = outcome[2]
       end
     end
   end
@@ -254,14 +260,14 @@ if mode == 'finish' then
   local lease = lease_of(plan)
   if not lease then return {'gone'} end
   local polls = tonumber(cjson.decode(ARGV[7]).polls) or 0
-  return {'recorded', record_late(plan, lease, KEYS[10], ARGV[8], nil, ARGV[9], polls, {})}
+  return {'recorded', unpack(record_late(plan, lease, KEYS[10], ARGV[8], nil, ARGV[9], polls, {}))}
 end
 
 if mode == 'sweep' then
   local outages = {}
   for n in string.gmatch(ARGV[8], '%d+') do outages[#outages + 1] = tonumber(n) end
   local plans = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 200)
-  local recorded, freed = 0, 0
+  local recorded, freed, outcomes = 0, 0, {}
   for _, plan in ipairs(plans) do
     local lease = lease_of(plan)
     if not lease then
@@ -283,11 +289,14 @@ if mode == 'sweep' then
           end
         end
       end
-      record_late(plan, lease, ARGV[9] .. plan, reason, nil, 'sweep', 0, {cause = cause, swept = true})
+      local outcome = record_late(plan, lease, ARGV[9] .. plan, reason, nil, 'sweep', 0, {cause = cause, swept = true})
+      outcomes[#outcomes + 1] = plan
+      outcomes[#outcomes + 1] = outcome[1]
+      outcomes[#outcomes + 1] = outcome[2]
       recorded = recorded + 1
     end
   end
-  return {tostring(now), recorded, freed, #plans}
+  return {tostring(now), recorded, freed, #plans, unpack(outcomes)}
 end
 
 return redis.error_reply('observe.lua: unknown mode ' .. tostring(mode))

@@ -1,0 +1,140 @@
+"""Each plan's life in Flower and exporters: its task's states, sent as Celery task events.
+
+A plan has one task id, ``p28-late-{plan_id}``, for its first look and every later look. Its events:
+task-sent (observe_late's message: PENDING, with the first look's eta), task-retried once if its first look
+finds it still waiting (RETRY: Celery's state for a task that will run again; the exception names why and
+the next look), and exactly one task-succeeded when it is decided (SUCCESS; result
+``{'reason': ..., 'wait_ms': ..., 'recorded_by': ...}`` as in its stream entry; runtime = wait_ms in s),
+sent by whoever decided it: the look (from the task), or the wake step or the sweeper (from the worker's
+main process, through ``FinalStates``). So Flower shows a waiting plan as waiting and a decided one with its
+outcome, and celery-exporter counts one task-succeeded per plan, whichever path decided it.
+
+A RETRY that arrives after the SUCCESS would win in Flower (celery.events.state lets RETRY overwrite any
+state), so FinalStates sends its SUCCESS events DELAY_S after the decision: the first look sends its RETRY
+within milliseconds of the Redis reply that found the plan waiting, so it is always out first.
+
+Events are best effort: a broker that cannot take one loses it (Flower then shows the plan's last state);
+it never delays a look, the wake step or the sweeper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from ..core.store import Outcome
+
+log = logging.getLogger("observer_tasks.worker")
+
+#: How long after a wake or sweep decision its SUCCESS event is sent (s): see the module's docstring.
+DELAY_S = 0.2
+#: Decisions waiting for their event; beyond this they are dropped (the stream and counters have them).
+QUEUE_MAX = 10_000
+#: After a broker failure, events are dropped for this long before trying a new connection (s).
+RETRY_AFTER_S = 1.0
+#: Plans remembered as decided by this process's wake step or sweeper (see decided_here).
+DECIDED_MAX = 20_000
+
+# The plans this process's wake step and sweeper recorded lately (plan -> monotonic time), oldest first. A
+# look of one of them would only find its lease gone: the look ends without asking Redis (the worker's pool
+# is threads, so the looks run in this process). Shared by the FinalStates thread and the pool's threads.
+_decided: OrderedDict[str, float] = OrderedDict()
+_decided_lock = threading.Lock()
+
+
+def decided_here(plan_id: str, within_s: float) -> bool:
+    """True when this process's wake step or sweeper recorded the plan within the last ``within_s`` (the
+    dedupe TTL: no new lease for the same plan can exist before it has passed)."""
+    with _decided_lock:
+        at = _decided.get(plan_id)
+    return at is not None and time.monotonic() - at < within_s
+
+
+def task_id(plan_id: str) -> str:
+    return f"p28-late-{plan_id}"
+
+
+def result(reason: str, wait_ms: int, recorded_by: str) -> dict[str, Any]:
+    """A decided plan's task result, as Flower shows it."""
+    return {"reason": reason, "wait_ms": wait_ms, "recorded_by": recorded_by}
+
+
+def succeeded(outcome: dict[str, Any]) -> dict[str, Any]:
+    """A task-succeeded event's fields: the result as Celery sends it (its repr), the plan's wait as the
+    runtime, and the first look's RETRY exception cleared (Flower would still show it beside SUCCESS)."""
+    return {"result": repr(outcome), "runtime": outcome["wait_ms"] / 1000, "exception": None, "traceback": None}
+
+
+def send(task: Any, type_: str, **fields: Any) -> None:
+    """One event for the plan of a running task (its id), from the task; never raises."""
+    try:
+        task.send_event(type_, retry=False, **fields)
+    except Exception as exc:  # kombu wraps broker failures in many types
+        log.debug("P2.8A.3: %s event for %s not sent (%r)", type_, task.request.id, exc)
+
+
+class FinalStates(threading.Thread):
+    """Sends the SUCCESS event of the plans the wake step and the sweeper decide, from one thread with its
+    own broker connection, so that neither of them waits for the broker."""
+
+    def __init__(self, app: Any, hostname: str) -> None:
+        super().__init__(name="p28-task-states", daemon=True)
+        self.app = app
+        self.hostname = hostname
+        self.pending: queue.Queue[tuple[float, str, Outcome, str] | None] = queue.Queue(QUEUE_MAX)
+        self.connection: Any = None
+        self.dispatcher: Any = None
+        self.down_until = 0.0
+        self.dropped = 0
+
+    def decided(self, outcomes: dict[str, Outcome], recorded_by: str) -> None:
+        """Called by the wake step and the sweeper with the plans they recorded."""
+        due = time.monotonic() + DELAY_S
+        with _decided_lock:
+            _decided.update(dict.fromkeys(outcomes, time.monotonic()))
+            while len(_decided) > DECIDED_MAX:
+                _decided.popitem(last=False)
+        for plan, outcome in outcomes.items():
+            try:
+                self.pending.put_nowait((due, plan, outcome, recorded_by))
+            except queue.Full:
+                self.dropped += 1
+
+    def stop(self) -> None:
+        self.pending.put(None)
+
+    def run(self) -> None:
+        while (item := self.pending.get()) is not None:
+            due, plan, outcome, recorded_by = item
+            time.sleep(max(0.0, due - time.monotonic()))
+            self.publish(plan, outcome, recorded_by)
+        self.close()
+
+    def publish(self, plan: str, outcome: Outcome, recorded_by: str) -> None:
+        if time.monotonic() < self.down_until:
+            self.dropped += 1
+            return
+        try:
+            if self.dispatcher is None:
+                self.connection = self.app.connection_for_write()
+                self.dispatcher = self.app.events.Dispatcher(self.connection, hostname=self.hostname,
+                                                             buffer_while_offline=False)
+            self.dispatcher.send("task-succeeded", uuid=task_id(plan), retry=False,
+                                 **succeeded(result(outcome.reason, outcome.wait_ms, recorded_by)))
+        except Exception as exc:  # kombu wraps broker failures in many types
+            self.dropped += 1
+            self.down_until = time.monotonic() + RETRY_AFTER_S
+            log.warning("P2.8A.3: task events for Flower not sent (%r); %d dropped so far", exc, self.dropped)
+            self.close()
+
+    def close(self) -> None:
+        dispatcher, connection, self.dispatcher, self.connection = self.dispatcher, None, None, None
+        for thing in (dispatcher, connection):
+            if thing is not None:
+                with contextlib.suppress(Exception):  # closing a dead connection may fail in many ways
+                    thing.close()
