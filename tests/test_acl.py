@@ -367,10 +367,10 @@ def test_admission_looks_wake_finish_and_heartbeat_touch_only_declared_keys(
     assert store.admit("d1", "BTCUSDT", "EXECUTE").status == "admitted"
     assert store.look("d1", 1, 0).status == "pending"
     admin.hset(store.keys.heat("d1"), mapping={"heat_level": "hot", "ts_epoch": "1"})
-    assert store.wake(["d1"]) == {"d1": "ok"}
+    assert {p: o.reason for p, o in store.wake(["d1"]).items()} == {"d1": "ok"}
     assert store.look("d1", 2, 0).status == "gone"
     assert store.admit("d2", "BTCUSDT", "").status == "admitted"
-    assert store.finish("d2", "redis_error", {"polls": 2, "errors": 2})
+    assert store.finish("d2", "redis_error", {"polls": 2, "errors": 2}).status == "recorded"
     store.heartbeat("declared@test", {"wake": "connected"}, "connected")
     assert admin.acl_log() == []
 
