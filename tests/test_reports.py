@@ -99,9 +99,10 @@ def imports_of(path: Path) -> set[str]:
 
 
 #: Which roles each role may import: the core none, the apply layer's side and the worker the core only,
-#: the operator's tools anything below them. (The package's __init__ is the public API: core and client.)
+#: the drop-in modules for replaced systems (compat) the apply layer's side, the operator's tools anything below
+#: them. (The package's __init__ is the public API: core and client.)
 ALLOWED = {"core": {"core"}, "client": {"core", "client"}, "worker": {"core", "worker"},
-           "ops": {"core", "client", "worker", "ops"}}
+           "compat": {"core", "client", "compat"}, "ops": {"core", "client", "worker", "ops"}}
 
 
 def test_the_tree_is_the_roles_and_each_imports_only_downward() -> None:

@@ -1,0 +1,1 @@
+"""Drop-in modules for the systems observer_tasks replaces (import-compatible call sites)."""
