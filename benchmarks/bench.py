@@ -655,6 +655,12 @@ def goals(rows: list[dict]) -> list[str]:
         if r["side"] == "wake" and r["rate"] == 150 and r["max_inflight"] == 200 and not r.get("kill_wake"):
             ok = clean(r) and (det["p99"] or 0) <= 25
             out.append(f"{'met' if ok else 'MISSED'}: {name}: no losses, p99 {det['p99']} <= 25")
+        broker_load = r["redis_load"].get("broker") or {}
+        if r["side"] == "wake" and "publish" in broker_load.get("by_command_per_plan", {}):
+            events, usec = broker_load["by_command_per_plan"]["publish"]
+            cpu = r.get("event_cpu_us")
+            out.append(f"task events: {name}: {events} PUBLISH per plan ({usec} us of Redis time; worker heartbeats "
+                       f"included), {cpu} us of sender CPU each = {round(events * (cpu or 0) / 1000, 3)} ms per plan")
         load = LOAD_GOALS.get(r["broker"])
         if r["side"] == "wake" and r["rate"] in (50, 150) and load and not r.get("kill_wake"):
             cmds, usec = r["redis_load"]["commands_per_plan"], r["redis_load"]["usec_per_plan"]
@@ -734,6 +740,22 @@ def amqp_problem(url: str) -> str | None:
     return None
 
 
+def event_cpu_us(n: int = 500) -> float:
+    """Sender CPU of one task event as the worker sends a plan's final state (its own Dispatcher), us."""
+    from observer_tasks import app
+
+    result = repr({"reason": "ok", "wait_ms": 400, "recorded_by": "wake"})
+    with app.connection_for_write() as conn:
+        dispatcher = app.events.Dispatcher(conn, hostname="bench@event-cost", buffer_while_offline=False)
+        dispatcher.send("task-succeeded", uuid="bench-event-warmup", result=result, runtime=0.4)
+        start = time.thread_time()
+        for i in range(n):
+            dispatcher.send("task-succeeded", uuid=f"bench-event-{i}", result=result, runtime=0.4)
+        cpu = time.thread_time() - start
+        dispatcher.close()
+    return round(cpu / n * 1e6, 1)
+
+
 def measure(args: argparse.Namespace) -> list[dict]:
     """Every row for one broker, in this process."""
     broker_url = args.amqp_url if args.brokers == "amqp" else args.broker_url
@@ -746,10 +768,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
     data = redis.Redis.from_url(args.redis_url)
     broker = redis.Redis.from_url(broker_url) if args.brokers == "redis" else None
     rows = []
+    # Before the rows (and outside their windows): what one task event costs the worker.
+    event_us = event_cpu_us() if any(s not in REFERENCES for s in args.sides.split(",")) else None
     for rate in (float(r) for r in args.rates.split(",")):
         for side in args.sides.split(","):
             t = time.monotonic()
             rows.append(run(args, side, rate, data, broker))
+            rows[-1]["event_cpu_us"] = event_us
             print(f"# {args.brokers} {side} @ {rate:g}/s done in {time.monotonic() - t:.1f}s", flush=True)
     data.flushdb()
     if broker is not None:
