@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/observe_cost.py [--calls 3000] [--gap-ms 2] \\
         [--redis-url redis://127.0.0.1:6379/9] [--broker-url redis://127.0.0.1:6379/10] [--no-worker] [--profile]
+        [--stall-ms 1000]
 
 Each iteration, one every --gap-ms: a bare one-key script call (EVALSHA of a trivial script, the
 least a call that must consult Redis can cost), then observe_late for a new plan, each timed on its
@@ -12,6 +13,11 @@ production, unless --no-worker. Prints p50/p99/max of both and the ratios; the g
 observe_late p50 <= 2.5x and p99 <= 3x the bare round trip. With P28_REPLICA_WAIT_MS set in the
 environment each admission also waits for a replica (run it against a master with a replica).
 
+With --stall-ms N, another client keeps the observer's Redis busy with a script for N ms halfway through
+(as a long script or a fork would): the report then says what the callers got (how many calls were
+deferred or refused, how many waited the per-call cap) and how many plans the worker recorded. Use a Redis
+of the benchmark's own for that (a private redis-server): the stall stops every client of that server.
+
 FLUSHES both databases given by --redis-url and --broker-url (FLUSHDB, at start and at the end);
 nothing else is touched. The defaults are the benchmark databases 9 and 10, as for bench.py.
 """
@@ -19,15 +25,19 @@ nothing else is touched. The defaults are the benchmark databases 9 and 10, as f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
 import pstats
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import redis
@@ -35,6 +45,12 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
 BARE = "return redis.call('EXISTS', KEYS[1])"
+#: Keeps Redis busy for ARGV[1] ms (every other client waits, as for a long script or a fork).
+BUSY = """
+local t = redis.call('TIME')
+local start = tonumber(t[1]) * 1000000 + tonumber(t[2])
+repeat t = redis.call('TIME') until tonumber(t[1]) * 1000000 + tonumber(t[2]) - start >= tonumber(ARGV[1]) * 1000
+"""
 
 
 def start_worker(env: dict[str, str], data: redis.Redis) -> subprocess.Popen[bytes]:
@@ -67,6 +83,8 @@ def main() -> None:
                     help="the broker's database (FLUSHED at start and end)")
     ap.add_argument("--no-worker", action="store_true", help="measure without a worker running")
     ap.add_argument("--profile", action="store_true", help="also print the top of a cProfile of 500 calls")
+    ap.add_argument("--stall-ms", type=int, default=0,
+                    help="keep the observer's Redis busy this long halfway through (a private Redis only)")
     args = ap.parse_args()
     if args.redis_url == args.broker_url:
         sys.exit("--redis-url and --broker-url must be different databases")
@@ -96,22 +114,47 @@ def measure(args: argparse.Namespace, data: redis.Redis) -> None:
     bare = bare_client.register_script(BARE)
     heat_prefix = "quantum:harvest:heat:by_plan:"
     for i in range(200):  # warm-up: clients, scripts, the publisher's connection
-        bare(keys=["bench:bare"])
+        with contextlib.suppress(redis.TimeoutError):
+            bare(keys=["bench:bare"])
         observe_late(f"w{i}", "BTCUSDT")
     bare_s, late_s, results = [], [], []
+    bare_timeouts = 0
+    # HeatBridge's writes from a thread of their own: the timed loop must not wait on Redis (a stall) itself.
+    heat_todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+    def heat_writer() -> None:
+        while (plan := heat_todo.get()) is not None:
+            data.hset(heat_prefix + plan, "heat_level", "warm")
+
+    writer = threading.Thread(target=heat_writer, daemon=True)
+    writer.start()
+    staller = threading.Thread(target=lambda: redis.Redis.from_url(args.redis_url).eval(BUSY, 0, args.stall_ms),
+                               daemon=True)
     start = time.monotonic()
     for i in range(args.calls):
+        if args.stall_ms and i == args.calls // 2:
+            staller.start()
         time.sleep(max(0.0, start + i * args.gap_ms / 1000 - time.monotonic()))
         t0 = time.perf_counter()
-        bare(keys=["bench:bare"])
+        try:
+            bare(keys=["bench:bare"])
+        except redis.TimeoutError:  # the floor waited its cap too (a stall, or this machine)
+            bare_timeouts += 1
         t1 = time.perf_counter()
         results.append(observe_late(f"c{i}", "BTCUSDT", "EXECUTE"))
         t2 = time.perf_counter()
         bare_s.append(t1 - t0)
         late_s.append(t2 - t1)
-        data.hset(heat_prefix + f"c{i}", "heat_level", "warm")
+        heat_todo.put(f"c{i}")
     took = time.monotonic() - start
+    heat_todo.put(None)
+    writer.join(30)
     enqueued = results.count("enqueued")
+    if args.stall_ms:
+        staller.join()
+        print(f"{args.stall_ms} ms stall halfway: observe_late returned {dict(Counter(results))}; observe_late calls "
+              f"that waited >= {CALL_TIMEOUT_S * 1000:.0f} ms: {sum(s >= CALL_TIMEOUT_S for s in late_s)}; "
+              f"bare round trips that timed out: {bare_timeouts}")
     b50, b99, l50, l99 = (percentile(v, q) * 1000 for v in (bare_s, late_s) for q in (0.5, 0.99))
     print(f"{args.calls} iterations, {args.gap_ms:g} ms apart ({args.calls / took:.0f}/s), "
           f"worker {'off' if args.no_worker else 'on'}; observe_late returned enqueued {enqueued}/{args.calls}")

@@ -220,6 +220,7 @@ class Publisher:
         self.publish_at = 0.0  # ... to send queued messages after a broker failure
         self.redis_failing_since: float | None = None
         self.hold_until = 0.0  # monotonic time until which callers keep deferring after a stall
+        self.stalled = False  # a call met a slow Redis since the last drain: the drain starts a hold
         self.broker_failing_since: float | None = None
         self.wake_healthy = False
         self.health_read_at = -WAKE_HEALTH_READ_S
@@ -249,6 +250,7 @@ class Publisher:
     def defer(self, call: Deferred) -> bool:
         """Hand a call to the thread; False (refused, counted) when DEFER_MAX calls already wait."""
         with self.cond:
+            self.stalled = self.stalled or call.attempted  # (its own attempt failed: Redis is slow)
             if len(self.deferred) >= DEFER_MAX:
                 self.owed[K.Keys.refused_field(call.obs_point, "unavailable")] += 1
                 self._wake_locked()
@@ -357,8 +359,10 @@ class Publisher:
             if not self.deferred or now < self.replay_at:
                 return
             batch = [self.deferred[i] for i in range(min(BATCH_MAX, len(self.deferred)))]
-        live = [c for c in batch if now - c.since <= DEFER_PATIENCE_S]
-        expired = [c for c in batch if now - c.since > DEFER_PATIENCE_S]
+        # Only a call sent to a Redis that then stopped answering for the whole patience is settled instead of
+        # replayed (the others too old by then were counted when it failed): a busy thread ages nothing out.
+        expired = [c for c in batch if c.attempted and now - c.since > DEFER_PATIENCE_S]
+        live = [c for c in batch if not (c.attempted and now - c.since > DEFER_PATIENCE_S)]
         try:
             if self.redis_failing_since is not None:
                 self.store.client.ping()  # no call is sent (and left in doubt) until Redis answers again
@@ -367,7 +371,7 @@ class Publisher:
             return
         try:
             replies = self._send_replays(live, now)
-            settled = self.store.settle([(c.obs_point, c.plan_id, c.token) for c in expired if c.attempted])
+            settled = self.store.settle([(c.obs_point, c.plan_id, c.token) for c in expired])
         except self.redis_failures as exc:
             for c in live:
                 c.attempted = True  # sent, reply lost: Redis may have done it (a retry or settle will tell)
@@ -388,20 +392,16 @@ class Publisher:
                     self.problems.warning(f"deferred {call.obs_point} call refused by Redis: {describe(reply)}")
             elif call.obs_point == K.OBS_LATE:
                 self._admitted(call, admission(reply))
-        settled_calls = iter(settled)
-        for call in expired:
-            if call.attempted:
-                self._admitted(call, next(settled_calls))
-            else:
-                self.owe(K.Keys.refused_field(call.obs_point, "unavailable"))
+        for call, outcome in zip(expired, settled, strict=True):
+            self._admitted(call, outcome)
         with self.cond:
             for _ in batch:
                 if self.deferred:  # (close() may have cleared it at exit)
                     self.deferred.popleft()
             self.deferred.extendleft(reversed(retry))
             drained = not self.deferred
-            if drained and not retry and now >= self.hold_until:  # the end of a stall, not of its hold
-                self.hold_until = time.monotonic() + HOLD_S
+            if drained and not retry and self.stalled:  # the end of a stall (not of its hold, nor a busy spell)
+                self.hold_until, self.stalled = time.monotonic() + HOLD_S, False
         if retry:
             self._replay_failed(first_refusal, now)
             return
@@ -450,6 +450,7 @@ class Publisher:
     def _replay_failed(self, exc: BaseException, now: float) -> None:
         """Redis did not answer: try again soon; past DEFER_PATIENCE_S, open the breaker (callers refuse) and
         count the calls that were never sent and are now too old."""
+        self.stalled = True
         if self.redis_failing_since is None:
             self.redis_failing_since = now
             self.problems.warning(f"Redis slow or refusing ({describe(exc)}); "
