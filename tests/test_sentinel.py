@@ -3,9 +3,11 @@ broker on redis+sentinel:// URLs, every role on the master Sentinel names, and `
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -18,6 +20,7 @@ from observer_tasks.ops.cli import main
 
 from .conftest import Worker, poll
 from .sentinels import SentinelGroup
+from .test_late_task import write_heat_during_the_wait
 
 HEAT = "quantum:harvest:heat:by_plan:"
 
@@ -68,3 +71,41 @@ def test_every_role_follows_the_master_sentinel_names(group: SentinelGroup, on_s
     # Each worker's heartbeat says where its connections and its listener's tracking are.
     (beat,) = (line for line in out.splitlines() if line.startswith("  test-"))
     assert beat.count(master) == 2, out
+
+
+@pytest.mark.slow
+def test_a_demoted_master_loses_every_role(group: SentinelGroup, on_sentinel: redis.Redis, env: dict[str, str],
+                                           start_worker: Callable[..., Worker]) -> None:
+    """SENTINEL FAILOVER with the old master alive: it turns replica (Sentinel kills its clients), and every
+    role's connections, the wake listener's tracking among them, end on the new master; none stays behind."""
+    data = on_sentinel
+    env.update({"P28_LATE_OBS_MAX_WAIT_MS": "3000", "P28_LATE_OBS_POLL_MS": "100",
+                "P28_LATE_OBS_SAFETY_POLL_MS": "1000"})
+    worker = start_worker()
+    poll(lambda: data.exists("quantum:p28:late_obs:wake_ok"), what="wake listener on the master")
+    old = group.master_port()
+    assert observe_late("before", "BTCUSDT") == "enqueued"
+    resyncs = json.loads(data.hvals("quantum:p28:workers")[0])["resyncs"]
+    group.sentinel(group.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", "obs")
+    new = group.wait_failover(old)
+
+    def beat() -> dict[str, Any]:
+        return dict(json.loads(data.hvals("quantum:p28:workers")[0]))
+
+    poll(lambda: beat()["wake_master"] == f"127.0.0.1:{new}" and beat()["resyncs"] > resyncs, timeout=15,
+         what="the wake listener resynced on the new master")
+    # The apply layer's next calls reach the new master (the first may fail: its connection was killed).
+    poll(lambda: observe_late("after", "BTCUSDT") == "enqueued", timeout=10, interval=0.3,
+         what="observe_late on the new master")
+    write_heat_during_the_wait(data, "after", 300)  # after the first look, before the next (1 s)
+    try:
+        poll(lambda: {e["plan_id"] for e in entries(data)} >= {"before", "after"}, timeout=15, what="both recorded")
+    except AssertionError:
+        print("DEBUG", entries(data), data.hgetall("quantum:p28:late_obs:leases"), worker.output()[-4000:])
+        raise
+    after = next(e for e in entries(data) if e["plan_id"] == "after")
+    assert (after["heat_reason"], after["recorded_by"]) == ("ok", "wake"), after
+    out = CliRunner().invoke(main, ["status"]).output
+    roles_line = next(line for line in out.splitlines() if line.startswith("roles on:"))
+    assert f"127.0.0.1:{new} (master)" in roles_line and f"127.0.0.1:{old} (replica): none" in roles_line, out
+    assert worker.proc.poll() is None

@@ -110,6 +110,16 @@ def redis_client(url: str, timeout_s: float, role: str, settings: Settings | Non
     return sentinel.master_for(target.service, **server, **options)
 
 
+def follow_master(client: redis.Redis) -> None:
+    """For a Sentinel client: ask the sentinels for the master now. redis-py then drops the pool's idle
+    connections when the answer changed. Needed on a period: a connection made while a failover was under way
+    can sit on the demoted master, where reads still answer (only a write meets READONLY)."""
+    pool = client.connection_pool
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        with contextlib.suppress(redis.RedisError):  # no sentinel answers: keep what the pool has
+            pool.get_master_address()
+
+
 def master_address(pool: redis.ConnectionPool, fresh: bool = False) -> str:
     """host:port of the server a client's connections go to: for Sentinel the master it last found, or
     (``fresh``) the one the sentinels name now (raises MasterNotFoundError, a ConnectionError, when none does)."""

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..core.settings import HEARTBEAT_S, SWEEP_INTERVAL_S
-from ..core.store import AccessRefused, Outcome, Store, Unavailable, master_address
+from ..core.store import AccessRefused, Outcome, Store, Unavailable, follow_master, master_address
 from .wake import WakeListener
 
 log = logging.getLogger("observer_tasks.sweeper")
@@ -93,6 +93,7 @@ class Sweeper(threading.Thread):
         # Which server this worker's connections (and its listener's tracking) are on, for `status`.
         info = {"pid": os.getpid(), "host": socket.gethostname(), **state,
                 "redis_master": master_address(self.store.client.connection_pool)}
+        follow_master(self.store.client)
         now = self.store.heartbeat(self.nodename, info, str(state["wake"]))
         if self.down_since_ms is not None:
             self.outages.append((self.down_since_ms, now))

@@ -34,7 +34,7 @@ import redis
 import redis.sentinel
 
 from ..core.settings import WAKE_PING_S, WAKE_SILENT_S
-from ..core.store import AccessRefused, Outcome, Store, Unavailable, master_address, redis_client
+from ..core.store import AccessRefused, Outcome, Store, Unavailable, follow_master, master_address, redis_client
 
 log = logging.getLogger("observer_tasks.wake")
 
@@ -148,6 +148,8 @@ class WakeListener(threading.Thread):
         """Raise when Sentinel names another master than the one this connection's tracking is on."""
         if not isinstance(self.pool, redis.sentinel.SentinelConnectionPool):
             return
+        # The wake step's own client too: on a demoted master it would find no lease and record nothing.
+        follow_master(self.store.client)
         try:
             now_on = master_address(self.pool, fresh=True)
         except redis.RedisError:
