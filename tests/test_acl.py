@@ -28,7 +28,7 @@ import redis
 from observer_tasks.client import producer
 from observer_tasks.core import keys as K
 from observer_tasks.core.settings import Settings
-from observer_tasks.core.store import AccessRefused, Store, redis_client
+from observer_tasks.core.store import Store, redis_client
 from observer_tasks.ops import demo
 
 from .conftest import ROOT, Worker, free_port, poll, scrape, stream_entries
@@ -375,8 +375,6 @@ def test_admission_looks_wake_finish_and_heartbeat_touch_only_declared_keys(
     assert admin.acl_log() == []
 
 
-@pytest.mark.xfail(reason="until issue 20 item 2 lands: the sweep step builds each plan's dedupe key in Lua "
-                          "instead of receiving it in KEYS", raises=AccessRefused, strict=False)
 def test_the_sweep_touches_only_declared_keys(declared_store: tuple[Store, redis.Redis]) -> None:
     store, admin = declared_store
     for plan in ("s1", "s2"):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import redis
 
+from observer_tasks.core import keys as K
 from observer_tasks.core.settings import Settings
-from observer_tasks.core.store import Store, redis_client
+from observer_tasks.core.store import OBSERVE_STEPS, Store, lua_facts_source, redis_client, step_source
 
 from .conftest import DATA_URL, inflight, late_entries, poll, stream_entries
 
@@ -128,9 +130,9 @@ def test_sweep_records_overdue_leases_once(r: redis.Redis, env: dict[str, str]) 
     store.note_unsent(["unsent"], "publisher queue full")
     r.hset(LEASES, "junk", "not json")
     r.zadd("quantum:p28:late_obs:inflight", {"junk": 1})
-    now, recorded, freed, outcomes = store.sweep([])
-    assert (recorded, freed) == (2, 1)
-    assert store.sweep([])[1:] == (0, 0, {})
+    now, recorded, freed, outcomes, skipped = store.sweep([])
+    assert (recorded, freed, skipped) == (2, ["junk"], {})
+    assert store.sweep([])[1:] == (0, [], {}, {})
     entries = {e["plan_id"]: e for e in late_entries(r)}
     assert sorted(entries) == ["lost", "unsent"]
     assert outcomes == {p: (e["heat_reason"], int(e["wait_ms"])) for p, e in entries.items()}
@@ -152,7 +154,7 @@ def test_sweep_records_redis_error_when_it_saw_an_outage(r: redis.Redis, env: di
     shift_lease(r, "before", -30_000)
     lease = json.loads(r.hget(LEASES, "during"))  # type: ignore[arg-type]
     outage = (lease["published_ms"] + 100, lease["published_ms"] + 300)
-    assert store.sweep([outage])[1] == 2
+    assert store.sweep([outage]).recorded == 2
     assert {e["plan_id"]: e["heat_reason"] for e in late_entries(r)} == {"during": "redis_error", "before": "timeout"}
 
 
@@ -162,7 +164,8 @@ def test_lua_scripts_are_loadable_with_redis_cli(r: redis.Redis) -> None:
                           "-p", str(r.connection_pool.connection_kwargs["port"]),
                           "-n", DATA_URL.rsplit("/", 1)[1], "--eval", str(script),
                           "quantum:p28:late_obs:inflight", "quantum:p28:late_obs:leases", "quantum:p28:counters",
-                          "quantum:dedupe:p28:publish_plan_post:cli", ",", "cli", "600", "5000", "200", "BTCUSDT", ""],
+                          "quantum:dedupe:p28:publish_plan_post:cli", ",", "cli", "600", "5000", "200", "BTCUSDT", "",
+                          "0", "", "dropped"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[0] == "admitted"
     assert inflight(r) == 1
@@ -197,3 +200,45 @@ def test_replica_wait_counts_steps_no_replica_acknowledged(r: redis.Redis, env: 
     assert store.look("p1", 1, 0, admission.deadline_ms).status == "recorded"
     assert (counts(r)["unreplicated|admit"], counts(r)["unreplicated|record"]) == (1, 1)
     assert [e["plan_id"] for e in late_entries(r)] == ["p1"]
+
+
+SCRIPTS = Path(__file__).parent.parent / "observer_tasks" / "core" / "redis_scripts"
+
+
+def test_the_names_keys_py_owns_are_not_repeated_in_lua() -> None:
+    """Counter fields, observation points, record paths, the dedupe prefix and key names reach the Lua steps
+    only from keys.py (the generated table F, ARGV, KEYS): a literal copy in a script would drift."""
+    facts = K.lua_facts()
+    # (admit.lua returns the status 'dropped' and counts it under ARGV[7], K.DROPPED; look.lua returns 'lost' and
+    # counts it under F.lost: reply words, not counter fields.)
+    owned = [K.OBS_EARLY, K.OBS_LATE, K.DEDUPE_PREFIX, "quantum:", f"'{K.RECOVERED}'", f"'{K.WAKE_RESYNCS}'",
+             K.NOTE_FAILED, *(f"'{name}{K.FIELD_SEP}" for name in (K.OBSERVED, K.REASON, K.REFUSED, K.RECORDED)),
+             *(f"'{p}'" for p in K.RECORD_PATHS), f"'{K.HIST_BUCKET_PREFIX}", f"'{K.HIST_COUNT}'", f"'{K.HIST_SUM}'"]
+    for script in SCRIPTS.glob("*.lua"):
+        code = "\n".join(line.split("--", 1)[0] for line in script.read_text().splitlines())  # comments aside
+        assert not [name for name in owned if name in code], script.name
+        used = set(re.findall(r"\bF\.([a-z_]+)", code))
+        assert used <= set(facts), (script.name, used - set(facts))
+    for name in OBSERVE_STEPS:
+        assert step_source(name).startswith(lua_facts_source())
+
+
+def test_counter_fields_written_are_the_ones_metrics_read(r: redis.Redis, env: dict[str, str]) -> None:
+    store = make_store(env, P28_LATE_OBS_MAX_INFLIGHT="3")
+    store.observe_early("e1", "BTCUSDT", "")
+    for plan in ("hit", "late", "lost"):
+        store.admit(plan, "BTCUSDT", "")
+    assert store.admit("over", "BTCUSDT", "").status == "dropped"
+    r.hset(HEAT + "hit", "heat_level", "hot")
+    store.wake(["hit"])
+    shift_lease(r, "late", -3000)
+    store.look("late", 1, 0)
+    shift_lease(r, "lost", -60_000)
+    store.sweep([])
+    known = {K.DROPPED, K.RECOVERED, *(K.Keys.recorded_field(p) for p in K.RECORD_PATHS)}
+    for point in K.OBS_POINTS:
+        known |= {K.Keys.observed_field(point, f) for f in "01"} | {K.Keys.reason_field(point, x) for x in K.REASONS}
+    assert set(counts(r)) <= known and len(counts(r)) == 11
+    hist = {k.decode() for k in r.hkeys(K.HEAT_WAIT)}
+    assert {K.HIST_COUNT, K.HIST_SUM} < hist and all(
+        k in (K.HIST_COUNT, K.HIST_SUM) or k.startswith(K.HIST_BUCKET_PREFIX) for k in hist)

@@ -28,7 +28,9 @@ COUNTERS = "quantum:p28:counters"
 INFLIGHT = "quantum:p28:late_obs:inflight"
 LEASES = "quantum:p28:late_obs:leases"
 HEAT_WAIT = "quantum:p28:late_obs:heat_wait"
-#: plan -> why its first message was never sent (the producer's hand-off failed); read by the sweeper.
+#: The plans' notes, read into debug_json by whoever records the plan: plan -> why its first message was never
+#: sent (the producer's hand-off failed; the sweeper then records it as missing), NOTE_FAILED + plan -> the last
+#: error of a step that could not record it.
 UNSENT = "quantum:p28:late_obs:unsent"
 #: Exists (PX) while some worker's wake listener is connected.
 WAKE_OK = "quantum:p28:late_obs:wake_ok"
@@ -38,6 +40,24 @@ WAKE_DEGRADED = "quantum:p28:late_obs:wake_degraded"
 WORKERS = "quantum:p28:workers"
 #: How a publish_plan_post entry was recorded (p28_late_obs_recorded_total{path}).
 RECORD_PATHS = ("look", "wake", "sweep")
+#: The dedupe key of a plan and observation point is DEDUPE_PREFIX + "<obs_point>:<plan_id>" (the contract's name).
+DEDUPE_PREFIX = "quantum:dedupe:p28:"
+
+# Fields of the COUNTERS hash: "<kind>|<obs_point>|<label>" for the labelled families, plain names otherwise.
+# metrics.py reads them, the producer and the Lua steps write them; Lua gets them from lua_facts().
+FIELD_SEP = "|"
+OBSERVED, REASON, REFUSED, RECORDED = "observed", "reason", "refused", "recorded"
+DROPPED = "dropped"  # p28_late_obs_dropped_total
+RECOVERED = "recovered"  # p28_late_obs_recovered_total: recorded by the sweeper
+WAKE_RESYNCS = "wake_resyncs"
+LOST = "lost"  # p28_late_obs_lost_total: a look found neither lease nor record for a young message
+UNREPLICATED = "unreplicated"  # "unreplicated|<step>": p28_late_obs_unreplicated_total{step}
+REPLICATED_STEPS = ("admit", "record")
+# Fields of the HEAT_WAIT hash: "le:<bound ms>" per bucket (not cumulative), the count and the sum (s).
+HIST_BUCKET_PREFIX, HIST_COUNT, HIST_SUM = "le:", "count", "sum"
+#: UNSENT's field NOTE_FAILED + plan: the last error of a step that could not record the plan (the lease stays);
+#: whoever records the plan later puts it in debug_json as "failed", beside "unsent".
+NOTE_FAILED = "failed|"
 
 
 class InvalidInput(ValueError):
@@ -76,16 +96,35 @@ class Keys:
 
     @staticmethod
     def dedupe(obs_point: str, plan_id: str) -> str:
-        return f"quantum:dedupe:p28:{obs_point}:{check_plan_id(plan_id)}"
+        return f"{DEDUPE_PREFIX}{obs_point}:{check_plan_id(plan_id)}"
 
     @staticmethod
     def observed_field(obs_point: str, heat_found: str) -> str:
-        return f"observed|{obs_point}|{heat_found}"
+        return FIELD_SEP.join((OBSERVED, obs_point, heat_found))
 
     @staticmethod
     def reason_field(obs_point: str, reason: str) -> str:
-        return f"reason|{obs_point}|{reason}"
+        return FIELD_SEP.join((REASON, obs_point, reason))
 
     @staticmethod
     def refused_field(obs_point: str, cause: str) -> str:
-        return f"refused|{obs_point}|{cause}"
+        return FIELD_SEP.join((REFUSED, obs_point, cause))
+
+    @staticmethod
+    def recorded_field(path: str) -> str:
+        return FIELD_SEP.join((RECORDED, path))
+
+    @staticmethod
+    def unreplicated_field(step: str) -> str:
+        return FIELD_SEP.join((UNREPLICATED, step))
+
+
+def lua_facts() -> dict[str, str]:
+    """The names above that the Lua steps write, as store.py hands them to every step (the Lua table F)."""
+    return {
+        "obs_early": OBS_EARLY, "obs_late": OBS_LATE, "sep": FIELD_SEP,
+        "observed": OBSERVED, "reason": REASON, "recorded": RECORDED, "recovered": RECOVERED, "lost": LOST,
+        "path_look": RECORD_PATHS[0], "path_wake": RECORD_PATHS[1], "path_sweep": RECORD_PATHS[2],
+        "hist_bucket": HIST_BUCKET_PREFIX, "hist_count": HIST_COUNT, "hist_sum": HIST_SUM,
+        "note_failed": NOTE_FAILED,
+    }

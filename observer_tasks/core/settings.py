@@ -34,6 +34,8 @@ RECORD_PATIENCE_S = 2.0
 MIN_SWEEP_GRACE_MS = 5_000
 #: How often each worker's sweeper looks for overdue leases (s).
 SWEEP_INTERVAL_S = 1.0
+#: Most overdue leases one sweep step records (plans; the sweeper pages through the rest).
+SWEEP_BATCH = 200
 #: How often each worker writes its heartbeat and wake-path health to Redis (s).
 HEARTBEAT_S = 0.5
 #: How long one heartbeat vouches for the wake path (ms): four missed beats and the chain polls at POLL_MS.

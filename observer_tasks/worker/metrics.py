@@ -86,37 +86,38 @@ class RedisCollector(Collector):
         yield reasons
         yield refused
         yield CounterMetricFamily("p28_late_obs_dropped", "Plans refused because MAX_INFLIGHT plans were in flight",
-                                  value=counts.get("dropped", 0))
+                                  value=counts.get(K.DROPPED, 0))
         yield CounterMetricFamily("p28_late_obs_lost", "Admitted plans whose lease vanished unrecorded (a Redis"
-                                  " failover to a replica that had not received it)", value=counts.get("lost", 0))
+                                  " failover to a replica that had not received it)", value=counts.get(K.LOST, 0))
         unreplicated = CounterMetricFamily("p28_late_obs_unreplicated", "Admissions and records no replica"
                                            " acknowledged within P28_REPLICA_WAIT_MS", labels=["step"])
-        for step in ("admit", "record"):
-            unreplicated.add_metric([step], counts.get(f"unreplicated|{step}", 0))
+        for step in K.REPLICATED_STEPS:
+            unreplicated.add_metric([step], counts.get(K.Keys.unreplicated_field(step), 0))
         yield unreplicated
         yield CounterMetricFamily("p28_late_obs_recovered", "Plans recorded by the sweeper (no record by deadline"
-                                  " + grace)", value=counts.get("recovered", 0))
+                                  " + grace)", value=counts.get(K.RECOVERED, 0))
         recorded = CounterMetricFamily("p28_late_obs_recorded", "publish_plan_post entries by who recorded them",
                                        labels=["path"])
         for path in K.RECORD_PATHS:
-            recorded.add_metric([path], counts.get(f"recorded|{path}", 0))
+            recorded.add_metric([path], counts.get(K.Keys.recorded_field(path), 0))
         yield recorded
         yield CounterMetricFamily("p28_late_obs_wake_resyncs", "Wake listener resyncs after a (re)connect",
-                                  value=counts.get("wake_resyncs", 0))
+                                  value=counts.get(K.WAKE_RESYNCS, 0))
         yield GaugeMetricFamily("p28_late_obs_inflight", "Plans under late observation (leases not yet recorded)",
                                 value=inflight)
         yield self.histogram(hist)
 
     def histogram(self, hist: dict[str, str]) -> Metric:
         buckets: list[tuple[str, float]] = []
-        stored = {k[3:]: int(v) for k, v in hist.items() if k.startswith("le:") and k != "le:+Inf"}
+        prefix = K.HIST_BUCKET_PREFIX
+        stored = {k[len(prefix):]: int(v) for k, v in hist.items() if k.startswith(prefix) and k != prefix + "+Inf"}
         for bound in heat_wait_buckets(self.settings):
             # Cumulative; counts stored under other bounds (older settings) fall into the first bound above them.
             buckets.append((str(bound / 1000), sum(n for b, n in stored.items() if int(b) <= bound)))
-        buckets.append(("+Inf", int(hist.get("count", 0))))
+        buckets.append(("+Inf", int(hist.get(K.HIST_COUNT, 0))))
         family = HistogramMetricFamily("p28_late_obs_heat_wait_seconds",
                                        "Time from publish to the look that found heat (late hits)")
-        family.add_metric([], buckets, sum_value=float(hist.get("sum", 0)))
+        family.add_metric([], buckets, sum_value=float(hist.get(K.HIST_SUM, 0)))
         return family
 
 

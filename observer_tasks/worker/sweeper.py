@@ -3,11 +3,13 @@
 Sweeper: kombu's Redis transport can lose a message when a worker dies between popping it and recording it
 as unacked, a broker without persistence loses messages on restart, and an apply process can die before its
 publisher sends a first message. The lease set knows every admitted plan, so every lease still present
-``sweep_grace_ms`` after its deadline (Redis time) is recorded by the sweep step (observe.lua, mode 'sweep'),
+``sweep_grace_ms`` after its deadline (Redis time) is recorded by the sweep step (sweep.lua),
 with the cause in debug_json, and counted in p28_late_obs_recovered_total: as missing when the publisher
 noted that its first message never reached the broker, as redis_error when this sweeper found Redis
 unreachable during the plan's wait (outages, not a slow HeatBridge: operators must not raise MAX_WAIT_MS for
-them), otherwise as timeout. Outage windows are kept in Redis time too.
+them), otherwise as timeout. Outage windows are kept in Redis time too. A lease whose record fails (the
+stream's key of the wrong type, say) wrote nothing and stays: it is reported, passed over so it never blocks
+the others, and recorded by a later sweep once the cause is gone.
 
 Heartbeat: every HEARTBEAT_S the worker writes its entry in ``quantum:p28:workers`` and the wake path's
 health (heartbeat.lua); it restarts a wake listener thread that died.
@@ -102,13 +104,15 @@ class Sweeper(threading.Thread):
         self.refused = False
 
     def sweep(self) -> None:
-        while True:
-            _now, recorded, freed, outcomes = self.store.sweep(list(self.outages))
-            if outcomes and self.on_recorded is not None:
-                self.on_recorded(outcomes, "sweep")
-            if recorded:
-                log.warning("P2.8A.3: sweeper recorded %d overdue plan(s)", recorded)
-            if freed:
-                log.error("P2.8A.3: sweeper freed %d lease(s) it could not read", freed)
-            if recorded + freed < 200:
-                return
+        swept = self.store.sweep(list(self.outages))
+        if swept.outcomes and self.on_recorded is not None:
+            self.on_recorded(swept.outcomes, "sweep")
+        if swept.recorded:
+            log.warning("P2.8A.3: sweeper recorded %d overdue plan(s)", swept.recorded)
+        if swept.freed:
+            log.error("P2.8A.3: sweeper freed %d lease(s) it could not read: %s", len(swept.freed),
+                      " ".join(swept.freed[:10])[:300])
+        if swept.skipped:
+            plan, error = next(iter(swept.skipped.items()))
+            log.error("P2.8A.3: sweeper could not record %d overdue plan(s), their leases kept (%s: %s); "
+                      "it tries again every %ss", len(swept.skipped), plan, error, SWEEP_INTERVAL_S)

@@ -1,6 +1,6 @@
 """The late tasks (loaded by the worker alone): one look, then reschedule or stop.
 
-A look is one atomic Redis step (observe.lua, mode 'look') on Redis's clock: it records the plan when
+A look is one atomic Redis step (look.lua) on Redis's clock: it records the plan when
 its heat is there or its deadline has passed, says 'gone' when the plan's lease is already removed
 (recorded by the wake step, the sweeper or another look: the chain ends without looking again), and
 otherwise says how long is left and whether the wake path is healthy. The chain then reschedules with
@@ -25,6 +25,7 @@ import os
 import time
 from typing import Any
 
+import redis
 from celery import Task
 
 from ..core import keys as K
@@ -74,8 +75,18 @@ def look_once(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], first: 
     try:
         settings, store = worker_store()
         return observe_until_done(task, settings, store, msg, first)
-    except Exception:  # a task that raises would lose its chain; the sweeper still has the lease
-        log.exception("P2.8A.3: late look of plan %s failed; the sweeper will record it", msg.plan_id)
+    except Exception as exc:  # a task that raises would lose its chain
+        # A step that fails writes nothing (it checks all before its first write): the lease stays, so the
+        # sweeper records the plan at deadline + grace once Redis takes the record, with this cause.
+        text = f"{type(exc).__name__}: {exc}"[:200]
+        if isinstance(exc, redis.RedisError | AccessRefused):
+            log.error("P2.8A.3: could not record plan %s (%s); its lease is kept for the sweeper", msg.plan_id, text)
+        else:
+            log.exception("P2.8A.3: late look of plan %s failed; its lease is kept for the sweeper", msg.plan_id)
+        try:
+            worker_store()[1].note_failed(msg.plan_id, text)
+        except Exception as note_exc:  # best effort: only the cause in debug_json is lost
+            log.warning("P2.8A.3: could not note the cause for plan %s (%r)", msg.plan_id, note_exc)
         return "failed"
 
 
@@ -147,7 +158,7 @@ def finish_redis_error(settings: Settings, store: Store, msg: LateMessage) -> tu
     except (Unavailable, AccessRefused) as exc:
         attempts = msg.errors - 2 + 1
         if attempts * settings.late_obs_poll_ms >= RECORD_PATIENCE_S * 1000:
-            log.error("P2.8A.3: could not record plan %s (%s); the sweeper will record it", msg.plan_id, exc)
+            log.error("P2.8A.3: could not record plan %s (%s); its lease is kept for the sweeper", msg.plan_id, exc)
             return "unrecorded", 0, ""
         return dataclasses.replace(msg, errors=msg.errors + 1), settings.late_obs_poll_ms, \
             "Redis refused to record redis_error"

@@ -5,7 +5,7 @@ broadcast mode for the heat prefix with REDIRECT to itself, then subscribes to `
 (Redis >= 6, no server configuration; keyspace notifications would need CONFIG SET). Every write to a heat
 hash then arrives as one invalidation message, within a millisecond or two. The listener drains whatever is
 readable, keeps the keys that name a valid plan id, and runs the wake step for the batch: one atomic Redis
-call (observe.lua, mode 'wake') that records each plan still leased whose hash is readable. Writes to other
+call (wake.lua) that records each plan still leased whose hash is readable. Writes to other
 keys, other databases, or plans not under observation change nothing there.
 
 Nothing depends on the push for correctness: the countdown chain keeps looking (at the safety interval
@@ -33,6 +33,7 @@ from typing import Any
 import redis
 import redis.sentinel
 
+from ..core import keys as K
 from ..core.settings import WAKE_PING_S, WAKE_SILENT_S
 from ..core.store import AccessRefused, Outcome, Store, Unavailable, follow_master, master_address, redis_client
 
@@ -159,12 +160,17 @@ class WakeListener(threading.Thread):
 
     def wake(self, plans: list[str]) -> None:
         try:
-            recorded = self.store.wake(plans)
-            if recorded and self.on_recorded is not None:
-                self.on_recorded(recorded, "wake")
-        except (Unavailable, AccessRefused) as exc:
-            # The chain's polls record these plans; nothing is lost, only later.
+            woken = self.store.wake(plans)
+            if woken and self.on_recorded is not None:
+                self.on_recorded(dict(woken), "wake")
+        except (Unavailable, AccessRefused, redis.ResponseError) as exc:
+            # Nothing was written: the chain's polls (or the sweeper) record these plans, only later.
             log.warning("P2.8A.3: wake step failed for %d plan(s) (%s)", len(plans), exc)
+            return
+        if woken.skipped:
+            plan, error = next(iter(woken.skipped.items()))
+            log.warning("P2.8A.3: wake step could not record %d plan(s), their leases kept (%s: %s)",
+                        len(woken.skipped), plan, error)
 
     def resync(self, counted: bool = True) -> None:
         """One wake step over every plan under observation (in batches): heat written while away."""
@@ -173,7 +179,7 @@ class WakeListener(threading.Thread):
             self.wake(plans[i:i + BATCH_MAX])
         if counted:
             self.resyncs += 1
-            self.store.add_counts({"wake_resyncs": 1})
+            self.store.add_counts({K.WAKE_RESYNCS: 1})
 
     def state(self) -> dict[str, Any]:
         age = time.monotonic() - self.last_push if self.last_push else None

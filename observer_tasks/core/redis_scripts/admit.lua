@@ -7,6 +7,7 @@
 --         while Redis was slow: the plan's publish time is then that much before Redis's TIME)
 -- ARGV[8] the call's token: a retry of an admission whose reply was lost finds its own lease and is
 --         'admitted' again (with the lease's times), not a 'duplicate' whose message is never sent
+-- ARGV[9] the counters' field of dropped plans (keys.DROPPED)
 -- Returns {'admitted'|'duplicate'|'dropped', published ms, deadline ms}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - (tonumber(ARGV[7]) or 0)
@@ -24,11 +25,12 @@ end
 -- Leases past their end hold no slot (a crashed worker cannot leak one); they
 -- stay in the set as the sweeper's ledger until it records them.
 if redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') >= tonumber(ARGV[4]) then
-  redis.call('HINCRBY', KEYS[3], 'dropped', 1)
+  redis.call('HINCRBY', KEYS[3], ARGV[9], 1)
   return {'dropped', tostring(now), tostring(deadline)}
 end
-redis.call('ZADD', KEYS[1], deadline + tonumber(ARGV[3]), ARGV[1])
+-- The lease's JSON first: the inflight set's type was checked by ZSCORE above, so a failure leaves nothing.
 redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({symbol = ARGV[5], apply_decision = ARGV[6],
                                                    published_ms = now, deadline_ms = deadline,
                                                    token = ARGV[8] or ''}))
+redis.call('ZADD', KEYS[1], deadline + tonumber(ARGV[3]), ARGV[1])
 return {'admitted', tostring(now), tostring(deadline)}
