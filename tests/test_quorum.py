@@ -48,9 +48,15 @@ def quorum(env: dict[str, str]) -> Iterator[dict[str, str]]:
 
 def apply_layer(env: dict[str, str], plans: list[str]) -> list[str]:
     """observe_late for each plan in a fresh apply process; its answers."""
+    # It waits (10 s at most) for its publisher thread to have sent everything: on a loaded machine the first
+    # connection to RabbitMQ can take longer than the exit flush, which would leave the plans to the sweeper.
     code = ("import json, sys, time\nfrom observer_tasks import observe_late\n"
+            "from observer_tasks.client import producer\n"
             "out = [observe_late(p, 'BTCUSDT') for p in sys.argv[1:]]\n"
-            "time.sleep(0.5)\nprint(json.dumps(out))\n")  # the publisher thread sends; a normal exit flushes
+            "deadline = time.monotonic() + 10\n"
+            "while producer._producer.publisher._pending() and time.monotonic() < deadline:\n"
+            "    time.sleep(0.05)\n"
+            "print(json.dumps(out))\n")
     done = subprocess.run([sys.executable, "-c", code, *plans], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
