@@ -46,6 +46,16 @@ def quorum(env: dict[str, str]) -> Iterator[dict[str, str]]:
     remove_queues()
 
 
+def delayed_messages() -> int:
+    """Messages waiting in Celery's native delayed-delivery queues (their countdown not yet over)."""
+    total = 0
+    with Connection(AMQP_URL, connect_timeout=5) as conn:
+        for i in range(DELAYED_LEVELS):
+            with contextlib.suppress(Exception):
+                total += int(conn.channel().queue_declare(f"celery_delayed_{i}", passive=True).message_count)
+    return total
+
+
 def apply_layer(env: dict[str, str], plans: list[str]) -> list[str]:
     """observe_late for each plan in a fresh apply process; its answers."""
     # It waits (10 s at most) for its publisher thread to have sent everything: on a loaded machine the first
@@ -106,3 +116,24 @@ def test_quorum_refuses_what_delayed_delivery_cannot_do(env: dict[str, str], ext
 
     with pytest.raises(SettingsError, match=why):
         Settings.from_env({**env, "CELERY_BROKER_URL": AMQP_URL, **QUORUM, **extra})
+
+
+@pytest.mark.slow
+def test_quorum_worker_killed_mid_load(r: redis.Redis, quorum: dict[str, str],
+                                       start_worker: Callable[..., Worker]) -> None:
+    """SIGKILL with plans parked in RabbitMQ's delayed-delivery queues and in the worker's hands: a new worker
+    takes the returned and the delayed messages and records every plan exactly once."""
+    quorum["P28_LATE_OBS_MAX_WAIT_MS"] = "6000"
+    first = start_worker()
+    plans = [f"k{i}" for i in range(40)]
+    assert apply_layer({**first.env, "P28_METRICS_PORT": "0"}, plans) == ["enqueued"] * 40
+    poll(lambda: delayed_messages() >= 20, timeout=15, what="reschedules parked in the delayed-delivery queues")
+    first.stop(9)
+    assert inflight(r) > 0  # plans in flight at the kill (no heat, a 6 s window)
+    start_worker()
+    poll(lambda: inflight(r) == 0, timeout=60, interval=0.2, what="every lease recorded")
+    entries = late_entries(r)
+    assert sorted(e["plan_id"] for e in entries) == sorted(plans)
+    counts = {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
+    assert sum(counts.get(f"recorded|{p}", 0) for p in ("look", "wake", "sweep")) == 40
+    print(f"\nquorum, worker SIGKILLed: {dict(Counter(e['recorded_by'] for e in entries))}")
