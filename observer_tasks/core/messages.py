@@ -14,9 +14,9 @@ from .heat import check_symbol
 
 #: The one queue of the late observer: first messages and every reschedule.
 QUEUE = "late_obs"
-#: A plan's first look, sent by observe_late with task events (Flower and exporters see every plan).
+#: A plan's first look, sent by observe_late (its task-sent makes the plan's task in Flower and exporters).
 LATE_OBSERVE = "observer_tasks.late_observe"
-#: Every later look, without task events.
+#: Every later look, under the same task id (worker/task_states.py: what each plan's task shows).
 LATE_POLL = "observer_tasks.late_poll"
 
 
