@@ -24,6 +24,9 @@ def test_lookups_that_fail_twice_end_as_redis_error(env: dict[str, str], amqp_br
     """The heat store stops answering (a paused process): lookups time out, the plan ends as redis_error."""
     env["REDIS_URL"] = private_redis.url
     env["P28_LATE_OBS_MAX_WAIT_MS"] = "3000"
+    # Polling only, so the plan's looks start at once (with the wake path healthy the first look waits one
+    # safety interval, and a pause from the call on would fail only that one).
+    env["P28_LATE_OBS_WAKE"] = "false"
     worker = start_worker()
     r = redis.Redis.from_url(private_redis.url)
     assert observe_late("p1", "BTCUSDT") == "enqueued"

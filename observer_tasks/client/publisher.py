@@ -54,7 +54,8 @@ import redis
 from ..core import keys as K
 from ..core.app import app
 from ..core.messages import LATE_OBSERVE, LateMessage
-from ..core.store import admission, is_access_refused
+from ..core.settings import CALL_TIMEOUT_S
+from ..core.store import admission, is_access_refused, redis_client
 
 log = logging.getLogger("observer_tasks")
 
@@ -224,6 +225,7 @@ class Publisher:
         self.broker_failing_since: float | None = None
         self.wake_healthy = False
         self.health_read_at = -WAKE_HEALTH_READ_S
+        self.health_client: Any = None  # the thread's only: see _first_look_s
         self.stopping = False
         self.thread: threading.Thread | None = None
         # Broker objects: used by the thread only.
@@ -480,15 +482,20 @@ class Publisher:
         would have sent anyway); at once otherwise.
 
         The health is the workers' (wake_ok and no wake_degraded, as the looks read it), asked at most once
-        per WAKE_HEALTH_READ_S; a Redis that cannot answer means "not healthy": the first look runs at once."""
+        per WAKE_HEALTH_READ_S on a client with the callers' short timeout (a slow Redis must not hold the
+        messages back); a Redis that cannot answer means "not healthy": the first look runs at once."""
         now = time.monotonic()
         if now >= self.health_read_at + WAKE_HEALTH_READ_S:
             self.health_read_at = now
             try:
-                ok, degraded = self.store.client.mget(K.WAKE_OK, K.WAKE_DEGRADED)
+                if self.health_client is None:
+                    settings = self.store.settings
+                    self.health_client = redis_client(settings.redis_url, CALL_TIMEOUT_S, "producer", settings)
+                ok, degraded = self.health_client.mget(K.WAKE_OK, K.WAKE_DEGRADED)
                 self.wake_healthy = ok is not None and degraded is None
             except self.redis_failures + (redis.RedisError,):
                 self.wake_healthy = False
+            now = time.monotonic()
         settings = self.store.settings
         if not (self.wake_healthy and settings.late_obs_wake):
             return 0.0
