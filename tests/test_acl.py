@@ -283,14 +283,18 @@ def test_apply_layer_counts_a_refused_user_as_config_error_and_recovers_at_the_n
     without_script_rights(server, "observer-apply")
     calls = [producer.observe(f"c{i}", "BTCUSDT", "EXECUTE") for i in range(3)]
     calls += [producer.observe_late(f"c{i}", "BTCUSDT", "EXECUTE") for i in range(3)]
-    assert calls == ["error"] * 6
+    # "deferred": a round trip slower than the call's cap (a loaded machine); the publisher thread replays it and
+    # meets the same refusal, counted the same way.
+    assert set(calls) <= {"error", "deferred"}, calls
     counters = server.admin
     for point in (K.OBS_EARLY, K.OBS_LATE):
         poll(lambda p=point: counters.hget(K.COUNTERS, f"refused|{p}|config_error") == b"3", 5,
              what=f"{point} refusals counted as config_error")
     logged = [r.getMessage() for r in caplog.records]
-    refused = [m for m in logged if "refuses the apply layer's user" in m]
-    assert len(refused) == 1 and "no permissions" in refused[0] and "configuration error" in refused[0], logged
+    # One line from the callers (throttled) and, for replayed calls, one from the thread: each names the reply.
+    refused = [m for m in logged if "refuses the apply layer's user" in m or "refused by Redis" in m]
+    assert refused and all("no permissions" in m for m in refused), logged
+    assert len([m for m in refused if "configuration error" in m]) <= 1, logged
     assert not [m for m in logged if "unavailable" in m], logged  # no breaker: it is no outage
     assert counters.hget(K.COUNTERS, f"refused|{K.OBS_LATE}|unavailable") is None
 
@@ -299,8 +303,9 @@ def test_apply_layer_counts_a_refused_user_as_config_error_and_recovers_at_the_n
     assert script_selector, "observer-apply's first selector grants EVALSHA its keys"
     server.admin.execute_command("ACL", "SETUSER", "observer-apply", "+evalsha", f"({script_selector[1]})")
     # No breaker was opened by the refusals: the very next calls observe.
-    assert producer.observe("c9", "BTCUSDT", "EXECUTE") == "missing"
-    assert producer.observe_late("c9", "BTCUSDT", "EXECUTE") == "enqueued"
+    assert producer.observe("c9", "BTCUSDT", "EXECUTE") in ("missing", "deferred")
+    assert producer.observe_late("c9", "BTCUSDT", "EXECUTE") in ("enqueued", "deferred")
+    poll(lambda: counters.zscore(K.INFLIGHT, "c9") is not None, 5, what="c9 admitted")
 
 
 def test_apply_layer_with_a_wrong_password_logs_a_configuration_error(
@@ -309,12 +314,19 @@ def test_apply_layer_with_a_wrong_password_logs_a_configuration_error(
     env.update(role_env(server, "observer-apply"))
     env["REDIS_URL"] = server.url("observer-apply", password="wrong-Pw")
     caplog.set_level(logging.WARNING, "observer_tasks")
-    assert [producer.observe_late(f"w{i}", "BTCUSDT") for i in range(3)] == ["error"] * 3
-    refused = [r.getMessage() for r in caplog.records if "refuses the apply layer's user" in r.getMessage()]
-    assert len(refused) == 1 and "invalid username-password pair" in refused[0] and "Pw" not in caplog.text
+    calls = [producer.observe_late(f"w{i}", "BTCUSDT") for i in range(3)]
+    assert set(calls) <= {"error", "deferred"}, calls  # deferred: see the test above
+
+    def refused() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if "refuses the apply layer's user" in r.getMessage() or "refused by Redis" in r.getMessage()]
+
+    lines = poll(refused, 10, what="the refusal logged")
+    assert all("invalid username-password pair" in m for m in lines) and "Pw" not in caplog.text
     # The password the apply layer uses is added to the user: the next call is admitted, no breaker to wait out.
     server.admin.execute_command("ACL", "SETUSER", "observer-apply", ">wrong-Pw")
-    assert producer.observe_late("w9", "BTCUSDT") == "enqueued"
+    assert producer.observe_late("w9", "BTCUSDT") in ("enqueued", "deferred")
+    poll(lambda: server.admin.zscore(K.INFLIGHT, "w9") is not None, 5, what="w9 admitted")
 
 
 @pytest.mark.parametrize("case", ["ok", "wrong password", "no script rights"])
