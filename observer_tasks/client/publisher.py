@@ -47,6 +47,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -225,7 +226,7 @@ class Publisher:
         self.broker_failing_since: float | None = None
         self.wake_healthy = False
         self.health_read_at = -WAKE_HEALTH_READ_S
-        self.health_client: Any = None  # the thread's only: see _first_look_s
+        self.health_client: Any = None  # the thread's only: see _first_look_at
         self.stopping = False
         self.thread: threading.Thread | None = None
         # Broker objects: used by the thread only.
@@ -475,14 +476,15 @@ class Publisher:
             batch = [self.queue.popleft() for _ in range(min(BATCH_MAX, len(self.queue)))]
         self._publish(batch)
 
-    def _first_look_s(self, message: LateMessage, queued_at: float) -> float:
-        """When the plan's first look runs (s from now): one safety interval after the call (less the time the
-        message waited here) while the wake path is healthy, since the wake step records most plans before
-        then and a look at once would only find them waiting (its countdown then reaches the safety look it
-        would have sent anyway); at once otherwise.
+    def _first_look_at(self, message: LateMessage) -> datetime | None:
+        """When the plan's first look runs: one safety interval after its admission while the wake path is
+        healthy, since the wake step records most plans before then and a look at once would only find them
+        waiting (its eta then reaches the safety look it would have sent anyway); at once (None) otherwise.
 
-        The health is the workers' (wake_ok and no wake_degraded, as the looks read it), asked at most once
-        per WAKE_HEALTH_READ_S on a client with the callers' short timeout (a slow Redis must not hold the
+        The eta is on Redis's clock (the admission's publish time, not this host's), so a skewed apply host
+        cannot delay the look; the worker runs it by its own clock, as it runs its reschedules. The health is
+        the workers' (wake_ok and no wake_degraded, as the looks read it), asked at most once per
+        WAKE_HEALTH_READ_S on a client with the callers' short timeout (a slow Redis must not hold the
         messages back); a Redis that cannot answer means "not healthy": the first look runs at once."""
         now = time.monotonic()
         if now >= self.health_read_at + WAKE_HEALTH_READ_S:
@@ -495,12 +497,11 @@ class Publisher:
                 self.wake_healthy = ok is not None and degraded is None
             except self.redis_failures + (redis.RedisError,):
                 self.wake_healthy = False
-            now = time.monotonic()
         settings = self.store.settings
         if not (self.wake_healthy and settings.late_obs_wake):
-            return 0.0
-        first_ms = min(settings.safety_poll_ms, message.deadline_ms - message.published_ms)
-        return max(0.0, first_ms / 1000 - (now - queued_at))
+            return None
+        first_ms = message.published_ms + min(settings.safety_poll_ms, message.deadline_ms - message.published_ms)
+        return datetime.fromtimestamp(first_ms / 1000, tz=UTC)
 
     def _publish(self, batch: list[tuple[float, LateMessage]]) -> None:
         if self.breaker.is_open():
@@ -513,11 +514,11 @@ class Publisher:
         while True:
             try:
                 producer, dispatcher = self._broker()
-                for queued_at, message in batch[sent:]:
+                for _, message in batch[sent:]:
                     self.app.send_task(LATE_OBSERVE, args=message.args(), producer=producer,
                                        kwargs=message.kwargs() if message.errors else None,
                                        event_dispatcher=dispatcher, retry=False, task_id=f"p28-late-{message.plan_id}",
-                                       countdown=self._first_look_s(message, queued_at) or None)
+                                       eta=self._first_look_at(message))
                     sent += 1
             except Exception as exc:  # kombu wraps broker failures in many types
                 self._drop_connection()  # reconnect from scratch next time
