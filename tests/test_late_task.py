@@ -25,6 +25,13 @@ def one_entry(r: redis.Redis, plan: str) -> dict[str, str]:
     return entries[0]
 
 
+def send_late(args: tuple[object, ...]) -> None:
+    """A raw late_observe message on this test's broker (a connection of its own: the app's configuration is
+    read once per process, maybe while an earlier test pointed CELERY_BROKER_URL elsewhere)."""
+    with late_observe.app.connection_for_write(BROKER_URL) as conn:
+        late_observe.apply_async(args=args, queue="late_obs", connection=conn)
+
+
 def broker_idle() -> bool:
     """No late_obs message ready or parked (countdown messages wait in kombu's unacked hash)."""
     broker = redis.Redis.from_url(BROKER_URL)
@@ -115,12 +122,12 @@ def test_redelivered_and_forged_messages_add_nothing(r: redis.Redis, worker: Wor
     assert observe_late("p1", "BTCUSDT") == "enqueued"
     assert observe_late("p1", "BTCUSDT") == "duplicate"
     # A second message for the live plan, with forged times: decisions use the lease's Redis times.
-    late_observe.apply_async(args=("p1", "BTCUSDT", "", 1, 2), queue="late_obs")
+    send_late(("p1", "BTCUSDT", "", 1, 2))
     r.hset(HEAT + "p1", "heat_level", "cold")
     one_entry(r, "p1")
     # A message for a plan with no lease (already recorded, or never admitted) writes nothing.
-    late_observe.apply_async(args=("p1", "BTCUSDT", "", 1, 2), queue="late_obs")
-    late_observe.apply_async(args=("never", "BTCUSDT", "", 1, 2), queue="late_obs")
+    send_late(("p1", "BTCUSDT", "", 1, 2))
+    send_late(("never", "BTCUSDT", "", 1, 2))
     poll(lambda: inflight(r) == 0 and broker_idle(), what="all messages done")
     assert [e["plan_id"] for e in late_entries(r)] == ["p1"]
     counters = {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
@@ -132,9 +139,9 @@ def test_bad_messages_are_rejected_and_keep_the_lease(r: redis.Redis, env: dict[
     env["P28_LATE_OBS_MAX_WAIT_MS"] = "5000"
     w = start_worker()  # type: ignore[operator]
     assert observe_late("p1", "BTCUSDT") == "enqueued"
-    late_observe.apply_async(args=("p1",), queue="late_obs")  # missing arguments
-    late_observe.apply_async(args=("p1", "BTCUSDT", "", "soon", 5), queue="late_obs")  # mistyped
-    late_observe.apply_async(args=("a*b", "BTCUSDT", "", 1, 2), queue="late_obs")  # bad plan id
+    send_late(("p1",))  # missing arguments
+    send_late(("p1", "BTCUSDT", "", "soon", 5))  # mistyped
+    send_late(("a*b", "BTCUSDT", "", 1, 2))  # bad plan id
     poll(lambda: w.output().count("rejected late_observe message") >= 3, what="three rejections logged")
     out = w.output()
     assert "bad task arguments" in out and "published_ms='soon'" in out and "plan_id 'a*b'" in out
