@@ -18,12 +18,13 @@ try:
 except SettingsError:
     _settings = Settings()
 
-# A redis+sentinel:// broker becomes kombu's sentinel:// form, its master name in the transport options.
-# Celery's broker_url gives way to the CELERY_BROKER_URL variable, which holds the observer's form, so the
-# read and write URLs (what every connection uses) carry kombu's.
+# The observer's broker: P28_LATE_OBS_BROKER_URL, else CELERY_BROKER_URL, else REDIS_URL (Settings.broker). Celery
+# gives the CELERY_BROKER_URL variable precedence over broker_url in every app of a process, so the observer's
+# broker goes into the read and write URLs (what every connection uses), which that variable does not
+# override: an apply layer whose own Celery app uses CELERY_BROKER_URL keeps it, and this app keeps its own. A
+# redis+sentinel:// broker becomes kombu's sentinel:// form, its master name in the transport options.
 broker_url, _sentinel_options, broker_use_ssl = _settings.celery_broker()
-if _sentinel_options:
-    broker_read_url = broker_write_url = broker_url
+broker_read_url = broker_write_url = broker_url
 broker_connection_retry_on_startup = True
 # Results are never read: the stream and the counters are the results.
 task_ignore_result = True

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,6 +25,9 @@ import pytest
 import redis
 
 from observer_tasks.client import producer
+from observer_tasks.core import contract as C
+from observer_tasks.core.settings import LATE_POINT, Settings
+from observer_tasks.worker.metrics import read_counters, tally
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
@@ -31,6 +35,9 @@ REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
 # Override the database numbers to run two suites side by side on one Redis.
 DATA_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{os.environ.get('TEST_DATA_DB', '13')}"
 BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{os.environ.get('TEST_BROKER_DB', '14')}"
+#: The contract's names as the tests use them: imported from the package, never typed again.
+STREAM = Settings().obs_stream
+HEAT = Settings().heat_lookup_prefix
 #: Short waits keep the suite quick; tests that need the defaults set their own.
 FAST = {"P28_LATE_OBS_MAX_WAIT_MS": "600", "P28_LATE_OBS_POLL_MS": "50"}
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -203,16 +210,71 @@ def worker(start_worker: Callable[..., Worker]) -> Worker:
     return start_worker()
 
 
-def stream_entries(r: redis.Redis, stream: str = "quantum:stream:apply.heat.observed") -> list[dict[str, str]]:
+def stream_entries(r: redis.Redis, stream: str = STREAM) -> list[dict[str, str]]:
     return [{k.decode(): v.decode() for k, v in fields.items()} for _id, fields in r.xrange(stream)]
 
 
 def late_entries(r: redis.Redis) -> list[dict[str, str]]:
-    return [e for e in stream_entries(r) if e["obs_point"] == "publish_plan_post"]
+    return [e for e in stream_entries(r) if e["obs_point"] == LATE_POINT]
 
 
 def inflight(r: redis.Redis) -> int:
-    return int(r.zcard("quantum:p28:late_obs:inflight"))
+    return int(r.zcard(C.INFLIGHT))
+
+
+class Counts(dict[tuple[str, ...], int]):
+    """The metric families as /metrics shows them, read from Redis's counters: ``counts("p28_late_obs_dropped")``,
+    ``counts("p28_heat_reason", "publish_plan_post", "ok")`` (labels in the family's order), 0 when absent."""
+
+    def __call__(self, family: str, *labels: str) -> int:
+        return self.get((family, *labels), 0)
+
+
+def counters(r: redis.Redis, settings: Settings | None = None) -> Counts:
+    """The one counters helper: every family's value (metrics.tally, as the collector builds them)."""
+    t = tally(read_counters(r), settings or Settings.from_env())
+    out = Counts({(family, *labels): n for family, samples in t.samples.items() for labels, n in samples.items()})
+    out[("p28_late_obs_heat_wait_seconds_count",)] = sum(t.buckets.values())
+    return out
+
+
+def assert_counters_match_the_stream(r: redis.Redis) -> None:
+    """p28_observed_total and p28_heat_reason_total equal what the stream holds, exactly, for every point."""
+    entries, counts = stream_entries(r), counters(r)
+    expected = Counter((e["obs_point"], e["heat_found"]) for e in entries)
+    assert {k[1:]: v for k, v in counts.items() if k[0] == "p28_observed" and v} == dict(expected)
+    expected = Counter((e["obs_point"], e["heat_reason"]) for e in entries)
+    assert {k[1:]: v for k, v in counts.items() if k[0] == "p28_heat_reason" and v} == dict(expected)
+
+
+def assert_exactly_once(r: redis.Redis, plans: list[str]) -> list[dict[str, str]]:
+    """The one exactly-once assertion: each plan one publish_plan_post entry and no other plan one, the counters
+    equal to the stream, and no lease left."""
+    entries = late_entries(r)
+    doubled = {p: n for p, n in Counter(e["plan_id"] for e in entries).items() if n > 1}
+    assert not doubled, f"recorded twice: {doubled}"
+    assert sorted(e["plan_id"] for e in entries) == sorted(plans), "missing or extra plans"
+    assert_counters_match_the_stream(r)
+    assert inflight(r) == 0
+    return entries
+
+
+def lease(r: redis.Redis, plan: str) -> dict[str, Any] | None:
+    """A plan's lease as the admission wrote it (contract.LEASE_FIELDS), or None when it has none."""
+    raw = r.get(C.dedupe_key(LATE_POINT, plan))
+    if raw is None or not raw.decode().startswith(C.LEASE + C.SEP):
+        return None
+    fields = raw.decode().split(C.SEP)[1:]
+    return {n: (int(v) if n.endswith("_ms") else v) for n, v in zip(C.LEASE_FIELDS, fields, strict=True)}
+
+
+def move_lease(r: redis.Redis, plan: str, by_ms: int) -> None:
+    """Move a plan's lease (its times and its ledger score) back in time by ``by_ms``."""
+    old = lease(r, plan)
+    assert old is not None, f"{plan} has no lease"
+    new = {n: (v - by_ms if n.endswith("_ms") else v) for n, v in old.items()}
+    r.set(C.dedupe_key(LATE_POINT, plan), C.SEP.join([C.LEASE, *(str(new[n]) for n in C.LEASE_FIELDS)]))
+    r.zadd(C.INFLIGHT, {plan: new["end_ms"]})
 
 
 class PrivateRedis:

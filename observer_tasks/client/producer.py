@@ -1,30 +1,14 @@
 """The apply layer's side: observe() and observe_late(), which never raise and never stall.
 
-Each call costs the caller one Redis round trip: ``observe`` is one script
-(``Store.observe_early``: dedupe, look, record), ``observe_late`` is the
-admission (``Store.admit``: a lease stamped with Redis TIME, or a counted
-drop). An admitted plan's first message is handed to the process's background
-publisher (publisher.py) and the call returns 'enqueued' at once; a message
-that is never sent leaves its lease to the worker's sweeper, so the plan is
-still recorded exactly once.
+Each call costs the caller at most one Redis round trip on a fail-fast client (50 ms, no retries): ``observe``
+is one step (the early look and its record), ``observe_late`` is the admission (a lease stamped with Redis
+TIME, or the plan recorded at once, or a counted refusal). An admitted plan's first message is handed to the
+sender and the call returns 'enqueued' at once. A call that meets a slow or unavailable Redis is handed to the
+outbox ('deferred'), and the process's one background thread makes it when Redis answers (outbox.py); refusals
+are counted by that thread, off the caller's path, and at the latest when the interpreter exits.
 
-Every call is bounded: Redis is reached through a fail-fast client (short
-socket timeout, no retries). A hiccup costs latency, not observations: a call
-whose round trip fails for a reason worth waiting out (a timeout, a lost
-connection, BUSY, LOADING, a failover's READONLY) is handed to the publisher
-thread and returns 'deferred'; so does every call after it until the thread
-has replayed them all, so one stall costs one caller the per-call cap once and
-every other caller nothing. Only when Redis has not answered the thread for
-DEFER_PATIENCE_S does the Redis breaker open and refuse calls at once (counted;
-1 s, doubling up to 30 s while failures continue). The broker has its own
-breaker, so a dead broker does not stop the early observer. Every log line
-here is throttled and none carries a traceback per call. Refusals are counted
-in Redis by the publisher thread, off the caller's path, and at the latest
-when the interpreter exits.
-
-Fork safety: a child process after ``fork()`` forgets the parent's Producer
-(never closing it: that would shut the parent's sockets) and builds its own on
-its first call: its own clients, queue, thread and broker connection.
+Fork safety: a child process after ``fork()`` forgets the parent's Producer (never closing it: that would shut
+the parent's sockets) and builds its own on its first call: its own clients, outbox, sender and thread.
 """
 
 from __future__ import annotations
@@ -33,163 +17,230 @@ import atexit
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
 from typing import Any
 
-import redis
-
-from ..core import keys as K
+from ..core import contract as C
 from ..core.app import app
-from ..core.heat import check_symbol, normalise_decision
+from ..core.connections import describe, failure_kind, redis_client
+from ..core.inputs import InvalidInput, check_decision, check_obs_point, check_plan_id, check_symbol
+from ..core.ledger import Ledger
 from ..core.messages import LateMessage
-from ..core.settings import CALL_TIMEOUT_S, Settings, SettingsError
-from ..core.store import AccessRefused, Store, Unavailable, redis_client
-from .publisher import (
-    PUBLISH_TIMEOUT_S,
-    REPLAY_TIMEOUT_S,
-    Breaker,
-    Deferred,
-    Publisher,
-    ThrottledLog,
-    describe,
-    transient,
-)
+from ..core.settings import LATE_POINT, Settings, SettingsError
+from ..core.timings import CALL_TIMEOUT_S, EXIT_FLUSH_S, OUTBOX_TIMEOUT_S, PRODUCER_REPORT_S, PUBLISH_TIMEOUT_S
+from .outbox import Call, Outbox
+from .resilience import Breaker, ThrottledLog
+from .sender import Sender
 
 log = logging.getLogger("observer_tasks")
 
-#: What a Store call raises when Redis cannot answer (store.Unavailable); any other Redis error is treated
-#: the same way here: the apply layer can only give up on this call, through the breaker.
-REDIS_FAILURES: tuple[type[BaseException], ...] = (Unavailable, redis.RedisError, OSError)
-
 
 class Producer:
-    """One per process: settings, Redis client, breakers and the background publisher."""
+    """One per process: settings, the callers' Redis client, the outbox, the sender and their thread."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.app = app
-        self.store = Store(settings, redis_client(settings.redis_url, CALL_TIMEOUT_S, "producer", settings))
-        self.redis_breaker = Breaker("Redis")
-        self.broker_breaker = Breaker("broker")
-        self.problems = ThrottledLog()
-        self.access_problems = ThrottledLog()
-        # Tokens make a retried admission recognise its own lease (admit.lua): unique per process and call.
-        self.token_prefix, self.token_serial = uuid.uuid4().hex[:12], itertools.count()  # (count: thread-safe)
-        # Build Celery's lazy state here, in the caller's thread, not first in the publisher's: those first
+        self.settings, self.pid = settings, os.getpid()
+        self.ledger = Ledger(settings, redis_client(settings.redis_url, CALL_TIMEOUT_S, "producer", settings))
+        # Tokens let a call made again find its own lease: unique per process and call (count: thread-safe).
+        self.token_prefix, self.token_serial = uuid.uuid4().hex[:12], itertools.count()
+        # Build Celery's lazy state here, in the caller's thread, not first in the background thread: those first
         # builds take locks, and a fork() during one would leave the lock held in the child.
         _ = (app.amqp.router, app.amqp.queues, app.events, app.clock)
-        # The thread's own Redis client: a longer timeout, so a stall up to REPLAY_TIMEOUT_S is waited out.
-        thread_store = Store(settings, redis_client(settings.redis_url, REPLAY_TIMEOUT_S, "producer"))
-        self.publisher = Publisher(thread_store, self.broker_breaker, REDIS_FAILURES, self.connect,
-                                   self.redis_breaker)
+        self.broker_breaker = Breaker("broker")
+        self.problems, self.access_problems = ThrottledLog(), ThrottledLog()
+        self.cond = threading.Condition(threading.Lock())
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.reported_at = -PRODUCER_REPORT_S
+        self.sender = Sender(app, settings, self.connect, self.health_client, self.note, self.broker_breaker)
+        outbox_client = redis_client(settings.redis_url, OUTBOX_TIMEOUT_S, "outbox", settings)
+        self.outbox = Outbox(Ledger(settings, outbox_client), self.sender.submit, self.wake)
+        self._health: Any = None
+
+    def note(self, plan_ids: list[str], cause: str) -> None:
+        self.outbox.note(plan_ids, cause)
+
+    def health_client(self) -> Any:
+        """The sender's client for the wake path's health: the callers' short timeout (thread only)."""
+        if self._health is None:
+            self._health = redis_client(self.settings.redis_url, CALL_TIMEOUT_S, "producer", self.settings)
+        return self._health
 
     def connect(self) -> Any:
-        """The publisher's broker connection: its own, short timeouts, no retries (the worker's connection
-        settings, with long BRPOP reads, would stall it)."""
+        """The sender's broker connection: its own, short timeouts, no retries (the worker's connection settings,
+        with long BRPOP reads, would stall it)."""
         url, sentinel_options, ssl = self.settings.celery_broker()
         if sentinel_options:
             sentinel_options["sentinel_kwargs"].update(socket_timeout=PUBLISH_TIMEOUT_S,
                                                        socket_connect_timeout=PUBLISH_TIMEOUT_S)
-        return self.app.connection_for_write(
-            url,
-            connect_timeout=PUBLISH_TIMEOUT_S,
-            ssl=ssl,
-            transport_options={**self.app.conf.broker_transport_options, **sentinel_options,
-                               "socket_timeout": PUBLISH_TIMEOUT_S,
-                               "socket_connect_timeout": PUBLISH_TIMEOUT_S, "read_timeout": PUBLISH_TIMEOUT_S,
-                               "write_timeout": PUBLISH_TIMEOUT_S, "max_retries": 0},
-        )
+        return app.connection_for_write(
+            url, connect_timeout=PUBLISH_TIMEOUT_S, ssl=ssl,
+            transport_options={**app.conf.broker_transport_options, **sentinel_options,
+                               "socket_timeout": PUBLISH_TIMEOUT_S, "socket_connect_timeout": PUBLISH_TIMEOUT_S,
+                               "read_timeout": PUBLISH_TIMEOUT_S, "write_timeout": PUBLISH_TIMEOUT_S,
+                               "max_retries": 0})
 
-    def close(self) -> None:
-        self.publisher.close()
-        self.store.client.close()
-        self.publisher.store.client.close()
+    # -- the background thread ----------------------------------------------------------------------------------
+    def wake(self) -> None:
+        with self.cond:
+            if self.thread is None and not self.stopping:
+                self.thread = threading.Thread(target=self.run, name="p28-outbox", daemon=True)
+                self.thread.start()
+            self.cond.notify()
 
-    # -- refusals -------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                if self.stopping:
+                    return
+            try:
+                self.work_once()
+            except Exception:  # a bug here must not kill the thread: the sweeper covers the plans
+                self.problems.warning("unexpected error in the outbox thread", exc_info=True)
+            with self.cond:
+                dues = [d for d in (self.outbox.due(), self.sender.due()) if d is not None]
+                wait = max(0.0, min(dues) - time.monotonic()) if dues else PRODUCER_REPORT_S
+                if not self.stopping:
+                    self.cond.wait(min(wait, PRODUCER_REPORT_S))
+
+    def work_once(self, stopping: bool = False) -> None:
+        self.outbox.run_once()
+        if self.settings.replica_wait_ms:
+            self.outbox.replica_wait()
+        self.sender.run_once(stopping)
+        if time.monotonic() >= self.reported_at + PRODUCER_REPORT_S:
+            self.reported_at = time.monotonic()
+            self.report()
+
+    def report(self) -> None:
+        """This process's limits and state, for `observer-tasks status` (best effort)."""
+        s = self.settings
+        state = {"host": socket.gethostname(), "pid": os.getpid(), "max_inflight": s.late_obs_max_inflight,
+                 "max_wait_ms": s.late_obs_max_wait_ms, "poll_ms": s.late_obs_poll_ms,
+                 "safety_poll_ms": s.safety_poll_ms, "late": s.late_obs_enabled, "early": s.heat_obs_enabled,
+                 "points": list(s.early_points), "held_calls": len(self.outbox.calls)}
+        try:
+            self.outbox.ledger.report(f"{state['host']}:{state['pid']}", state)
+        except Exception as exc:  # status loses a line, nothing else
+            log.debug("P2.8A observer: cannot report limits (%s)", describe(exc))
+
+    def close(self, timeout: float = EXIT_FLUSH_S) -> None:
+        """Make the held calls, send the queued messages and pay the counts, then stop: at most ``timeout`` s.
+        What is left is given up (counted, when Redis answers) or left to the sweeper (noted)."""
+        if os.getpid() != self.pid:
+            return  # an inherited copy: its thread and connections are the parent's
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+            thread = self.thread
+        if thread is not None and thread.is_alive():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        while (self.outbox.calls or self.sender.queue) and time.monotonic() < deadline:
+            self.work_once(stopping=True)
+            if self.outbox.failing_since is not None:
+                break
+        unsent, given_up = self.sender.give_up(), self.outbox.give_up()
+        if unsent:
+            self.outbox.note(unsent, "process exited before the message was sent")
+            log.warning("P2.8A observer: %d late message(s) not sent before exit; the sweeper will record them",
+                        len(unsent))
+        try:
+            self.outbox.pay()
+        except Exception as exc:
+            if given_up:
+                log.warning("P2.8A observer: %d call(s) held through a Redis outage given up at exit and not counted "
+                            "(Redis unreachable: %s)", given_up, describe(exc))
+        else:
+            if given_up:
+                log.warning("P2.8A observer: %d call(s) held through a Redis outage given up at exit (counted as "
+                            "p28_observe_refused_total{cause=\"given_up\"})", given_up)
+        self.sender.drop_connection()
+        for ledger in (self.ledger, self.outbox.ledger):
+            ledger.client.close()
+
+    # -- the calls ------------------------------------------------------------------------------------------------
     def refuse(self, obs_point: str, cause: str, message: str | None = None) -> str:
-        """Count a refusal (written to Redis by the publisher thread) and return 'error'."""
-        self.publisher.owe(K.Keys.refused_field(obs_point, cause))
+        """Count a refusal (written to Redis by the background thread) and return 'error'."""
+        self.outbox.owe(C.refused_field(obs_point, cause))
         if message:
             self.problems.warning(message)
         return "error"
 
-    def unavailable(self, obs_point: str, exc: BaseException) -> str:
-        self.redis_breaker.failed(exc)
-        return self.refuse(obs_point, "unavailable")
+    def failed(self, call: Call, exc: BaseException) -> str:
+        """The call's own round trip failed: hold it (Redis slow or unavailable) or count the refusal."""
+        kind = failure_kind(exc)
+        if kind == "config_error":
+            self.access_problems.warning(f"Redis refuses the apply layer's user ({describe(exc)}): a configuration "
+                                         "error, not an outage; fix the password in REDIS_URL or the user's ACL "
+                                         "(deploy/redis/users.acl)")
+            return self.refuse(call.obs_point, "config_error")
+        if kind == "error":  # the step failed on the data (a key of the wrong type ...): waiting will not help
+            return self.refuse(call.obs_point, "unavailable", f"{call.obs_point}: Redis refused the call: "
+                                                              f"{describe(exc)}")
+        return "deferred" if self.outbox.hand_over(call, exc) else "error"
 
-    def access_refused(self, obs_point: str, exc: AccessRefused) -> str:
-        """Redis refuses this process's user: a configuration error, counted as config_error. No breaker: it is
-        no outage, and a fixed password or ACL takes effect at the next call."""
-        self.access_problems.warning(f"Redis refuses the apply layer's user ({exc}): a configuration error, not an "
-                                     "outage; fix the password in REDIS_URL or the user's ACL (deploy/redis/users.acl)")
-        return self.refuse(obs_point, "config_error")
-    def defer(self, call: Deferred, exc: BaseException | None = None) -> str:
-        """Hand the call to the publisher thread (Redis is slow): 'deferred', or 'error' (counted) when its
-        buffer is full. ``exc``: this call's own attempt failed, so Redis may still have done it."""
-        if exc is not None:
-            call.attempted = True
-            self.problems.warning(f"Redis slow ({describe(exc)}); calls are deferred to "
-                                  "the background thread until it catches up")
-        return "deferred" if self.publisher.defer(call) else "error"
-
-    def refusal(self, obs_point: str, enabled: bool, plan_id: Any, symbol: Any, *breakers: Breaker) -> str | None:
-        """Why this call must not observe ('disabled' or 'error'), or None when it may."""
-        if not enabled:
-            return "disabled"
+    def checked(self, obs_point: str, plan_id: Any, symbol: Any, decision: Any) -> tuple[str, str] | str:
+        """The call's symbol and decision, or 'error' (counted) for a bad input."""
         try:
-            K.check_plan_id(plan_id)
-            check_symbol(symbol)
-        except K.InvalidInput as exc:
+            check_plan_id(plan_id)
+            return check_symbol(symbol), check_decision(decision)
+        except InvalidInput as exc:
             return self.refuse(obs_point, "invalid_input", f"{obs_point}: {exc}")
-        for breaker in breakers:
-            if breaker.is_open():
-                breaker.refuse()
-                return self.refuse(obs_point, "unavailable")
-        return None
 
-    # -- the two calls ------------------------------------------------------------
-    def observe(self, plan_id: Any, symbol: Any, apply_decision: Any) -> str:
-        refused = self.refusal(K.OBS_EARLY, self.settings.heat_obs_enabled, plan_id, symbol, self.redis_breaker)
-        if refused:
-            return refused
-        decision = normalise_decision(apply_decision)
-        call = Deferred(K.OBS_EARLY, plan_id, symbol, decision, "", time.monotonic())
-        if self.publisher.deferring:
-            return self.defer(call)
+    def observe(self, plan_id: Any, symbol: Any, apply_decision: Any, obs_point: Any = None) -> str:
+        s = self.settings
+        if not s.heat_obs_enabled:
+            return "disabled"
+        point = s.early_points[0] if obs_point is None else obs_point
         try:
-            result = str(self.store.observe_early(plan_id, symbol, decision))
-        except AccessRefused as exc:
-            return self.access_refused(K.OBS_EARLY, exc)
-        except REDIS_FAILURES as exc:
-            return self.defer(call, exc) if transient(exc) else self.unavailable(K.OBS_EARLY, exc)
-        self.redis_breaker.succeeded()
-        return result
+            check_obs_point(point, s.early_points)
+        except InvalidInput as exc:  # counted under the default point: a label outside the set would be a new series
+            return self.refuse(s.early_points[0], "invalid_input", str(exc))
+        inputs = self.checked(point, plan_id, symbol, apply_decision)
+        if isinstance(inputs, str):
+            return inputs
+        call = Call(point, plan_id, *inputs, "", time.monotonic())
+        if self.outbox.holding():
+            return "deferred" if self.outbox.hand_over(call) else "error"
+        try:
+            return str(self.ledger.early(plan_id, inputs[0], inputs[1], point))
+        except Exception as exc:
+            return self.failed(call, exc)
 
     def observe_late(self, plan_id: Any, symbol: Any, apply_decision: Any) -> str:
-        # While the broker is known to be down, refuse (counted) rather than admit plans that the sweeper
-        # would later record as timeouts: the refusal names the real cause.
-        refused = self.refusal(K.OBS_LATE, self.settings.late_obs_enabled, plan_id, symbol, self.redis_breaker,
-                               self.broker_breaker)
-        if refused:
-            return refused
-        decision = normalise_decision(apply_decision)
-        token = f"{self.token_prefix}-{next(self.token_serial)}"
-        call = Deferred(K.OBS_LATE, plan_id, symbol, decision, token, time.monotonic())
-        if self.publisher.deferring:
-            return self.defer(call)
+        if not self.settings.late_obs_enabled:
+            return "disabled"
+        inputs = self.checked(LATE_POINT, plan_id, symbol, apply_decision)
+        if isinstance(inputs, str):
+            return inputs
+        # While the broker is known to be down, refuse (counted) rather than admit plans whose first message
+        # cannot be sent: the refusal names the real cause.
+        if self.broker_breaker.is_open():
+            self.broker_breaker.refuse()
+            return self.refuse(LATE_POINT, "unavailable")
+        call = Call(LATE_POINT, plan_id, *inputs, f"{self.token_prefix}-{next(self.token_serial)}", time.monotonic())
+        if self.outbox.holding():
+            return "deferred" if self.outbox.hand_over(call) else "error"
         try:
-            admission = self.store.admit(plan_id, symbol, decision, call.token)
-        except AccessRefused as exc:
-            return self.access_refused(K.OBS_LATE, exc)
-        except REDIS_FAILURES as exc:
-            return self.defer(call, exc) if transient(exc) else self.unavailable(K.OBS_LATE, exc)
-        self.redis_breaker.succeeded()
+            admission = self.ledger.admit(plan_id, inputs[0], inputs[1], call.token)
+        except Exception as exc:
+            return self.failed(call, exc)
+        if admission.status == "backlog":
+            self.problems.warning("observe_late refused: too many plans wait past their deadline for a worker to "
+                                  "decide them (are the workers down?)")
+            return "error"
+        if admission.status == "recorded":  # heat already there: recorded at once, nothing to send
+            return "enqueued"
         if admission.status != "admitted":
             return str(admission.status)
-        # A full queue leaves the plan to the sweeper (its lease stays): admitted all the same.
-        self.publisher.submit(LateMessage(plan_id, symbol, decision, admission.published_ms, admission.deadline_ms))
+        self.outbox.made(call)
+        self.sender.submit(LateMessage(plan_id, inputs[0], inputs[1], admission.published_ms,
+                                       admission.deadline_ms))
+        self.wake()
         return "enqueued"
 
 
@@ -236,17 +287,17 @@ def _forget_inherited() -> None:
     _init_lock = threading.Lock()  # may have been held by another thread of the parent
     if _producer is not None:
         _inherited.append(_producer)
-        # Celery's Lamport clock is shared by every dispatcher; the parent's publisher may have held its lock.
-        _producer.app.clock.mutex = threading.Lock()
+        # Celery's Lamport clock is shared by every dispatcher; the parent's thread may have held its lock.
+        app.clock.mutex = threading.Lock()
         _producer = None
 
 
 def _flush_at_exit() -> None:
-    """A clean interpreter exit sends what is queued and pays the refusal counts (bounded, <= 1 s)."""
+    """A clean interpreter exit makes the held calls, sends what is queued and pays the counts (bounded)."""
     p = _producer
-    if p is not None and p.publisher.pid == os.getpid():
+    if p is not None and p.pid == os.getpid():
         try:
-            p.publisher.close()
+            p.close()
         except Exception:  # never fail an exit over the observer
             log.exception("P2.8A observer: exit flush failed; the sweeper will record unsent plans")
 
@@ -258,18 +309,19 @@ os.register_at_fork(after_in_child=_forget_inherited)
 atexit.register(_flush_at_exit)
 
 
-def observe(plan_id: Any, symbol: Any, apply_decision: Any = "") -> str:
-    """The early observer: look once, record at create_apply_plan. Never raises."""
+def observe(plan_id: Any, symbol: Any, apply_decision: Any = "", obs_point: Any = None) -> str:
+    """The early observer: look once, record at ``obs_point`` (default: the first of P28_HEAT_OBS_POINTS,
+    create_apply_plan). Never raises."""
     try:
         p = producer()
-        return p.observe(plan_id, symbol, apply_decision) if p else "error"
+        return p.observe(plan_id, symbol, apply_decision, obs_point) if p else "error"
     except Exception:
         _unexpected.warning("unexpected error in observe()", exc_info=True)
         return "error"
 
 
 def observe_late(plan_id: Any, symbol: Any, apply_decision: Any = "") -> str:
-    """Admit the plan to late observation and hand its first message to the publisher. Never raises."""
+    """Admit the plan to late observation and hand its first message to the sender. Never raises."""
     try:
         p = producer()
         return p.observe_late(plan_id, symbol, apply_decision) if p else "error"

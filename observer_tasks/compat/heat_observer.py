@@ -4,12 +4,14 @@ A team migrates by changing one import line::
 
     from observer_tasks.compat import heat_observer   # was: import heat_observer
 
-The three functions keep the replaced module's names and parameters, so the call sites at
-create_apply_plan and after publish_plan stay as they are. They are thin: ``observe`` calls
-``observer_tasks.observe`` and ``observe_late_async`` calls ``observer_tasks.observe_late``, with the
-observer's own settings (P28_* variables, REDIS_URL, CELERY_BROKER_URL) and connections. The passed
-``redis_client`` is not used, nor are the per-call settings (stream, prefix, TTL, debug cap, wait, poll,
-workers, inflight): the observer has one configuration for every process. Where a passed value disagrees
+The three functions keep the replaced module's names and parameters, so the replaced apply layer's three call
+sites (``observe`` at create_apply_plan and in its reconcile-close consumer, ``observe_late_async`` after
+publish_plan) stay as they are. They are thin: ``observe`` calls ``observer_tasks.observe`` with the
+``obs_point`` it is given (one of P28_HEAT_OBS_POINTS: each point is recorded and deduplicated on its own, as
+the replaced module did; another point is refused and counted, never relabelled), and
+``observe_late_async`` calls ``observer_tasks.observe_late``, with the observer's own settings and connections.
+The passed ``redis_client`` is not used, nor are the per-call settings (stream, prefix, TTL, debug cap, wait,
+poll, workers, inflight): the observer has one configuration for every process. Where a passed value disagrees
 with it, that is logged once per process and value, naming both. Both return None and never raise.
 """
 
@@ -22,9 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..client import producer as _producer
-from ..client.publisher import ThrottledLog
-from ..core import keys as K
-from ..core.settings import TRUE_WORDS, Settings
+from ..client.resilience import ThrottledLog
+from ..core.settings import LATE_POINT, TRUE_WORDS, Settings
 
 log = logging.getLogger("observer_tasks")
 
@@ -44,17 +45,17 @@ def is_enabled(env_value: Any) -> bool:
 
 
 def observe(redis_client: Any = None, plan_id: Any = None, symbol: Any = None, apply_decision: Any = None,
-            obs_point: Any = K.OBS_EARLY, enabled: Any = True, stream_name: Any = None, lookup_prefix: Any = None,
-            dedupe_ttl_sec: Any = None, max_debug_chars: Any = None) -> None:
-    """The early observation at create_apply_plan (``observer_tasks.observe``). Returns None, never raises."""
+            obs_point: Any = "create_apply_plan", enabled: Any = True, stream_name: Any = None,
+            lookup_prefix: Any = None, dedupe_ttl_sec: Any = None, max_debug_chars: Any = None) -> None:
+    """An early observation at ``obs_point`` (``observer_tasks.observe``). Returns None, never raises."""
     try:
         if not enabled:
             return
-        _check(redis_client, {"obs_point": (obs_point, K.OBS_EARLY), "stream_name": (stream_name, "obs_stream"),
+        _check(redis_client, {"stream_name": (stream_name, "obs_stream"),
                               "lookup_prefix": (lookup_prefix, "heat_lookup_prefix"),
                               "dedupe_ttl_sec": (dedupe_ttl_sec, "dedupe_ttl_sec"),
                               "max_debug_chars": (max_debug_chars, "max_debug_chars")})
-        _producer.observe(plan_id, symbol, "" if apply_decision is None else apply_decision)
+        _producer.observe(plan_id, symbol, apply_decision, obs_point)
     except Exception:  # never fail the apply layer over the observer
         _problems.warning("unexpected error in heat_observer.observe()", exc_info=True)
 
@@ -62,13 +63,13 @@ def observe(redis_client: Any = None, plan_id: Any = None, symbol: Any = None, a
 def observe_late_async(redis_client: Any = None, plan_id: Any = None, symbol: Any = None, lookup_prefix: Any = None,
                        apply_decision: Any = None, obs_stream: Any = None, max_wait_ms: Any = None,
                        poll_ms: Any = None, dedupe_ttl_sec: Any = None, max_debug_chars: Any = None,
-                       obs_point: Any = K.OBS_LATE, logger: Any = None, max_workers: Any = None,
+                       obs_point: Any = LATE_POINT, logger: Any = None, max_workers: Any = None,
                        max_inflight: Any = None) -> None:
     """The late observation after publish_plan (``observer_tasks.observe_late``: admission, then the worker).
     Returns None at once, never raises. ``logger`` is accepted and unused: the observer logs to
     ``observer_tasks``."""
     try:
-        _check(redis_client, {"obs_point": (obs_point, K.OBS_LATE), "obs_stream": (obs_stream, "obs_stream"),
+        _check(redis_client, {"obs_point": (obs_point, LATE_POINT), "obs_stream": (obs_stream, "obs_stream"),
                               "lookup_prefix": (lookup_prefix, "heat_lookup_prefix"),
                               "max_wait_ms": (max_wait_ms, "late_obs_max_wait_ms"),
                               "poll_ms": (poll_ms, "late_obs_poll_ms"),
@@ -76,7 +77,7 @@ def observe_late_async(redis_client: Any = None, plan_id: Any = None, symbol: An
                               "max_inflight": (max_inflight, "late_obs_max_inflight"),
                               "dedupe_ttl_sec": (dedupe_ttl_sec, "dedupe_ttl_sec"),
                               "max_debug_chars": (max_debug_chars, "max_debug_chars")})
-        _producer.observe_late(plan_id, symbol, "" if apply_decision is None else apply_decision)
+        _producer.observe_late(plan_id, symbol, apply_decision)
     except Exception:  # never fail the apply layer over the observer
         _problems.warning("unexpected error in heat_observer.observe_late_async()", exc_info=True)
 

@@ -8,7 +8,7 @@ settings come from its own module, ``observer_tasks.core.celeryconfig`` (the rep
 ``sys.path``.
 
 The task bodies live in worker/tasks.py, which only the worker imports (``include``); the worker's services
-are a bootstep named by a string, so importing this module loads nothing of the worker.
+are bootsteps named by strings, so importing this module loads nothing of the worker.
 """
 
 from __future__ import annotations
@@ -21,5 +21,8 @@ CONFIG_MODULE = "observer_tasks.core.celeryconfig"
 
 app = Celery("observer_tasks", include=["observer_tasks.worker.tasks"], set_as_current=False)
 app.config_from_object(CONFIG_MODULE)
-# The worker's services, named (not imported): only `celery worker` loads them.
-app.steps["worker"].add("observer_tasks.worker.services:ObserverServices")
+#: The worker's services (worker/services.py), named, not imported: only `celery worker` loads them; the steps
+#: they require (settings, final states, wake) follow by their ``requires``.
+WORKER_STEPS = ("MetricsStep", "SweeperStep", "HeartbeatStep")
+for step in WORKER_STEPS:
+    app.steps["worker"].add(f"observer_tasks.worker.services:{step}")

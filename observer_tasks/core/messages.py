@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import keys as K
-from .heat import check_symbol
+from .inputs import InvalidInput, check_plan_id, check_symbol
 
 #: The one queue of the late observer: first messages and every reschedule.
 QUEUE = "late_obs"
@@ -18,12 +17,15 @@ QUEUE = "late_obs"
 LATE_OBSERVE = "observer_tasks.late_observe"
 #: Every later look, under the same task id (worker/task_states.py: what each plan's task shows).
 LATE_POLL = "observer_tasks.late_poll"
+#: A chain whose looks failed this many times in a row records redis_error (the contract's "gives up after two
+#: failed polls"): the next run records instead of looking.
+FAILED_LOOKS_MAX = 2
 
 
 @dataclass(frozen=True)
 class LateMessage:
     """A late task's arguments: the plan, and its times on Redis's clock (informational: no decision trusts
-    them), with how many looks and failed looks came before."""
+    them), with how many looks and failed looks (``errors``) came before."""
 
     plan_id: str
     symbol: str
@@ -38,14 +40,19 @@ class LateMessage:
         try:
             msg = cls(*args, **kwargs)
         except TypeError as exc:
-            raise K.InvalidInput(f"bad task arguments: {exc}") from None
-        K.check_plan_id(msg.plan_id)
+            raise InvalidInput(f"bad task arguments: {exc}") from None
+        check_plan_id(msg.plan_id)
         check_symbol(msg.symbol)
         for name in ("published_ms", "deadline_ms", "polls", "errors"):
             value = getattr(msg, name)
             if type(value) is not int or value < 0:
-                raise K.InvalidInput(f"{name}={value!r} is not a non-negative integer")
+                raise InvalidInput(f"{name}={value!r} is not a non-negative integer")
         return msg
+
+    @property
+    def gives_up(self) -> bool:
+        """Its looks failed FAILED_LOOKS_MAX times: this run records redis_error instead of looking."""
+        return self.errors >= FAILED_LOOKS_MAX
 
     def args(self) -> tuple[Any, ...]:
         return (self.plan_id, self.symbol, self.apply_decision, self.published_ms, self.deadline_ms)

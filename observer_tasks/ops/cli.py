@@ -19,10 +19,12 @@ from typing import Any
 import click
 import redis
 
-from ..core import keys as K
+from ..core import contract as C
+from ..core.access import access_problem
+from ..core.connections import master_address
 from ..core.messages import QUEUE
-from ..core.settings import Settings, SettingsError, redact_url
-from ..core.store import access_problem, master_address
+from ..core.settings import Settings, SettingsError
+from ..core.urls import redact_url
 from . import demo as demo_run
 from . import envfile
 from . import probes as P
@@ -113,7 +115,7 @@ def latency(count: int) -> None:
     click.echo("")
     buckets, total, seconds = P.heat_wait_histogram(settings, client)
     mean = f", mean {1000 * seconds / total:.0f} ms" if total else ""
-    click.echo(f"heat-wait histogram ({K.HEAT_WAIT}, all time: {total} hits{mean})")
+    click.echo(f"heat-wait histogram ({C.COUNTERS}, all time: {total} hits{mean})")
     click.echo(R.table(("le_ms", "hits", "cumulative", "cumulative%"), R.histogram_rows(buckets, total)))
 
 
@@ -203,14 +205,14 @@ def status(strict: bool) -> None:
     problems = []
     seconds, _micros = client.time()  # leases expire by Redis time, not this host's
     pipe = client.pipeline(transaction=False)
-    pipe.zcard(K.INFLIGHT)
-    pipe.zcount(K.INFLIGHT, f"({seconds * 1000}", "+inf")
+    pipe.zcard(C.INFLIGHT)
+    pipe.zcount(C.INFLIGHT, f"({seconds * 1000}", "+inf")
     leases, active = pipe.execute()
     click.echo(f"redis:      {redact_url(settings.redis_url)} answers, master {master_address(client.connection_pool)}")
     click.echo(f"roles on:   {P.role_servers(client, settings, settings.redis_url)}")
     click.echo(f"in flight:  {active} of P28_LATE_OBS_MAX_INFLIGHT={settings.late_obs_max_inflight}"
                + (f" ({leases - active} more past their lease, waiting for the sweeper)" if leases > active else ""))
-    click.echo(f"wake path:  {R.wake_text(settings, *P.wake_health(client))}")
+    click.echo(f"wake path:  {R.wake_text(settings, P.wake_health(client))}")
     error = P.broker_error(settings)
     if error:
         problems.append("broker unreachable")

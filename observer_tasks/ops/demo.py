@@ -32,10 +32,11 @@ import click
 import redis
 
 from ..client import producer
-from ..core import keys as K
+from ..core.connections import redis_client
 from ..core.messages import QUEUE
-from ..core.settings import SWEEP_INTERVAL_S, Settings, redact_url
-from ..core.store import redis_client
+from ..core.settings import LATE_POINT, Settings
+from ..core.timings import SWEEP_INTERVAL_S
+from ..core.urls import redact_url
 from .probes import REDIS_ERRORS, broker_error, connect, heartbeats, late_obs_workers, load, use_broker
 from .reports import coverage, coverage_table, late_waits, percentiles, reasons, reasons_table
 
@@ -152,9 +153,9 @@ def ensure_worker(stack: ExitStack, settings: Settings, run_id: str, no_worker: 
 class HeatBridge(threading.Thread):
     """Writes each plan's heat hash when its time comes, like HeatBridge would."""
 
-    def __init__(self, client: redis.Redis, keys: K.Keys) -> None:
+    def __init__(self, client: redis.Redis, heat_prefix: str) -> None:
         super().__init__(name="demo-heatbridge", daemon=True)
-        self.client, self.keys = client, keys
+        self.client, self.heat_prefix = client, heat_prefix
         self.due: list[tuple[float, str, dict[str, str]]] = []
         self.cond = threading.Condition()
         self.stopping = False
@@ -182,8 +183,8 @@ class HeatBridge(threading.Thread):
             try:
                 record: dict[Any, Any] = {"ts_epoch": f"{time.time():.3f}", **fields}
                 pipe = self.client.pipeline(transaction=False)
-                pipe.hset(self.keys.heat(plan_id), mapping=record)
-                pipe.expire(self.keys.heat(plan_id), HEAT_TTL_S)
+                pipe.hset(self.heat_prefix + plan_id, mapping=record)
+                pipe.expire(self.heat_prefix + plan_id, HEAT_TTL_S)
                 pipe.execute()
                 self.written += 1
             except REDIS_ERRORS:
@@ -220,7 +221,7 @@ class Tally:
                     self.entries[(e.get("obs_point", ""), e["plan_id"])] = e
 
     def late(self) -> list[dict[str, str]]:
-        return [e for (point, _), e in self.entries.items() if point == K.OBS_LATE]
+        return [e for (point, _), e in self.entries.items() if point == LATE_POINT]
 
 
 def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, seed: int | None,
@@ -249,7 +250,7 @@ def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, 
         if error:
             raise click.ClickException(f"cannot reach the broker at {redact_url(settings.broker)}: {error}")
         ensure_worker(stack, settings, run_id, no_worker, say)
-        bridge = HeatBridge(client, K.Keys.from_settings(settings))
+        bridge = HeatBridge(client, settings.heat_lookup_prefix)
         bridge.start()
         stack.callback(bridge.stop)
         tally = Tally(client, settings, prefix)

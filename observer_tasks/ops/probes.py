@@ -26,12 +26,14 @@ from amqp.exceptions import NotFound
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..core import keys as K
+from ..core import contract as C
 from ..core.app import CONFIG_MODULE
+from ..core.connections import master_address, redis_client
 from ..core.messages import QUEUE
-from ..core.settings import WORKER_STALE_MS, Settings, SettingsError, parse_sentinel_url, redact_url
-from ..core.store import master_address, redis_client
-from ..worker.metrics import RedisCollector, serve
+from ..core.settings import Settings, SettingsError
+from ..core.timings import WORKER_STALE_MS
+from ..core.urls import parse_sentinel_url, redact_url
+from ..worker.metrics import RedisCollector, read_counters, serve, tally
 from .reports import Samples
 
 #: Socket timeout of the command line's Redis connections (s).
@@ -169,10 +171,10 @@ def scrape(url: str) -> Samples:
 
 def heat_wait_histogram(settings: Settings, client: redis.Redis) -> tuple[list[tuple[str, float]], int, float]:
     """The all-time heat-wait histogram as /metrics shows it: (le, cumulative count) buckets, count, sum (s)."""
-    raw = {k.decode(): v.decode() for k, v in client.hgetall(K.HEAT_WAIT).items()}
-    family = RedisCollector(settings, client).histogram(raw)
+    counts = tally(read_counters(client), settings)
+    family = RedisCollector(settings, client).histogram(counts)
     buckets = [(s.labels["le"], s.value) for s in family.samples if s.name.endswith("_bucket")]
-    return buckets, int(raw.get("count", 0)), float(raw.get("sum", 0))
+    return buckets, sum(counts.buckets.values()), counts.wait_sum_ms / 1000
 
 
 # -- the late_obs queue on the broker -------------------------------------------------------
@@ -293,7 +295,7 @@ def heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
     """Each worker's heartbeat with its ages in ms against Redis TIME (the writers' clock)."""
     now_ms = redis_now_ms(client)
     out = []
-    for name, raw in sorted(client.hgetall(K.WORKERS).items()):
+    for name, raw in sorted(client.hgetall(C.WORKERS).items()):
         try:
             beat = json.loads(raw)
             seen = int(beat["seen_ms"])
@@ -315,13 +317,9 @@ def redis_now_ms(client: redis.Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def wake_health(client: redis.Redis) -> tuple[bool, bool]:
-    """(some listener connected, some live worker's listener not connected), as the chains read them."""
-    pipe = client.pipeline(transaction=False)
-    pipe.exists(K.WAKE_OK)
-    pipe.exists(K.WAKE_DEGRADED)
-    ok, degraded = pipe.execute()
-    return bool(ok), bool(degraded)
+def wake_health(client: redis.Redis) -> bool:
+    """The wake path's health as the chains read it (the key the workers' heartbeats keep)."""
+    return bool(client.exists(C.WAKE))
 
 
 def heat_bridge_lag(client: redis.Redis) -> str:

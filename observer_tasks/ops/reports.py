@@ -13,8 +13,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..core import keys as K
-from ..core.settings import WORKER_STALE_MS, Settings
+from ..core import contract as C
+from ..core.settings import LATE_POINT, Settings
+from ..core.timings import WORKER_STALE_MS
 
 #: Above this share of timeouts the runbook says to raise MAX_WAIT_MS or look at HeatBridge.
 TIMEOUT_RATE_LIMIT = 0.5
@@ -32,11 +33,19 @@ def table(headers: Iterable[Any], rows: Iterable[Iterable[Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
-def coverage(entries: Iterable[Mapping[str, str]]) -> dict[str, dict[str, Any]]:
-    """Per observation point: heat found / not found, total and coverage %."""
+def points_of(entries: Iterable[Mapping[str, str]], configured: Iterable[str]) -> list[str]:
+    """The configured observation points, then any other point the entries carry (an older configuration)."""
+    points = list(configured)
+    points += sorted({str(e.get("obs_point")) for e in entries} - set(points) - {"None"})
+    return points
+
+
+def coverage(entries: Iterable[Mapping[str, str]], points: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per observation point (default: the configured ones): heat found / not found, total and coverage %."""
+    entries = list(entries)
     counts = Counter((e.get("obs_point"), e.get("heat_found")) for e in entries)
     out = {}
-    for point in K.OBS_POINTS:
+    for point in points_of(entries, Settings().obs_points if points is None else points):
         found, missed = counts[(point, "1")], counts[(point, "0")]
         total = found + missed
         out[point] = {"found": found, "not_found": missed, "total": total,
@@ -44,11 +53,12 @@ def coverage(entries: Iterable[Mapping[str, str]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def reasons(entries: Iterable[Mapping[str, str]]) -> dict[str, dict[str, int]]:
+def reasons(entries: Iterable[Mapping[str, str]], points: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
     """Per observation point: how many entries carry each reason (reasons never seen are left out)."""
+    entries = list(entries)
     counts = Counter((e.get("obs_point"), e.get("heat_reason")) for e in entries)
-    return {point: {reason: counts[(point, reason)] for reason in K.REASONS if counts[(point, reason)]}
-            for point in K.OBS_POINTS}
+    return {point: {reason: counts[(point, reason)] for reason in C.REASONS if counts[(point, reason)]}
+            for point in points_of(entries, Settings().obs_points if points is None else points)}
 
 
 def coverage_table(cov: Mapping[str, Mapping[str, Any]]) -> str:
@@ -77,7 +87,7 @@ def late_waits(entries: Iterable[Mapping[str, str]]) -> tuple[list[int], list[in
     """wait_ms of the publish_plan_post hits and of its timeouts."""
     hits, timeouts = [], []
     for e in entries:
-        if e.get("obs_point") != K.OBS_LATE or not e.get("wait_ms", "").isdigit():
+        if e.get("obs_point") != LATE_POINT or not e.get("wait_ms", "").isdigit():
             continue
         if e.get("heat_found") == "1":
             hits.append(int(e["wait_ms"]))
@@ -151,22 +161,22 @@ def config_rows(settings: Settings, sources: Mapping[str, str]) -> list[tuple[st
     return [(name, value, sources.get(name, "default")) for name, value in values.items()]
 
 
-def wake_text(settings: Settings, connected: bool, degraded: bool) -> str:
+def wake_text(settings: Settings, healthy: bool) -> str:
     """The two wake settings and the interval the countdown chains use right now (as they decide it)."""
     env = settings.as_env()
     head = (f"P28_LATE_OBS_WAKE={env['P28_LATE_OBS_WAKE']}, P28_LATE_OBS_SAFETY_POLL_MS="
             f"{env['P28_LATE_OBS_SAFETY_POLL_MS']} (effective {settings.safety_poll_ms} ms)")
     if not settings.late_obs_wake:
         return f"{head}; off: chains poll every POLL_MS={settings.late_obs_poll_ms} ms"
-    if connected and not degraded:
+    if healthy:
         return f"{head}; healthy: chains look every {settings.safety_poll_ms} ms, heat is recorded on push"
-    why = "a live worker's listener is not connected" if degraded else "no listener connected"
-    return f"{head}; degraded ({why}): chains poll every POLL_MS={settings.late_obs_poll_ms} ms"
+    return (f"{head}; degraded (no listener connected, or a live worker's listener is not): chains poll every "
+            f"POLL_MS={settings.late_obs_poll_ms} ms")
 
 
 def heartbeat_text(beats: list[dict[str, Any]]) -> str:
     if not beats:
-        return f"heartbeats: none in {K.WORKERS}"
+        return f"heartbeats: none in {C.WORKERS}"
 
     def age(ms: int | None) -> str:
         return "-" if ms is None else f"{ms / 1000:.1f}s"
@@ -176,7 +186,7 @@ def heartbeat_text(beats: list[dict[str, Any]]) -> str:
              b["resyncs"], b.get("on") or "-", b.get("wake_on") or "-", f"{b['host']} pid {b['pid']}")
             for b in beats]
     fresh = sum(bool(b.get("fresh")) for b in beats)
-    head = (f"heartbeats: {fresh} fresh of {len(beats)} in {K.WORKERS} "
+    head = (f"heartbeats: {fresh} fresh of {len(beats)} in {C.WORKERS} "
             f"(ages by Redis TIME; stale after {WORKER_STALE_MS // 1000} s)")
     body = table(("worker", "state", "age", "wake", "last_push", "resyncs", "on", "wake_on", "process"), rows)
     return head + "\n" + "\n".join("  " + line for line in body.splitlines())
@@ -200,8 +210,8 @@ def verification(entries: list[dict[str, str]], samples: Samples | None, unreada
     `samples` is None when the page could not be read; `unreadable` then says why (and what to do).
     """
     cov = coverage(entries)
-    late = cov[K.OBS_LATE]
-    late_reasons = reasons(entries)[K.OBS_LATE]
+    late = cov[LATE_POINT]
+    late_reasons = reasons(entries)[LATE_POINT]
     checks = [check("publish_plan_post entries with hits", late["found"] > 0,
                     f"{late['total']} in the last {len(entries)} entries, {late['found']} with heat found")]
     values: dict[str, float | None] = {}
@@ -210,7 +220,7 @@ def verification(entries: list[dict[str, str]], samples: Samples | None, unreada
                    check("p28_late_obs_dropped_total on /metrics", False, unreadable)]
     else:
         for reason in ("timeout", "redis_error"):
-            labels = frozenset({"obs_point": K.OBS_LATE, "reason": reason}.items())
+            labels = frozenset({"obs_point": LATE_POINT, "reason": reason}.items())
             values[reason] = samples.get(("p28_heat_reason_total", labels))
         values["dropped"] = samples.get(("p28_late_obs_dropped_total", frozenset()))
         checks += [

@@ -24,39 +24,14 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
-from ..core.store import Outcome
+from ..core.contract import task_id
+from ..core.ledger import Recorded
+from ..core.timings import EVENTS_RETRY_S, FINAL_STATE_DELAY_S, OUTBOX_MAX
+from .context import Decided
 
 log = logging.getLogger("observer_tasks.worker")
-
-#: How long after a wake or sweep decision its SUCCESS event is sent (s): see the module's docstring.
-DELAY_S = 0.2
-#: Decisions waiting for their event; beyond this they are dropped (the stream and counters have them).
-QUEUE_MAX = 10_000
-#: After a broker failure, events are dropped for this long before trying a new connection (s).
-RETRY_AFTER_S = 1.0
-#: Plans remembered as decided by this process's wake step or sweeper (see decided_here).
-DECIDED_MAX = 20_000
-
-# The plans this process's wake step and sweeper recorded lately (plan -> monotonic time), oldest first. A
-# look of one of them would only find its lease gone: the look ends without asking Redis (the worker's pool
-# is threads, so the looks run in this process). Shared by the FinalStates thread and the pool's threads.
-_decided: OrderedDict[str, float] = OrderedDict()
-_decided_lock = threading.Lock()
-
-
-def decided_here(plan_id: str, within_s: float) -> bool:
-    """True when this process's wake step or sweeper recorded the plan within the last ``within_s`` (the
-    dedupe TTL: no new lease for the same plan can exist before it has passed)."""
-    with _decided_lock:
-        at = _decided.get(plan_id)
-    return at is not None and time.monotonic() - at < within_s
-
-
-def task_id(plan_id: str) -> str:
-    return f"p28-late-{plan_id}"
 
 
 def result(reason: str, wait_ms: int, recorded_by: str) -> dict[str, Any]:
@@ -82,23 +57,21 @@ class FinalStates(threading.Thread):
     """Sends the SUCCESS event of the plans the wake step and the sweeper decide, from one thread with its
     own broker connection, so that neither of them waits for the broker."""
 
-    def __init__(self, app: Any, hostname: str) -> None:
+    def __init__(self, app: Any, hostname: str, decided: Decided) -> None:
         super().__init__(name="p28-task-states", daemon=True)
         self.app = app
         self.hostname = hostname
-        self.pending: queue.Queue[tuple[float, str, Outcome, str] | None] = queue.Queue(QUEUE_MAX)
+        self.decided_here = decided
+        self.pending: queue.Queue[tuple[float, str, Recorded, str] | None] = queue.Queue(OUTBOX_MAX)
         self.connection: Any = None
         self.dispatcher: Any = None
         self.down_until = 0.0
         self.dropped = 0
 
-    def decided(self, outcomes: dict[str, Outcome], recorded_by: str) -> None:
+    def decided(self, outcomes: dict[str, Recorded], recorded_by: str) -> None:
         """Called by the wake step and the sweeper with the plans they recorded."""
-        due = time.monotonic() + DELAY_S
-        with _decided_lock:
-            _decided.update(dict.fromkeys(outcomes, time.monotonic()))
-            while len(_decided) > DECIDED_MAX:
-                _decided.popitem(last=False)
+        due = time.monotonic() + FINAL_STATE_DELAY_S
+        self.decided_here.add(outcomes)
         for plan, outcome in outcomes.items():
             try:
                 self.pending.put_nowait((due, plan, outcome, recorded_by))
@@ -115,7 +88,7 @@ class FinalStates(threading.Thread):
             self.publish(plan, outcome, recorded_by)
         self.close()
 
-    def publish(self, plan: str, outcome: Outcome, recorded_by: str) -> None:
+    def publish(self, plan: str, outcome: Recorded, recorded_by: str) -> None:
         if time.monotonic() < self.down_until:
             self.dropped += 1
             return
@@ -128,7 +101,7 @@ class FinalStates(threading.Thread):
                                  **succeeded(result(outcome.reason, outcome.wait_ms, recorded_by)))
         except Exception as exc:  # kombu wraps broker failures in many types
             self.dropped += 1
-            self.down_until = time.monotonic() + RETRY_AFTER_S
+            self.down_until = time.monotonic() + EVENTS_RETRY_S
             log.warning("P2.8A.3: task events for Flower not sent (%r); %d dropped so far", exc, self.dropped)
             self.close()
 

@@ -33,27 +33,29 @@ from typing import Any
 import redis
 import redis.sentinel
 
-from ..core import keys as K
-from ..core.settings import WAKE_PING_S, WAKE_SILENT_S
-from ..core.store import AccessRefused, Outcome, Store, Unavailable, follow_master, master_address, redis_client
+from ..core import contract as C
+from ..core.connections import AccessRefused, Unavailable, describe, follow_master, master_address, redis_client
+from ..core.inputs import plan_of_heat_key
+from ..core.ledger import Ledger, Recorded
+from ..core.timings import (
+    WAKE_BATCH,
+    WAKE_PING_S,
+    WAKE_READ_S,
+    WAKE_RECONNECT_MAX_S,
+    WAKE_RECONNECT_S,
+    WAKE_SILENT_S,
+)
 
 log = logging.getLogger("observer_tasks.wake")
-
-#: How long one read waits for a push before the loop checks whether it should stop (s).
-READ_WAIT_S = 0.5
-#: Most keys handed to one wake step (one Redis call).
-BATCH_MAX = 500
-#: Pause before reconnecting, doubling to RECONNECT_MAX_S while Redis stays away (s).
-RECONNECT_FIRST_S = 0.1
-RECONNECT_MAX_S = 2.0
 
 
 class WakeListener(threading.Thread):
     """Runs until ``stopped`` is set; reconnects (and resyncs) after any connection loss."""
 
-    def __init__(self, store: Store, url: str, timeout_s: float) -> None:
+    def __init__(self, ledger: Ledger, url: str, timeout_s: float,
+                 on_recorded: Callable[[dict[str, Recorded], str], None] | None = None) -> None:
         super().__init__(name="p28-wake", daemon=True)
-        self.store = store
+        self.ledger = ledger
         self.url = url
         self.timeout_s = timeout_s
         self.stopped = threading.Event()
@@ -63,24 +65,25 @@ class WakeListener(threading.Thread):
         self.conn: Any = None
         self.pool: Any = None
         self.master = ""  # host:port the current connection's tracking is on
+        self.resync_due = False  # a wake step failed for a passing reason: resync at the next turn
         #: Called with the outcomes of the plans each wake step recorded (their final state in Flower).
-        self.on_recorded: Callable[[dict[str, Outcome], str], None] | None = None
+        self.on_recorded = on_recorded
 
     def run(self) -> None:
-        pause = RECONNECT_FIRST_S
+        pause = WAKE_RECONNECT_S
         while not self.stopped.is_set():
             try:
                 self.conn = self.connect()
                 self.connected = True
                 log.warning("observer_tasks: wake listener connected")
-                pause = RECONNECT_FIRST_S
+                pause = WAKE_RECONNECT_S
                 self.resync()
                 self.listen(self.conn)
             except (redis.RedisError, OSError, Unavailable, AccessRefused) as exc:
-                if not self.stopped.is_set() and (self.connected or pause == RECONNECT_FIRST_S):
+                if not self.stopped.is_set() and (self.connected or pause == WAKE_RECONNECT_S):
                     log.warning("P2.8A.3: wake listener lost Redis (%r); polls cover until it is back", exc)
             except Exception:
-                # A bug, not an outage: end the thread; the sweeper's heartbeat starts a new listener.
+                # A bug, not an outage: end the thread; the heartbeat step starts a new listener.
                 log.exception("P2.8A.3: wake listener failed")
                 return
             finally:
@@ -88,11 +91,11 @@ class WakeListener(threading.Thread):
                 if self.conn is not None:
                     self.conn.disconnect()
             self.stopped.wait(pause)
-            pause = min(pause * 2, RECONNECT_MAX_S)
+            pause = min(pause * 2, WAKE_RECONNECT_MAX_S)
 
     def connect(self) -> Any:
         """A dedicated RESP2 connection receiving its own tracking invalidations for the heat prefix."""
-        client = redis_client(self.url, self.timeout_s, "wake", self.store.settings, protocol=2)
+        client = redis_client(self.url, self.timeout_s, "wake", self.ledger.settings, protocol=2)
         self.pool = client.connection_pool
         conn = self.pool.make_connection()
         conn.connect()  # through Sentinel: the master it names now
@@ -100,7 +103,7 @@ class WakeListener(threading.Thread):
         conn.send_command("CLIENT", "ID")
         client_id = conn.read_response()
         conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX",
-                          self.store.keys.heat_prefix)
+                          self.ledger.settings.heat_lookup_prefix)
         conn.read_response()
         conn.send_command("SUBSCRIBE", "__redis__:invalidate")
         conn.read_response()
@@ -110,7 +113,9 @@ class WakeListener(threading.Thread):
         heard = checked = time.monotonic()  # the last byte read; the last liveness check
         pinged = 0.0  # when an unanswered PING was sent, 0 when none is
         while not self.stopped.is_set():
-            if not conn.can_read(timeout=READ_WAIT_S):
+            if not conn.can_read(timeout=WAKE_READ_S):
+                if self.resync_due:
+                    self.resync(counted=False)
                 now = time.monotonic()
                 if pinged and now - pinged > WAKE_SILENT_S:
                     raise redis.ConnectionError(f"wake connection silent for {now - heard:.1f}s (no PONG)")
@@ -124,7 +129,7 @@ class WakeListener(threading.Thread):
             heard, pinged = time.monotonic(), 0.0
             plans: dict[str, None] = {}  # ordered, de-duplicated
             flushed = False
-            while len(plans) < BATCH_MAX and conn.can_read(timeout=0):
+            while len(plans) < WAKE_BATCH and conn.can_read(timeout=0):
                 # An error reply (READONLY, UNBLOCKED ...) raises here: the server is no longer a master.
                 message = conn.read_response()
                 if not isinstance(message, list) or len(message) != 3 or message[0] != b"message":
@@ -135,7 +140,7 @@ class WakeListener(threading.Thread):
                 if not isinstance(message[2], list):  # someone PUBLISHed to the channel: not from tracking
                     continue
                 for key in message[2]:
-                    plan = self.store.keys.plan_of_heat_key(key)
+                    plan = plan_of_heat_key(key, self.ledger.settings.heat_lookup_prefix)
                     if plan is not None:
                         plans[plan] = None
             self.last_push = time.monotonic()
@@ -150,7 +155,7 @@ class WakeListener(threading.Thread):
         if not isinstance(self.pool, redis.sentinel.SentinelConnectionPool):
             return
         # The wake step's own client too: on a demoted master it would find no lease and record nothing.
-        follow_master(self.store.client)
+        follow_master(self.ledger.client)
         try:
             now_on = master_address(self.pool, fresh=True)
         except redis.RedisError:
@@ -160,13 +165,15 @@ class WakeListener(threading.Thread):
 
     def wake(self, plans: list[str]) -> None:
         try:
-            woken = self.store.wake(plans)
-            if woken and self.on_recorded is not None:
-                self.on_recorded(dict(woken), "wake")
+            woken = self.ledger.wake(plans)
         except (Unavailable, AccessRefused, redis.ResponseError) as exc:
-            # Nothing was written: the chain's polls (or the sweeper) record these plans, only later.
-            log.warning("P2.8A.3: wake step failed for %d plan(s) (%s)", len(plans), exc)
+            # Nothing was written. Redis busy or away: look at every leased plan again soon (the chains' looks
+            # and the sweeper would record these plans too, only later).
+            log.warning("P2.8A.3: wake step failed for %d plan(s) (%s)", len(plans), describe(exc))
+            self.resync_due = isinstance(exc, Unavailable)
             return
+        if woken.recorded and self.on_recorded is not None:
+            self.on_recorded(woken.recorded, "wake")
         if woken.skipped:
             plan, error = next(iter(woken.skipped.items()))
             log.warning("P2.8A.3: wake step could not record %d plan(s), their leases kept (%s: %s)",
@@ -174,12 +181,13 @@ class WakeListener(threading.Thread):
 
     def resync(self, counted: bool = True) -> None:
         """One wake step over every plan under observation (in batches): heat written while away."""
-        plans = self.store.leased_plans()
-        for i in range(0, len(plans), BATCH_MAX):
-            self.wake(plans[i:i + BATCH_MAX])
+        self.resync_due = False
+        plans = self.ledger.leased_plans()
+        for i in range(0, len(plans), WAKE_BATCH):
+            self.wake(plans[i:i + WAKE_BATCH])
         if counted:
             self.resyncs += 1
-            self.store.add_counts({K.WAKE_RESYNCS: 1})
+            self.ledger.count({C.WAKE_RESYNCS: 1})
 
     def state(self) -> dict[str, Any]:
         age = time.monotonic() - self.last_push if self.last_push else None
@@ -188,5 +196,5 @@ class WakeListener(threading.Thread):
                 "wake_master": self.master if self.connected else None}
 
     def stop(self) -> None:
-        """The loop notices within READ_WAIT_S and closes its own connection."""
+        """The loop notices within WAKE_READ_S and closes its own connection."""
         self.stopped.set()

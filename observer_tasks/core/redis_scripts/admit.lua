@@ -1,36 +1,69 @@
--- Admit one plan to late observation, or count it as dropped. Atomic, on Redis's clock (TIME).
--- KEYS[1] inflight ZSET (plan -> lease end, Redis ms)   KEYS[2] leases HASH (plan -> JSON)
--- KEYS[3] counters HASH                                 KEYS[4] the plan's publish_plan_post dedupe key
--- ARGV[1] plan_id  ARGV[2] MAX_WAIT_MS  ARGV[3] sweeper grace (ms)  ARGV[4] MAX_INFLIGHT
--- ARGV[5] symbol  ARGV[6] apply decision
--- ARGV[7] how long ago the call was made (ms; > 0 when the producer's thread admits a call it deferred
---         while Redis was slow: the plan's publish time is then that much before Redis's TIME)
--- ARGV[8] the call's token: a retry of an admission whose reply was lost finds its own lease and is
---         'admitted' again (with the lease's times), not a 'duplicate' whose message is never sent
--- ARGV[9] the counters' field of dropped plans (keys.DROPPED)
--- Returns {'admitted'|'duplicate'|'dropped', published ms, deadline ms}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - (tonumber(ARGV[7]) or 0)
-local deadline = now + tonumber(ARGV[2])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('EXISTS', KEYS[4]) == 1 then
-  local raw = redis.call('HGET', KEYS[2], ARGV[1])
-  if raw and ARGV[8] and ARGV[8] ~= '' then
-    local ok, lease = pcall(cjson.decode, raw)
-    if ok and type(lease) == 'table' and lease.token == ARGV[8] then
-      return {'admitted', tostring(lease.published_ms), tostring(lease.deadline_ms)}
+-- Admit one plan to late observation, on Redis's clock. The lease (the plan's publish_plan_post dedupe key)
+-- is written first, SET NX: that is also the duplicate check. Then, in order:
+--   heat already written (before the call, so no push will announce it) -> record the plan now, `ok`;
+--   a call the apply layer deferred past its whole window (Redis unreachable) -> record it now, `redis_error`
+--   unless the heat proves `ok`;
+--   MAX_INFLIGHT live leases -> dropped (counted); MAX_INFLIGHT more waiting past their lease for a worker
+--   -> backlog (counted as a refusal);
+--   otherwise the plan joins the ledger (inflight, scored by its lease end).
+-- `age_ms` > 0 for a call admitted late by the apply layer's outbox: its publish time is that much earlier.
+-- A call made again with the same `token` (its first attempt's reply was lost, or the apply process admits its
+-- recent plans again after a failover) finds its own lease: 'kept', with the lease's times.
+-- Returns {status, published ms, deadline ms[, reason]}: admitted | kept | recorded | duplicate | dropped | backlog.
+local published = now_ms() - A.age_ms
+local deadline = published + A.max_wait_ms
+local lease_end = deadline + A.grace_ms
+local value = lease_value({published_ms = published, deadline_ms = deadline, end_ms = lease_end, token = A.token,
+                           symbol = A.symbol, decision = A.decision})
+local times = {string.format('%d', published), string.format('%d', deadline)}
+
+local previous = nil
+if not redis.call('SET', K.lease, value, 'NX') then
+  if redis.pcall('GET', K.lease) ~= C.lost_marker then
+    local lease = lease_of(K.lease)
+    if type(lease) == 'table' and A.token ~= '' and lease.token == A.token then
+      return {'kept', string.format('%d', lease.published_ms), string.format('%d', lease.deadline_ms)}
+    end
+    return {'duplicate', times[1], times[2]}
+  end
+  -- Its earlier admission vanished (a failover to a replica that never had it): admitted again.
+  previous = C.lost_marker
+  redis.call('SET', K.lease, value)
+end
+
+return atomically(function()
+  if previous then UNDO[#UNDO + 1] = function() redis.call('SET', K.lease, previous, 'EX', A.ttl_s) end
+  else UNDO[#UNDO + 1] = function() redis.call('DEL', K.lease) end end
+  local lease = {published_ms = published, deadline_ms = deadline, symbol = A.symbol, decision = A.decision,
+                 raw = previous}
+  local heat = read_heat(K.heat, A.debug_cap, false)
+  if heat or now_ms() >= deadline then
+    local extra = {}
+    if A.age_ms > 0 then extra.deferred_ms = A.age_ms end
+    local reason, wait
+    if not heat and now_ms() >= deadline then
+      extra.cause = 'the apply layer could not reach Redis for the whole window'
+      reason, wait = C.redis_error, deadline - published
+    else
+      reason, wait = late_reason(lease, heat, function() return gaps_after(K.gaps, published) end, nil, extra)
+    end
+    local outcome = record_late(K.lease, A.plan, lease, reason, wait, heat, C.path_admit, 0, extra)
+    flush_counts(K.counters)
+    return {'recorded', times[1], times[2], outcome[1]}
+  end
+  local held = redis.call('ZCARD', K.inflight)
+  if held >= A.max_inflight then
+    local live = redis.call('ZCOUNT', K.inflight, '(' .. string.format('%d', now_ms()), '+inf')
+    local status = nil
+    if live >= A.max_inflight then status = 'dropped'
+    elseif held - live >= A.backlog_max then status = 'backlog' end
+    if status then
+      undo_to(0)
+      redis.call('HINCRBY', K.counters,
+                 status == 'dropped' and C.dropped or field(C.refused, C.late_point, 'backlog'), 1)
+      return {status, times[1], times[2]}
     end
   end
-  return {'duplicate', tostring(now), tostring(deadline)}
-end
--- Leases past their end hold no slot (a crashed worker cannot leak one); they
--- stay in the set as the sweeper's ledger until it records them.
-if redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') >= tonumber(ARGV[4]) then
-  redis.call('HINCRBY', KEYS[3], ARGV[9], 1)
-  return {'dropped', tostring(now), tostring(deadline)}
-end
--- The lease's JSON first: the inflight set's type was checked by ZSCORE above, so a failure leaves nothing.
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({symbol = ARGV[5], apply_decision = ARGV[6],
-                                                   published_ms = now, deadline_ms = deadline,
-                                                   token = ARGV[8] or ''}))
-redis.call('ZADD', KEYS[1], deadline + tonumber(ARGV[3]), ARGV[1])
-return {'admitted', tostring(now), tostring(deadline)}
+  redis.call('ZADD', K.inflight, lease_end, A.plan)
+  return {'admitted', times[1], times[2]}
+end)

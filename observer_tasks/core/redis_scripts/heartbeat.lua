@@ -1,26 +1,43 @@
--- A worker's heartbeat, on Redis's clock: its entry in the workers hash and the wake path's health.
--- KEYS[1] workers HASH (nodename -> JSON)  KEYS[2] wake_ok  KEYS[3] wake_degraded
--- ARGV[1] nodename  ARGV[2] JSON of the worker's state (without seen_ms)  ARGV[3] wake state
--- ARGV[4] health TTL (ms)  ARGV[5] entries older than this are removed (ms)
--- wake_ok exists while some listener is connected; wake_degraded while some live worker's is not:
--- the chain uses the safety interval only when the first exists and the second does not.
+-- A worker's heartbeat, on Redis's clock: its entry in the workers hash, the Redis gap it saw (if any), and
+-- the wake path's health, decided here for every worker: healthy while some fresh worker's wake listener is
+-- connected and no fresh worker with the wake path on reports its listener down (a fresh worker beat within
+-- fresh_ms). The looks and the apply layer's first messages read it as the key K.wake: one key, one rule.
 -- Returns Redis time (ms).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local state = cjson.decode(ARGV[2])
+local now = now_ms()
+local state = cjson.decode(A.state)
 state.seen_ms = now
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(state))
-if ARGV[3] == 'connected' then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
-else
-  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
+redis.call('HSET', K.workers, A.nodename, cjson.encode(state))
+
+if A.gap_start_ms > 0 and A.gap_start_ms < now then
+  -- Several workers see the same outage: merge with a gap it overlaps, count each outage once.
+  local start, stop, merged = A.gap_start_ms, now, false
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', K.gaps, start, '+inf')) do
+    local s, e = string.match(member, '^(%d+)-(%d+)$')
+    if s and tonumber(s) <= stop then
+      start, stop, merged = math.min(start, tonumber(s)), math.max(stop, tonumber(e)), true
+      redis.call('ZREM', K.gaps, member)
+    end
+  end
+  redis.call('ZADD', K.gaps, stop, string.format('%d-%d', start, stop))
+  if not merged then redis.call('HINCRBY', K.counters, C.gaps, 1) end
+  redis.call('ZREMRANGEBYSCORE', K.gaps, '-inf', now - A.gaps_keep_ms)
+  redis.call('ZREMRANGEBYRANK', K.gaps, 0, -(A.gaps_max + 1))
 end
-local all = redis.call('HGETALL', KEYS[1])
+
+local connected, degraded = false, false
+local all = redis.call('HGETALL', K.workers)
 for i = 1, #all, 2 do
   local ok, entry = pcall(cjson.decode, all[i + 1])
-  if not ok or type(entry) ~= 'table' or not tonumber(entry.seen_ms)
-      or tonumber(entry.seen_ms) < now - tonumber(ARGV[5]) then
-    redis.call('HDEL', KEYS[1], all[i])
+  local seen = ok and type(entry) == 'table' and tonumber(entry.seen_ms)
+  if not seen or seen < now - A.forget_ms then
+    redis.call('HDEL', K.workers, all[i])
+  elseif seen >= now - A.fresh_ms then
+    if entry.wake == 'connected' then connected = true elseif entry.wake ~= 'off' then degraded = true end
   end
 end
-return tostring(now)
+if connected and not degraded then
+  redis.call('SET', K.wake, string.format('%d', now), 'PX', A.health_ttl_ms)
+else
+  redis.call('DEL', K.wake)
+end
+return string.format('%d', now)

@@ -1,7 +1,4 @@
--- The plans whose lease has ended (inflight score <= Redis TIME), oldest first: one page for the sweep step,
--- which store.py calls with their dedupe keys (so every key a step touches arrives in KEYS).
--- KEYS[1] inflight ZSET
--- ARGV (by name): offset, limit
--- Returns {now ms, {plan, ...}}.
-return {string.format('%d', NOW), redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', NOW, 'LIMIT', num('offset'),
-                                             num('limit'))}
+-- A page of the plans whose lease has ended (inflight score <= Redis TIME), oldest first, for the sweep step
+-- (which gets their keys declared). Returns {now ms, {plan, ...}}.
+return {string.format('%d', now_ms()), redis.call('ZRANGEBYSCORE', K.inflight, '-inf', now_ms(), 'LIMIT', A.offset,
+                                                   A.limit)}

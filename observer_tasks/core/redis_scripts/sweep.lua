@@ -1,59 +1,69 @@
--- The sweep step: record each given plan whose lease has ended (inflight score <= Redis TIME) as timeout, as
--- redis_error when the sweeper saw Redis unreachable during its wait, or as missing when its first message
--- never reached the broker (an unsent note), with the cause in debug_json, and
--- free the slot of a lease nobody can record (unreadable, or an id our admission never writes). A plan whose
--- record fails is skipped and reported: it wrote nothing, stays leased, and never blocks the others.
--- KEYS[1..6] the late record's keys: inflight ZSET, leases HASH, stream, counters HASH, heat-wait HASH,
---            notes HASH (see late_recorder in observe_lib.lua)
--- KEYS[6 + i] the publish_plan_post dedupe key of plans[i]
--- ARGV (by name, lists as JSON): plans, foreign (overdue ids that are not plan ids: freed), outages
---   ({start, end} Redis ms, as the sweeper saw them), and the record's ttl_s, maxlen, debug_cap, slack_ms,
---   buckets, context
+-- The sweep step: decide each given plan whose lease has ended (nobody recorded it by deadline + grace: its
+-- message was lost, its worker died or is far behind, or every worker was down) by the same rule as a look
+-- (late_reason: the heat proves `ok`; a gap makes it `redis_error`; an unsent note `missing`; else
+-- `timeout`), with the cause in debug_json; and free the slot of a member nobody can record (an id our
+-- admission never writes, or an unreadable lease). A plan whose record fails is skipped and reported: its
+-- writes are undone, it stays in the ledger and never blocks the others.
 -- Returns {now ms, recorded count, {freed plan, ...}, {skipped plan, error, ...}, {plan, reason, wait ms, ...}}.
-local R = late_recorder()
-local plans, foreign, outages = json('plans'), json('foreign'), json('outages')
-
-local function overdue(plan)
-  local score = redis.call('ZSCORE', R.inflight, plan)
-  return score and tonumber(score) <= NOW
+local cached
+local function gaps()
+  if not cached then cached = gaps_after(K.gaps, 0) end
+  return cached
 end
 
-local recorded, freed, skipped, outcomes = 0, {}, {}, {}
-for _, plan in ipairs(foreign) do
-  if overdue(plan) then free(R, plan); freed[#freed + 1] = plan end
-end
-for i, plan in ipairs(plans) do
-  local ok, result = pcall(function()
-    if not overdue(plan) then return nil end  -- recorded meanwhile by a look, the wake step or another sweeper
-    local lease = lease_of(R, plan)
-    if not lease then free(R, plan); return 'freed' end
-    local reason, cause = 'timeout', 'no observation by deadline + grace (message lost or worker stopped)'
-    if redis.call('HEXISTS', R.notes, plan) == 1 then
-      -- Its first message never reached the broker (the publisher noted why): a broker outage, not a slow
-      -- HeatBridge. 'missing' (nothing was looked at) keeps it out of the timing alert's timeouts.
-      reason, cause = 'missing', 'first message never reached the broker'
-    else
-      for _, outage in ipairs(outages) do
-        if outage[1] <= lease.deadline_ms and outage[2] >= lease.published_ms then
-          reason, cause = 'redis_error', cause .. '; Redis was unreachable during the wait'
-          break
-        end
-      end
+return atomically(function()
+  local now = now_ms()
+  local freed, skipped, outcomes, recorded = {}, {}, {}, 0
+  for _, plan in ipairs(A.foreign) do
+    local score = redis.call('ZSCORE', K.inflight, plan)
+    if score and tonumber(score) <= now then
+      redis.call('ZREM', K.inflight, plan)
+      freed[#freed + 1] = plan
     end
-    local outcome = record_late(R, plan, lease, KEYS[6 + i], reason, nil, F.path_sweep, 0,
-                                {cause = cause, swept = true})
-    outcomes[#outcomes + 1] = plan
-    outcomes[#outcomes + 1] = outcome[1]
-    outcomes[#outcomes + 1] = outcome[2]
-    return 'recorded'
-  end)
-  if not ok then
-    skipped[#skipped + 1] = plan
-    skipped[#skipped + 1] = error_text(result)
-  elseif result == 'recorded' then
-    recorded = recorded + 1
-  elseif result == 'freed' then
-    freed[#freed + 1] = plan
   end
-end
-return {string.format('%d', NOW), recorded, freed, skipped, outcomes}
+  local notes = {}
+  if #ITEMS > 0 then
+    local names = {}
+    for _, item in ipairs(ITEMS) do
+      names[#names + 1] = item.plan
+      names[#names + 1] = C.note_failed .. item.plan
+    end
+    notes = redis.call('HMGET', K.notes, unpack(names))
+  end
+  for i, item in ipairs(ITEMS) do
+    local mark, pending = #UNDO, {}
+    for k, v in pairs(INC) do pending[k] = v end
+    local ok, result = pcall(function()
+      local lease = lease_of(item.lease)
+      if lease == nil or lease == 'bad' then  -- no lease nobody can record: free its slot
+        redis.call('ZREM', K.inflight, item.plan)
+        return 'freed'
+      end
+      if not lease then return nil end  -- recorded meanwhile (a look, the wake step, another sweeper)
+      local extra = {swept = true}
+      local unsent, failed = notes[2 * i - 1], notes[2 * i]
+      if failed then extra.failed = failed end
+      local heat = read_heat(item.heat, A.debug_cap, false)
+      local reason, wait = late_reason(lease, heat, gaps, unsent or nil, extra)
+      if reason == C.timeout then extra.cause = 'no observation by deadline + grace (message lost or worker stopped)' end
+      local outcome = record_late(item.lease, item.plan, lease, reason, wait, heat, C.path_sweep, 0, extra)
+      if unsent or failed then redis.call('HDEL', K.notes, item.plan, C.note_failed .. item.plan) end
+      return outcome
+    end)
+    if not ok then
+      undo_to(mark)
+      INC = pending
+      skipped[#skipped + 1] = item.plan
+      skipped[#skipped + 1] = text_of(result)
+    elseif result == 'freed' then
+      freed[#freed + 1] = item.plan
+    elseif result then
+      recorded = recorded + 1
+      outcomes[#outcomes + 1] = item.plan
+      outcomes[#outcomes + 1] = result[1]
+      outcomes[#outcomes + 1] = result[2]
+    end
+  end
+  flush_counts(K.counters)
+  return {string.format('%d', now), recorded, freed, skipped, outcomes}
+end)

@@ -1,30 +1,38 @@
 -- The wake step, for a batch of plans whose heat hash was just written (or every leased plan, on a resync):
--- record each plan still leased whose heat hash exists. A plan whose record fails is skipped and reported:
--- it wrote nothing and stays leased, and the others are recorded.
--- KEYS[1..6] the late record's keys: inflight ZSET, leases HASH, stream, counters HASH, heat-wait HASH,
---            notes HASH (see late_recorder in observe_lib.lua)
--- KEYS[5 + 2i], KEYS[6 + 2i] the heat hash and publish_plan_post dedupe key of plans[i]
--- ARGV (by name): plans (JSON), and the record's ttl_s, maxlen, debug_cap, slack_ms, buckets, context
+-- record each plan still leased whose heat hash exists. A plan whose record fails is skipped and reported: its
+-- writes are undone and it stays leased; the others are recorded.
 -- Returns {{plan, reason, wait ms, ...} recorded, {plan, error, ...} skipped}.
-local R = late_recorder()
-local plans = json('plans')
-
-local recorded, skipped = {}, {}
-for i, plan in ipairs(plans) do
-  local ok, result = pcall(function()
-    local lease = lease_of(R, plan)
-    if not lease then return nil end
-    local heat = read_heat(KEYS[5 + 2 * i], R.debug_cap)
-    if not heat then return nil end
-    return record_heat(R, plan, lease, KEYS[6 + 2 * i], heat, F.path_wake, 0, {})
-  end)
-  if not ok then
-    skipped[#skipped + 1] = plan
-    skipped[#skipped + 1] = error_text(result)
-  elseif result then
-    recorded[#recorded + 1] = plan
-    recorded[#recorded + 1] = result[1]
-    recorded[#recorded + 1] = result[2]
-  end
+local cached
+local function gaps()
+  if not cached then cached = gaps_after(K.gaps, 0) end
+  return cached
 end
-return {recorded, skipped}
+
+return atomically(function()
+  local recorded, skipped = {}, {}
+  for _, item in ipairs(ITEMS) do
+    local mark, pending = #UNDO, {}
+    for k, v in pairs(INC) do pending[k] = v end
+    local ok, result = pcall(function()
+      local lease = lease_of(item.lease)
+      if type(lease) ~= 'table' then return nil end
+      local heat = read_heat(item.heat, A.debug_cap, true)
+      if not heat then return nil end
+      local extra = {}
+      local reason, wait = late_reason(lease, heat, gaps, nil, extra)
+      return record_late(item.lease, item.plan, lease, reason, wait, heat, C.path_wake, 0, extra)
+    end)
+    if not ok then
+      undo_to(mark)
+      INC = pending
+      skipped[#skipped + 1] = item.plan
+      skipped[#skipped + 1] = text_of(result)
+    elseif result then
+      recorded[#recorded + 1] = item.plan
+      recorded[#recorded + 1] = result[1]
+      recorded[#recorded + 1] = result[2]
+    end
+  end
+  flush_counts(K.counters)
+  return {recorded, skipped}
+end)
