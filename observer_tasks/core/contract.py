@@ -134,7 +134,8 @@ def lua_constants() -> dict[str, object]:
         "gaps": GAPS_FIELD, "note_failed": NOTE_FAILED, "apply_component": APPLY_COMPONENT,
         "lease": LEASE, "recorded": RECORDED, "lost_marker": LOST, "refused_marker": REFUSED, "lease_sep": SEP,
         "lease_fields": LEASE_FIELDS,
-        "stream_fields": STREAM_FIELDS, "heat_copied": [list(pair) for pair in HEAT_COPIED],
-        "heat_debug": HEAT_DEBUG, "heat_checks": HEAT_CHECKS, "debug_drop": DEBUG_DROP_ORDER, "levels": HEAT_LEVELS, "actions": HEAT_ACTIONS, "max_copied": MAX_COPIED,
-        **{f"path_{path}": path for path in RECORD_PATHS}, "late_fields": LATE_FIELDS, **{reason: reason for reason in REASONS},
+        "stream_fields": STREAM_FIELDS, "late_fields": LATE_FIELDS, "heat_copied": [list(p) for p in HEAT_COPIED],
+        "heat_debug": HEAT_DEBUG, "heat_checks": HEAT_CHECKS, "debug_drop": DEBUG_DROP_ORDER, "levels": HEAT_LEVELS,
+        "actions": HEAT_ACTIONS, "max_copied": MAX_COPIED, **{f"path_{path}": path for path in RECORD_PATHS},
+        **{reason: reason for reason in REASONS},
     }
