@@ -107,8 +107,8 @@ def main() -> None:
 
 def measure(args: argparse.Namespace, data: redis.Redis) -> None:
     from observer_tasks import observe_late
-    from observer_tasks.core.settings import CALL_TIMEOUT_S
-    from observer_tasks.core.store import redis_client
+    from observer_tasks.core.connections import redis_client
+    from observer_tasks.core.timings import CALL_TIMEOUT_S
 
     bare_client = redis_client(args.redis_url, CALL_TIMEOUT_S, "bench")  # the producer's client settings
     bare = bare_client.register_script(BARE)

@@ -152,10 +152,9 @@ class Worker:
         # A throwaway app on this worker's broker for each ping: the observer's app keeps its import-time
         # broker and pools, and a connection the broker dropped must not be tried again.
         def answers() -> bool:
-            from observer_tasks.core.settings import Settings
-
-            # A redis+sentinel:// broker goes to kombu in its own form (master name in the options).
-            url, options, _ssl = Settings(broker_url=self.env["CELERY_BROKER_URL"]).celery_broker()
+            # The worker's broker as it reads it (P28_LATE_OBS_BROKER_URL, CELERY_BROKER_URL, REDIS_URL); a
+            # redis+sentinel:// broker goes to kombu in its own form (master name in the options).
+            url, options, _ssl = Settings.from_env(self.env).celery_broker()
             ping_app = Celery(broker=url, set_as_current=False)
             ping_app.conf.broker_read_url = ping_app.conf.broker_write_url = url  # CELERY_BROKER_URL wins over broker
             ping_app.conf.broker_transport_options = options

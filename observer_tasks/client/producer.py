@@ -17,7 +17,6 @@ import atexit
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -27,19 +26,19 @@ from ..core import contract as C
 from ..core.app import app
 from ..core.connections import describe, failure_kind, redis_client
 from ..core.inputs import InvalidInput, check_decision, check_obs_point, check_plan_id, check_symbol
-from ..core.ledger import Ledger
+from ..core.ledger import Ledger, Recorded
 from ..core.messages import LateMessage
 from ..core.settings import LATE_POINT, Settings, SettingsError
-from ..core.timings import CALL_TIMEOUT_S, EXIT_FLUSH_S, OUTBOX_TIMEOUT_S, PRODUCER_REPORT_S, PUBLISH_TIMEOUT_S
-from .outbox import Call, Outbox
+from ..core.timings import CALL_TIMEOUT_S
+from .background import Background
+from .outbox import Call
 from .resilience import Breaker, ThrottledLog
-from .sender import Sender
 
 log = logging.getLogger("observer_tasks")
 
 
 class Producer:
-    """One per process: settings, the callers' Redis client, the outbox, the sender and their thread."""
+    """One per process: settings, the callers' Redis client, and the background thread's outbox and sender."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings, self.pid = settings, os.getpid()
@@ -51,116 +50,15 @@ class Producer:
         _ = (app.amqp.router, app.amqp.queues, app.events, app.clock)
         self.broker_breaker = Breaker("broker")
         self.problems, self.access_problems = ThrottledLog(), ThrottledLog()
-        self.cond = threading.Condition(threading.Lock())
-        self.thread: threading.Thread | None = None
-        self.stopping = False
-        self.reported_at = -PRODUCER_REPORT_S
-        self.sender = Sender(app, settings, self.connect, self.health_client, self.note, self.broker_breaker)
-        outbox_client = redis_client(settings.redis_url, OUTBOX_TIMEOUT_S, "outbox", settings)
-        self.outbox = Outbox(Ledger(settings, outbox_client), self.sender.submit, self.wake)
-        self._health: Any = None
+        self.background = Background(settings, self.broker_breaker)
+        self.outbox, self.sender, self.wake = self.background.outbox, self.background.sender, self.background.wake
 
-    def note(self, plan_ids: list[str], cause: str) -> None:
-        self.outbox.note(plan_ids, cause)
-
-    def health_client(self) -> Any:
-        """The sender's client for the wake path's health: the callers' short timeout (thread only)."""
-        if self._health is None:
-            self._health = redis_client(self.settings.redis_url, CALL_TIMEOUT_S, "producer", self.settings)
-        return self._health
-
-    def connect(self) -> Any:
-        """The sender's broker connection: its own, short timeouts, no retries (the worker's connection settings,
-        with long BRPOP reads, would stall it)."""
-        url, sentinel_options, ssl = self.settings.celery_broker()
-        if sentinel_options:
-            sentinel_options["sentinel_kwargs"].update(socket_timeout=PUBLISH_TIMEOUT_S,
-                                                       socket_connect_timeout=PUBLISH_TIMEOUT_S)
-        return app.connection_for_write(
-            url, connect_timeout=PUBLISH_TIMEOUT_S, ssl=ssl,
-            transport_options={**app.conf.broker_transport_options, **sentinel_options,
-                               "socket_timeout": PUBLISH_TIMEOUT_S, "socket_connect_timeout": PUBLISH_TIMEOUT_S,
-                               "read_timeout": PUBLISH_TIMEOUT_S, "write_timeout": PUBLISH_TIMEOUT_S,
-                               "max_retries": 0})
-
-    # -- the background thread ----------------------------------------------------------------------------------
-    def wake(self) -> None:
-        with self.cond:
-            if self.thread is None and not self.stopping:
-                self.thread = threading.Thread(target=self.run, name="p28-outbox", daemon=True)
-                self.thread.start()
-            self.cond.notify()
-
-    def run(self) -> None:
-        while True:
-            with self.cond:
-                if self.stopping:
-                    return
-            try:
-                self.work_once()
-            except Exception:  # a bug here must not kill the thread: the sweeper covers the plans
-                self.problems.warning("unexpected error in the outbox thread", exc_info=True)
-            with self.cond:
-                dues = [d for d in (self.outbox.due(), self.sender.due()) if d is not None]
-                wait = max(0.0, min(dues) - time.monotonic()) if dues else PRODUCER_REPORT_S
-                if not self.stopping:
-                    self.cond.wait(min(wait, PRODUCER_REPORT_S))
-
-    def work_once(self, stopping: bool = False) -> None:
-        self.outbox.run_once()
-        if self.settings.replica_wait_ms:
-            self.outbox.replica_wait()
-        self.sender.run_once(stopping)
-        if time.monotonic() >= self.reported_at + PRODUCER_REPORT_S:
-            self.reported_at = time.monotonic()
-            self.report()
-
-    def report(self) -> None:
-        """This process's limits and state, for `observer-tasks status` (best effort)."""
-        s = self.settings
-        state = {"host": socket.gethostname(), "pid": os.getpid(), "max_inflight": s.late_obs_max_inflight,
-                 "max_wait_ms": s.late_obs_max_wait_ms, "poll_ms": s.late_obs_poll_ms,
-                 "safety_poll_ms": s.safety_poll_ms, "late": s.late_obs_enabled, "early": s.heat_obs_enabled,
-                 "points": list(s.early_points), "held_calls": len(self.outbox.calls)}
-        try:
-            self.outbox.ledger.report(f"{state['host']}:{state['pid']}", state)
-        except Exception as exc:  # status loses a line, nothing else
-            log.debug("P2.8A observer: cannot report limits (%s)", describe(exc))
-
-    def close(self, timeout: float = EXIT_FLUSH_S) -> None:
-        """Make the held calls, send the queued messages and pay the counts, then stop: at most ``timeout`` s.
-        What is left is given up (counted, when Redis answers) or left to the sweeper (noted)."""
+    def close(self) -> None:
+        """Flush the background thread's work (bounded) and close the connections."""
         if os.getpid() != self.pid:
             return  # an inherited copy: its thread and connections are the parent's
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-            thread = self.thread
-        if thread is not None and thread.is_alive():
-            thread.join(max(0.0, deadline - time.monotonic()))
-        while (self.outbox.calls or self.sender.queue) and time.monotonic() < deadline:
-            self.work_once(stopping=True)
-            if self.outbox.failing_since is not None:
-                break
-        unsent, given_up = self.sender.give_up(), self.outbox.give_up()
-        if unsent:
-            self.outbox.note(unsent, "process exited before the message was sent")
-            log.warning("P2.8A observer: %d late message(s) not sent before exit; the sweeper will record them",
-                        len(unsent))
-        try:
-            self.outbox.pay()
-        except Exception as exc:
-            if given_up:
-                log.warning("P2.8A observer: %d call(s) held through a Redis outage given up at exit and not counted "
-                            "(Redis unreachable: %s)", given_up, describe(exc))
-        else:
-            if given_up:
-                log.warning("P2.8A observer: %d call(s) held through a Redis outage given up at exit (counted as "
-                            "p28_observe_refused_total{cause=\"given_up\"})", given_up)
-        self.sender.drop_connection()
-        for ledger in (self.ledger, self.outbox.ledger):
-            ledger.client.close()
+        self.background.close()
+        self.ledger.client.close()
 
     # -- the calls ------------------------------------------------------------------------------------------------
     def refuse(self, obs_point: str, cause: str, message: str | None = None) -> str:
@@ -233,7 +131,10 @@ class Producer:
             self.problems.warning("observe_late refused: too many plans wait past their deadline for a worker to "
                                   "decide them (are the workers down?)")
             return "error"
-        if admission.status == "recorded":  # heat already there: recorded at once, nothing to send
+        if admission.status == "recorded":  # heat already there: recorded at once, no message to send
+            self.sender.submit_recorded(LateMessage(plan_id, inputs[0], inputs[1], admission.published_ms,
+                                                    admission.deadline_ms), Recorded(admission.reason, 0))
+            self.wake()
             return "enqueued"
         if admission.status != "admitted":
             return str(admission.status)

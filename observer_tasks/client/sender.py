@@ -23,7 +23,8 @@ from typing import Any
 
 from ..core import contract as C
 from ..core.connections import describe
-from ..core.messages import LATE_OBSERVE, LateMessage
+from ..core.ledger import Recorded
+from ..core.messages import LATE_OBSERVE, QUEUE, LateMessage, result, succeeded
 from ..core.settings import Settings
 from ..core.timings import BROKER_PATIENCE_S, OUTBOX_BATCH, OUTBOX_MAX, WAKE_HEALTH_READ_S
 from .resilience import Breaker, ThrottledLog, backoff
@@ -38,6 +39,9 @@ class Sender:
         self.app, self.settings, self.connect, self.health, self.note = app, settings, connect, health, note
         self.breaker, self.clock = breaker, clock
         self.queue: deque[LateMessage] = deque()
+        #: Plans the admission recorded at once: no message, but their task's task-sent and task-succeeded events,
+        #: so Flower and exporters see one task per plan whoever decided it.
+        self.recorded: deque[tuple[LateMessage, Recorded]] = deque()
         self.send_at = 0.0
         self.failing_since: float | None = None
         self.wake_healthy, self.health_read_at = False, -WAKE_HEALTH_READ_S
@@ -54,10 +58,17 @@ class Sender:
         self.queue.append(message)
         return True
 
+    def submit_recorded(self, message: LateMessage, outcome: Recorded) -> None:
+        """A plan the admission recorded at once: its task's events only (best effort, like every event)."""
+        if len(self.recorded) < OUTBOX_MAX:
+            self.recorded.append((message, outcome))
+
     def due(self) -> float | None:
-        return self.send_at if self.queue else None
+        return self.send_at if self.queue or self.recorded else None
 
     def run_once(self, stopping: bool = False) -> None:
+        if self.recorded and self.clock() >= self.send_at and not self.breaker.is_open():
+            self.send_events()
         if not self.queue or self.clock() < self.send_at:
             return
         batch = [self.queue.popleft() for _ in range(min(OUTBOX_BATCH, len(self.queue)))]
@@ -88,6 +99,22 @@ class Sender:
             self.failing_since = None
             self.breaker.close()
             return
+
+    def send_events(self) -> None:
+        batch = [self.recorded.popleft() for _ in range(min(OUTBOX_BATCH, len(self.recorded)))]
+        try:
+            producer, dispatcher = self.broker()
+            for message, outcome in batch:
+                uuid = C.task_id(message.plan_id)
+                dispatcher.publish("task-sent", {
+                    "uuid": uuid, "root_id": uuid, "parent_id": None, "name": LATE_OBSERVE, "args": message.args(),
+                    "kwargs": {}, "retries": 0, "eta": None, "expires": None, "queue": QUEUE, "exchange": "",
+                    "routing_key": QUEUE}, producer)
+                dispatcher.publish("task-succeeded", {"uuid": uuid, **succeeded(
+                    result(outcome.reason, outcome.wait_ms, "admit"))}, producer)
+        except Exception as exc:  # events are best effort: the stream and the counters have the plan
+            self.drop_connection()
+            self.problems.warning(f"task events of plans recorded at admission not sent ({describe(exc)})")
 
     def failed(self, unsent: list[LateMessage], exc: BaseException, stopping: bool) -> None:
         """Keep the messages and try again soon; once the broker has failed for BROKER_PATIENCE_S (or at exit),

@@ -59,3 +59,14 @@ class LateMessage:
 
     def kwargs(self) -> dict[str, int]:
         return {"polls": self.polls, "errors": self.errors}
+
+
+def result(reason: str, wait_ms: int, recorded_by: str) -> dict[str, Any]:
+    """A decided plan's task result, as Flower and exporters show it (its reason, wait and recorder)."""
+    return {"reason": reason, "wait_ms": wait_ms, "recorded_by": recorded_by}
+
+
+def succeeded(outcome: dict[str, Any]) -> dict[str, Any]:
+    """A task-succeeded event's fields: the result as Celery sends it (its repr), the plan's wait as the
+    runtime, and the first look's RETRY exception cleared (Flower would still show it beside SUCCESS)."""
+    return {"result": repr(outcome), "runtime": outcome["wait_ms"] / 1000, "exception": None, "traceback": None}

@@ -28,21 +28,11 @@ from typing import Any
 
 from ..core.contract import task_id
 from ..core.ledger import Recorded
+from ..core.messages import result, succeeded
 from ..core.timings import EVENTS_RETRY_S, FINAL_STATE_DELAY_S, OUTBOX_MAX
 from .context import Decided
 
 log = logging.getLogger("observer_tasks.worker")
-
-
-def result(reason: str, wait_ms: int, recorded_by: str) -> dict[str, Any]:
-    """A decided plan's task result, as Flower shows it."""
-    return {"reason": reason, "wait_ms": wait_ms, "recorded_by": recorded_by}
-
-
-def succeeded(outcome: dict[str, Any]) -> dict[str, Any]:
-    """A task-succeeded event's fields: the result as Celery sends it (its repr), the plan's wait as the
-    runtime, and the first look's RETRY exception cleared (Flower would still show it beside SUCCESS)."""
-    return {"result": repr(outcome), "runtime": outcome["wait_ms"] / 1000, "exception": None, "traceback": None}
 
 
 def send(task: Any, type_: str, **fields: Any) -> None:

@@ -28,7 +28,7 @@ from ..core.app import app
 from ..core.connections import AccessRefused, Unavailable, describe
 from ..core.inputs import InvalidInput
 from ..core.ledger import GONE, Pending, Recorded
-from ..core.messages import FAILED_LOOKS_MAX, LATE_OBSERVE, LATE_POLL, LateMessage
+from ..core.messages import FAILED_LOOKS_MAX, LATE_OBSERVE, LATE_POLL, LateMessage, result, succeeded
 from ..core.timings import RECORD_PATIENCE_S
 from . import task_states
 from .context import WorkerContext, context_of
@@ -76,9 +76,9 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], first: bool) 
         while True:
             outcome = decide(ctx, msg)
             if isinstance(outcome, Recorded):  # decided here: the plan's one final state
-                result = task_states.result(outcome.reason, outcome.wait_ms, "look")
-                task_states.send(task, "task-succeeded", **task_states.succeeded(result))
-                return result
+                decided = result(outcome.reason, outcome.wait_ms, "look")
+                task_states.send(task, "task-succeeded", **succeeded(decided))
+                return decided
             if not isinstance(outcome, Again):  # gone (its recorder sent the final state), or left to the sweeper
                 return outcome
             if first:  # before the reschedule: the plan cannot be decided by a look before this event has left

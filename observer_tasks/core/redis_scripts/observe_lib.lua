@@ -185,7 +185,8 @@ local function lease_of(key)
   for i, name in ipairs(C.lease_fields) do
     local value = parts[i + 1]
     if string.sub(name, -3) == '_ms' then
-      if not string.match(value, '^%d+$') then return 'bad' end
+      -- At most 15 digits: a whole number a Lua double holds exactly (a longer one can be inf: unwritable).
+      if not string.match(value, '^%d+$') or #value > 15 then return 'bad' end
       value = tonumber(value)
     end
     lease[name] = value
