@@ -260,6 +260,17 @@ def test_docker_compose_config() -> None:
     assert refused.returncode != 0 and "FLOWER_BASIC_AUTH" in refused.stdout + refused.stderr
 
 
+def test_an_operators_install_brings_flower() -> None:
+    """The `flower` extra, installed by the unit file's instructions and named in the README (Flower was only a
+    test extra, so an operator's `pip install` of the package had none)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["flower"] == ["flower>=2.2"]
+    assert re.search(r"pip install '\S+\[flower\]'", UNIT.read_text())
+    assert "observer-tasks[flower]" in (ROOT / "README.md").read_text()
+
+
 def test_systemd_unit() -> None:
     unit = configparser.ConfigParser(interpolation=None, strict=False)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
