@@ -1,17 +1,21 @@
-"""docker-compose.yml, its Dockerfile, the env file, Prometheus/Grafana provisioning and the systemd unit.
+"""docker-compose.yml, its Dockerfile, the env file, Prometheus/Alertmanager/Grafana provisioning and the
+systemd unit.
 
-No Docker engine is needed: the compose file is parsed with PyYAML, and checked with `docker-compose config`
-and `promtool check config` when those tools are on PATH (skipped without them, failed when CI is set).
+No Docker engine is needed: the compose file is parsed with PyYAML, and checked with `docker-compose config`,
+`promtool check config` and `amtool check-config` when those tools are on PATH (skipped without them, failed when
+CI is set); the shipped Alertmanager config is also loaded by the real binary (Debian's prometheus-alertmanager).
 """
 
 from __future__ import annotations
 
 import configparser
 import dataclasses
+import json
 import os
 import re
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,17 @@ import pytest
 import yaml
 
 from observer_tasks.core.settings import Settings
-from tests.conftest import cannot_run
+from tests.conftest import cannot_run, poll, server_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_FILE = ROOT / "deploy" / "observer.env"
 UNIT = ROOT / "deploy" / "observer-worker.service"
+ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+RULES = ROOT / "docs" / "prometheus" / "late-observer-rules.yml"
 OBSERVER_SERVICES = ("worker", "flower", "demo")
+#: Where each severity goes (docs/runbook.md, "Routes and inhibitions").
+RECEIVER_OF = {"critical": "page", "warning": "ticket"}
 
 
 def tool(*names: str) -> str:
@@ -56,7 +64,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def test_services_and_commands(compose: dict[str, Any]) -> None:
     s = compose["services"]
-    assert set(s) >= {"redis", "worker", "flower", "prometheus", "grafana", "demo"}
+    assert set(s) >= {"redis", "worker", "flower", "prometheus", "alertmanager", "grafana", "demo"}
     assert s["redis"]["image"] == "redis:7"
     assert s["worker"]["command"] == ["celery", "-A", "observer_tasks", "worker", "-Q", "late_obs"]
     # Scale-friendly: the worker publishes /metrics on an ephemeral loopback port per replica (a fixed
@@ -69,6 +77,8 @@ def test_services_and_commands(compose: dict[str, Any]) -> None:
     assert any(p.endswith(":5555:5555") for p in s["flower"]["ports"])
     assert s["prometheus"]["image"].startswith("prom/prometheus")
     assert s["grafana"]["image"].startswith("grafana/grafana")
+    assert s["alertmanager"]["image"].startswith("prom/alertmanager")
+    assert "alertmanager" in s["prometheus"]["depends_on"]
     assert s["demo"]["profiles"] == ["demo"]
     assert s["demo"]["command"][:2] == ["observer-tasks", "demo"]
     for name in OBSERVER_SERVICES:
@@ -125,6 +135,11 @@ def test_prometheus_and_grafana_provisioning(compose: dict[str, Any]) -> None:
     mounts = dict(v.split(":")[:2] for v in compose["services"]["prometheus"]["volumes"])
     for rule_file in prom["rule_files"]:
         assert str(Path("/etc/prometheus") / rule_file) in mounts.values(), f"rule file {rule_file} is not mounted"
+    # Alerts leave Prometheus for the compose service alertmanager, on the port it listens on.
+    (target,) = [t for am in prom["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]]
+    host, port = target.split(":")
+    assert host == "alertmanager" and host in compose["services"] and port == "9093"
+    assert any(p.endswith(f":{port}:{port}") for p in compose["services"]["alertmanager"]["ports"])
     datasources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasources["datasources"][0]["type"] == "prometheus"
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
@@ -149,6 +164,91 @@ def test_promtool_check_config_as_mounted(compose: dict[str, Any], tmp_path: Pat
     assert "1 rule files found" in result.stdout and re.search(r"SUCCESS: [1-9]\d* rules found", result.stdout)
 
 
+def test_alertmanager_service_loads_the_shipped_config(compose: dict[str, Any]) -> None:
+    am = compose["services"]["alertmanager"]
+    flag = next(a for a in am["command"] if a.startswith("--config.file="))
+    mounts = dict(v.split(":")[:2] for v in am["volumes"])
+    assert mounts["./deploy/alertmanager/alertmanager.yml"] == flag.split("=", 1)[1]
+
+
+def alertmanager_config() -> dict[str, Any]:
+    return dict(yaml.safe_load(ALERTMANAGER.read_text()))
+
+
+def alert_rules() -> dict[str, dict[str, Any]]:
+    return {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+
+
+def test_amtool_check_config() -> None:
+    result = subprocess.run([tool("amtool"), "check-config", str(ALERTMANAGER)], capture_output=True, text=True)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+def test_every_alert_routes_by_its_severity() -> None:
+    """amtool's own routing: each alert of the rules file, with its labels, reaches page (critical) or ticket."""
+    amtool = tool("amtool")
+    for name, rule in alert_rules().items():
+        labels = [f"alertname={name}", *(f"{k}={v}" for k, v in rule["labels"].items())]
+        result = subprocess.run([amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER}", *labels],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.split() == [RECEIVER_OF[rule["labels"]["severity"]]], (name, result.stdout)
+
+
+def test_inhibitions_name_real_alerts_and_are_explained() -> None:
+    """Every inhibition's source and target match alerts of the rules file (a typo would inhibit nothing), no
+    alert inhibits itself, the cause label they match is one the rules carry, and the runbook states each."""
+    names = set(alert_rules())
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    section = runbook[runbook.index("### Routes and inhibitions"):]
+    section = section[:section.index("\n### ", 1)]
+    inhibitions = alertmanager_config()["inhibit_rules"]
+    assert len(inhibitions) >= 5
+
+    def matched(matchers: list[str]) -> set[str]:
+        (alert,) = [m for m in matchers if m.startswith("alertname")]
+        op, value = re.fullmatch(r'alertname(=~|=)"([^"]+)"', alert).groups()  # type: ignore[union-attr]
+        found = {n for n in names if re.fullmatch(value, n)} if op == "=~" else {value} & names
+        assert found and (op == "=" or len(value.split("|")) == len(found)), f"{alert} matches {found}"
+        for m in matchers:
+            if m.startswith("cause"):
+                assert re.fullmatch(r'cause=~?"[a-z_|]+"', m), m
+        return found
+
+    for rule in inhibitions:
+        sources, targets = matched(rule["source_matchers"]), matched(rule["target_matchers"])
+        assert not sources & targets, rule
+        for name in sources | targets:
+            assert name in section, f"the runbook's routes and inhibitions do not mention {name}"
+
+
+def test_the_real_alertmanager_loads_the_shipped_config(tmp_path: Path) -> None:
+    exe = tool("prometheus-alertmanager", "alertmanager")
+    port = server_port(20)
+    log = tmp_path / "alertmanager.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([exe, f"--config.file={ALERTMANAGER}", f"--storage.path={tmp_path}",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def status() -> Any:
+            if proc.poll() is not None:
+                return {"exited": proc.returncode}
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/status", timeout=1) as resp:
+                    return json.loads(resp.read())
+            except OSError:
+                return None
+        loaded = poll(status, 30, 0.1, "Alertmanager answering")
+        assert "exited" not in loaded, log.read_text()
+        config = yaml.safe_load(loaded["config"]["original"])
+        assert {r["name"] for r in config["receivers"]} == set(RECEIVER_OF.values())
+        assert len(config["inhibit_rules"]) == len(alertmanager_config()["inhibit_rules"])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_docker_compose_config() -> None:
     exe = tool("docker-compose")
     env = {**os.environ, "FLOWER_BASIC_AUTH": "user:password"}
@@ -158,6 +258,17 @@ def test_docker_compose_config() -> None:
     refused = subprocess.run([exe, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert refused.returncode != 0 and "FLOWER_BASIC_AUTH" in refused.stdout + refused.stderr
+
+
+def test_an_operators_install_brings_flower() -> None:
+    """The `flower` extra, installed by the unit file's instructions and named in the README (Flower was only a
+    test extra, so an operator's `pip install` of the package had none)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["flower"] == ["flower>=2.2"]
+    assert re.search(r"pip install '\S+\[flower\]'", UNIT.read_text())
+    assert "observer-tasks[flower]" in (ROOT / "README.md").read_text()
 
 
 def test_systemd_unit() -> None:

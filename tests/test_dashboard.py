@@ -46,6 +46,13 @@ CONTRACT_FAMILIES = {
     "p28_late_obs_wake_resyncs_total": set(),
 }
 
+#: Families the core's rewrite adds (issue 24: the backlog gauge and the Redis gaps counter, zero-initialised). The
+#: dashboard may query them before the collector exports them; once it does, move them to CONTRACT_FAMILIES.
+PENDING_FAMILIES: dict[str, set[str]] = {
+    "p28_late_obs_backlog": set(),
+    "p28_late_obs_redis_gaps_total": set(),
+}
+
 #: What an empty Redis answers to each command the collector pipelines.
 _EMPTY_REPLIES: dict[str, Any] = {"hgetall": {}, "hvals": [], "zcard": 0, "hlen": 0, "get": None,
                                   "time": (1_700_000_000, 0)}
@@ -141,6 +148,11 @@ def test_extra_panels(dash: dict[str, Any]) -> None:
     assert "p28_late_obs_wake_resyncs_total" in resyncs
     other = " ".join(exprs(dash))
     assert "p28_late_obs_recovered_total" in other and "p28_observe_refused_total" in other
+    backlog = by_title["Backlog: plans past deadline no worker decides"]
+    assert [t["expr"] for t in backlog["targets"]] == ["max without(instance) (p28_late_obs_backlog)"]
+    gaps = by_title["Redis gaps recorded (per 5m)"]
+    assert [t["expr"] for t in gaps["targets"]] == [
+        "max without(instance) (increase(p28_late_obs_redis_gaps_total[5m]))"]
 
 
 def test_collector_exports_the_contract() -> None:
@@ -158,7 +170,8 @@ def test_queries_use_only_exported_metrics_and_label_values(dash: dict[str, Any]
         used = set(re.findall(r"\bp28_\w+", expr))
         own = re.findall(r'\bup\{job="([^"]+)"\}', expr)
         assert used or own, expr
-        assert used <= set(CONTRACT_FAMILIES) and used <= names, f"{expr}: not exported: {sorted(used - names)}"
+        known = set(CONTRACT_FAMILIES) | set(PENDING_FAMILIES)
+        assert used <= known and used <= names | set(PENDING_FAMILIES), f"{expr}: not exported: {sorted(used - names)}"
         assert set(own) <= scraped_jobs, expr
         for label, value in re.findall(r'(\w+)\s*=~?\s*"([^"]*)"', expr):
             if label == "job":

@@ -1,16 +1,19 @@
 """The operators' monitoring, end to end: a real Prometheus and Alertmanager, the shipped rules and dashboard.
 
 Prometheus runs the shipped rule file (docs/prometheus/late-observer-rules.yml) with only its `for:`
-durations shortened (FOR below; every expression as shipped) and a scrape config made from the shipped one
-(deploy/prometheus/prometheus.yml: job late-observer, static targets as it documents for hosts, 1 s
-intervals). It scrapes two real workers, whose data Redis is a private redis-server this test stops (the
-broker is RabbitMQ, so a Redis outage leaves the workers running). Alertmanager delivers to a webhook
-receiver in this process. A demo-like load runs throughout: plans at LOAD_RATE/s observed early and late,
-the demo's HeatBridge writing heat for 90% of them.
+durations shortened (FOR below; every expression as shipped) and the shipped config
+(deploy/prometheus/prometheus.yml) with only its intervals (1 s), targets (the workers as static targets, as it
+documents for hosts) and its Alertmanager's address changed. Alertmanager runs the shipped
+deploy/alertmanager/alertmanager.yml with only its two receivers' URLs (a webhook in this process, /page and
+/ticket) and its group timings changed: routes and inhibitions as shipped. Prometheus scrapes two real workers,
+whose data Redis is a private redis-server this test stops (the broker is RabbitMQ, so a Redis outage leaves the
+workers running). A demo-like load runs throughout: plans at LOAD_RATE/s observed early and late, the demo's
+HeatBridge writing heat for 90% of them.
 
-Then every panel query of the shipped Grafana dashboard must answer against that Prometheus with a
-non-empty, correctly labelled result, and each fault must bring its alerts to FIRING in Prometheus and to
-the webhook through Alertmanager, and resolve once the fault ends, with no other alert firing meanwhile:
+Each fault must bring its alerts to FIRING in Prometheus and to the webhook through Alertmanager, and resolve
+once the fault ends, with no other alert firing meanwhile; at the end every panel query of the shipped Grafana
+dashboard must answer against that Prometheus with a non-empty, correctly labelled result (last, so that a panel
+waiting for a family the collector does not export yet does not hide the faults' results):
 
 | fault | alerts |
 |---|---|
@@ -19,6 +22,21 @@ the webhook through Alertmanager, and resolve once the fault ends, with no other
 | one of the two workers stopped | P28LateObsWorkerDown (that instance) |
 | every worker stopped | P28LateObsWorkersDown |
 | Redis stopped, then restarted | P28MetricsRedisDown, then P28LateObsRedisError |
+| calls with an empty plan id | P28ObserveRefusedInput (a ticket) |
+
+Each alert must arrive at the receiver its severity routes to (critical: page, warning: ticket). Two more tests
+bring the faults of issue 26 (each on a stack of its own):
+
+- a BUSY spell: a script runs 7 s past Redis's 5 s limit on the data Redis, with the Redis broker on the same
+  server and with RabbitMQ: P28LateObsRedisError; never P28LateObsSaturationSustained or
+  P28LateObsTimingTooShort (not even pending);
+- every worker SIGKILLed until calls are refused with cause backlog (far longer than MAX_WAIT_MS), then
+  restarted, a standalone exporter serving meanwhile: P28LateObsWorkersDown, P28LateObsBacklog and
+  P28ObserveRefusedOutage{cause="backlog"} (the last two held back by Alertmanager while the first fires), all
+  resolving; never saturation or timing (not even pending).
+
+Both depend on the core of issue 24/26 (the backlog gauge, refusals with cause backlog, gaps, plans of a spell
+decided redis_error, workers that survive BUSY): they fail, not skip, until it is there.
 
 Two of the checklist's expressions average over a window (`rate(...[10m])`, `[5m]`) and stay true for
 that long after the fault by design. Rather than wait 10 minutes, the test fast-forwards that window once
@@ -27,7 +45,7 @@ is what the window would have forgotten by then, and the alert then resolves as 
 
 Each alert's times to fire and resolve are printed (`pytest -s`). Without prometheus or
 prometheus-alertmanager on PATH (Debian packages of those names) the test skips, and fails when CI is set.
-Ports: TEST_PORT_BASE + 1..12 when it is set (tests/conftest.py), else free ports.
+Ports: TEST_PORT_BASE + 1..13 when it is set (tests/conftest.py), else free ports.
 """
 
 from __future__ import annotations
@@ -40,12 +58,14 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -64,6 +84,7 @@ from .conftest import ROOT, PrivateRedis, Worker, poll, server_port
 
 RULES = ROOT / "docs" / "prometheus" / "late-observer-rules.yml"
 SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 DASHBOARD = ROOT / "docs" / "grafana" / "late-observer.json"
 JOB = "late-observer"
 
@@ -77,7 +98,13 @@ FOR = {
     "P28LateObsWorkersDown": "3s",
     "P28LateObsWorkerDown": "30s",
     "P28LateObsWakeDegraded": "6s",
+    "P28ObserveRefusedOutage": "2s",
+    "P28ObserveRefusedConfig": "2s",
+    "P28ObserveRefusedInput": "2s",
+    "P28LateObsBacklog": "3s",
 }
+#: Where Alertmanager sends each severity (deploy/alertmanager/alertmanager.yml's routes).
+RECEIVER_OF = {"critical": "page", "warning": "ticket"}
 SCRAPE_S = 1
 LOAD_RATE = 10.0
 #: Admission bound of this test's apply layer: the flood goes past it; the load alone does not, even while every
@@ -87,7 +114,9 @@ MAX_INFLIGHT = 100
 MAX_WAIT_MS = 2000
 FLOOD_HEAT_S = 1.5
 #: Ports, as offsets from TEST_PORT_BASE.
-PROMETHEUS, ALERTMANAGER, WEBHOOK, REDIS, WORKER_A, WORKER_B = 1, 2, 3, 4, 11, 12
+PROMETHEUS, ALERTMANAGER, WEBHOOK, REDIS, WORKER_A, WORKER_B, EXPORTER = 1, 2, 3, 4, 11, 12, 13
+#: The BUSY spell: a script runs past Redis's 5 s limit (busy-reply-threshold, left at its default) for BUSY_S more.
+BUSY_LIMIT_S, BUSY_S = 5, 7
 
 
 def binary(name: str, package: str) -> str:
@@ -238,6 +267,7 @@ class Delivery:
     alertname: str
     status: str
     labels: dict[str, str]
+    receiver: str = ""
 
 
 class Webhook(ThreadingHTTPServer):
@@ -261,10 +291,11 @@ class _Hook(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         now = time.monotonic()
+        receiver = self.path.rstrip("/").rsplit("/", 1)[-1]  # /page or /ticket: the route that sent it
         with self.server.lock:
             for alert in body["alerts"]:
                 self.server.deliveries.append(Delivery(now, alert["labels"]["alertname"], alert["status"],
-                                                       alert["labels"]))
+                                                       alert["labels"], receiver))
         self.send_response(200)
         self.end_headers()
 
@@ -291,6 +322,10 @@ class Watch(threading.Thread):
     def firing_since(self, t0: float) -> set[str]:
         return {name for t, alerts in list(self.snapshots) if t >= t0 for name, _, state in alerts if state == "firing"}
 
+    def active_since(self, t0: float) -> set[str]:
+        """Alerts pending or firing at any snapshot since t0."""
+        return {name for t, alerts in list(self.snapshots) if t >= t0 for name, _, _ in alerts}
+
     def first_firing(self, name: str, t0: float, instance: str | None = None) -> float | None:
         for t, alerts in list(self.snapshots):
             if t >= t0 and any(n == name and s == "firing" and instance in (None, i) for n, i, s in alerts):
@@ -308,12 +343,13 @@ class Watch(threading.Thread):
 
 
 class Server:
-    """A server process this test owns (Prometheus, Alertmanager), its output in a file."""
+    """A server process this test owns (Prometheus, Alertmanager, a standalone exporter), its output in a file."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, ready_url: str) -> None:
+    def __init__(self, name: str, argv: list[str], log: Path, ready_url: str,
+                 env: dict[str, str] | None = None) -> None:
         self.name, self.log_path = name, log
         self.log = open(log, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=log.parent)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=log.parent, env=env)
         poll(lambda: self.proc.poll() is not None or answers(ready_url), 30, 0.1, f"{name} ready")
         assert self.proc.poll() is None, f"{name} exited:\n{log.read_text()[-3000:]}"
 
@@ -340,6 +376,8 @@ class Load(threading.Thread):
         self.results: dict[str, int] = {}
         self.started = time.monotonic()
 
+    n = 0  # plans sent so far (load-0 .. load-{n-1})
+
     def run(self) -> None:
         start, n = self.started, 0
         while not self.stopped.wait(max(0.0, start + n / LOAD_RATE - time.monotonic())):
@@ -351,6 +389,11 @@ class Load(threading.Thread):
             result = observe_late(plan, symbol, "EXECUTE")
             self.results[result] = self.results.get(result, 0) + 1
             n += 1
+            self.n = n
+
+
+SEVERITY = {r["alert"]: r["labels"]["severity"]
+            for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
 
 
 def rules_with_short_for(path: Path) -> None:
@@ -370,7 +413,8 @@ def rules_with_short_for(path: Path) -> None:
 
 def scrape_config(path: Path, rules: Path, targets: list[str], alertmanager: str) -> None:
     """deploy/prometheus/prometheus.yml with 1 s intervals, our rules, the workers as static targets (as it
-    documents for hosts) and our Alertmanager. Only the late-observer job is kept (Flower is not run here)."""
+    documents for hosts) and our Alertmanager in its `alerting:` block. Only the late-observer job is kept (Flower
+    is not run here)."""
     config = yaml.safe_load(SCRAPE_CONFIG.read_text())
     config["global"].update(scrape_interval=f"{SCRAPE_S}s", evaluation_interval=f"{SCRAPE_S}s",
                             scrape_timeout=f"{SCRAPE_S}s")
@@ -380,19 +424,32 @@ def scrape_config(path: Path, rules: Path, targets: list[str], alertmanager: str
     del job["dns_sd_configs"]
     job["static_configs"] = [{"targets": targets}]
     config["scrape_configs"] = [job]
-    config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    (am,) = config["alerting"]["alertmanagers"]
+    (static,) = am["static_configs"]
+    assert static["targets"] == ["alertmanager:9093"], "the shipped config's Alertmanager moved: adapt this test"
+    static["targets"] = [alertmanager]
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def alertmanager_config(path: Path, webhook: str) -> None:
-    """Small group_wait/group_interval; the inhibition the rules file suggests (one page for a total outage)."""
-    path.write_text(yaml.safe_dump({
-        "route": {"receiver": "test", "group_by": ["alertname", "instance"], "group_wait": "200ms",
-                  "group_interval": "1s", "repeat_interval": "1h"},
-        "receivers": [{"name": "test", "webhook_configs": [{"url": webhook, "send_resolved": True}]}],
-        "inhibit_rules": [{"source_matchers": ['alertname="P28LateObsWorkersDown"'],
-                           "target_matchers": ['alertname="P28LateObsWorkerDown"']}],
-    }))
+    """deploy/alertmanager/alertmanager.yml with each receiver's URL pointed at webhook/<receiver> and short group
+    timings; its routes and inhibitions as shipped."""
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    shipped = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    assert {r["name"] for r in config["receivers"]} == set(RECEIVER_OF.values())
+    for receiver in config["receivers"]:
+        (hook,) = receiver["webhook_configs"]
+        hook["url"] = f"{webhook}/{receiver['name']}"
+    config["route"].update(group_wait="200ms", group_interval="1s")
+    for route in config["route"].get("routes", []):
+        assert not {"group_wait", "group_interval"} & set(route), "a child route's timings: shorten them here too"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    ours = yaml.safe_load(path.read_text())
+    for name in ("group_wait", "group_interval"):
+        del ours["route"][name], shipped["route"][name]
+    for receiver in (*ours["receivers"], *shipped["receivers"]):
+        receiver["webhook_configs"][0]["url"] = "-"
+    assert ours == shipped, "only the receivers' URLs and the group timings may differ from the shipped file"
 
 
 @dataclass
@@ -434,10 +491,12 @@ class Stack:
         """Seconds from t0 until `name` was FIRING in Prometheus, and until the webhook had it."""
         prom = poll(lambda: self.watch.first_firing(name, t0, instance), timeout, 0.1,
                     f"{name} firing in Prometheus (now: {self.watch.last()})")
-        hook = poll(lambda: next((d.at for d in self.hook.since(t0) if d.alertname == name and d.status == "firing"
+        hook = poll(lambda: next((d for d in self.hook.since(t0) if d.alertname == name and d.status == "firing"
                                   and instance in (None, d.labels.get("instance"))), None), timeout, 0.1,
                     f"{name} delivered by Alertmanager")
-        return prom - t0, hook - t0
+        want = RECEIVER_OF[SEVERITY[name]]
+        assert hook.receiver == want, f"{name} ({SEVERITY[name]}) went to {hook.receiver}, not {want}"
+        return prom - t0, hook.at - t0
 
     def resolved(self, name: str, t_end: float, timeout: float = 60) -> tuple[float, float]:
         """Seconds from t_end until `name` left Prometheus's active alerts, and until the webhook had it resolved."""
@@ -459,15 +518,21 @@ class Stack:
         self.rows.append((fault, name, *fire, *clear))
 
 
-@pytest.fixture
-def stack(tmp_path: Path, env: dict[str, str], amqp_broker: str,
-          start_worker: Callable[..., Worker]) -> Iterator[Stack]:
+@contextlib.contextmanager
+def build_stack(tmp_path: Path, env: dict[str, str], start_worker: Callable[..., Worker], broker: str,
+                exporter: bool = False) -> Iterator[Stack]:
+    """Prometheus and Alertmanager with the shipped files, two workers on a private data Redis, the demo's
+    HeatBridge. broker: "rabbitmq" (the amqp_broker fixture has set CELERY_BROKER_URL) or "redis" (database 1 of
+    the private Redis, so a fault of that Redis is the broker's too). exporter: a standalone `observer-tasks
+    metrics` in the same job (it serves the counters while no worker runs)."""
     prometheus_bin = binary("prometheus", "prometheus")
     alertmanager_bin = binary("prometheus-alertmanager", "prometheus-alertmanager")
-    ports = {n: server_port(n) for n in (PROMETHEUS, ALERTMANAGER, WEBHOOK, REDIS, WORKER_A, WORKER_B)}
+    ports = {n: server_port(n) for n in (PROMETHEUS, ALERTMANAGER, WEBHOOK, REDIS, WORKER_A, WORKER_B, EXPORTER)}
     private = PrivateRedis(tmp_path, ports[REDIS]).start()
     env.update(REDIS_URL=private.url, P28_LATE_OBS_MAX_INFLIGHT=str(MAX_INFLIGHT), P28_METRICS_ADDR="127.0.0.1",
                P28_LATE_OBS_MAX_WAIT_MS=str(MAX_WAIT_MS))
+    if broker == "redis":
+        env["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{private.port}/1"
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(private.stop)
         hook = Webhook(ports[WEBHOOK])
@@ -479,12 +544,18 @@ def stack(tmp_path: Path, env: dict[str, str], amqp_broker: str,
             return start_worker(metrics_port=ports[WORKER_A if name == "a" else WORKER_B], wait=wait)
 
         workers = {"a": worker("a"), "b": worker("b")}
+        targets = [f"127.0.0.1:{ports[WORKER_A]}", f"127.0.0.1:{ports[WORKER_B]}"]
+        if exporter:
+            metrics = Server("exporter", [str(Path(sys.executable).with_name("observer-tasks")), "metrics",
+                                          "--port", str(ports[EXPORTER])], tmp_path / "exporter.log",
+                             f"http://127.0.0.1:{ports[EXPORTER]}/metrics", env={**os.environ, **env})
+            cleanup.callback(metrics.stop)
+            targets.append(f"127.0.0.1:{ports[EXPORTER]}")
         am_config, rules = tmp_path / "alertmanager.yml", tmp_path / "rules.yml"
         prom_config = tmp_path / "prometheus.yml"
         alertmanager_config(am_config, f"http://127.0.0.1:{ports[WEBHOOK]}/alerts")
         rules_with_short_for(rules)
-        scrape_config(prom_config, rules, [f"127.0.0.1:{ports[WORKER_A]}", f"127.0.0.1:{ports[WORKER_B]}"],
-                      f"127.0.0.1:{ports[ALERTMANAGER]}")
+        scrape_config(prom_config, rules, targets, f"127.0.0.1:{ports[ALERTMANAGER]}")
         am_url, prom_url = f"http://127.0.0.1:{ports[ALERTMANAGER]}", f"http://127.0.0.1:{ports[PROMETHEUS]}"
         am = Server("alertmanager", [alertmanager_bin, f"--config.file={am_config}", f"--storage.path={tmp_path}/am",
                                      f"--web.listen-address=127.0.0.1:{ports[ALERTMANAGER]}",
@@ -513,6 +584,13 @@ def stack(tmp_path: Path, env: dict[str, str], amqp_broker: str,
             print("(seconds: firing/delivered from the fault's start, resolved/delivered from its end)")
 
 
+@pytest.fixture
+def stack(tmp_path: Path, env: dict[str, str], amqp_broker: str,
+          start_worker: Callable[..., Worker]) -> Iterator[Stack]:
+    with build_stack(tmp_path, env, start_worker, "rabbitmq") as s:
+        yield s
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_alerts_fire_deliver_and_resolve_and_every_panel_answers(stack: Stack, env: dict[str, str]) -> None:
@@ -539,32 +617,6 @@ def run_faults(s: Stack, instances: set[str], load: Load) -> None:
           f"{startup[-1][0] if startup else 0:.1f}s after Prometheus started (its first scrapes)")
     poll(lambda: int(s.admin.hget(K.COUNTERS, f"observed|{K.OBS_LATE}|1") or 0) >= 100, 60, 0.2,
          "100 late hits recorded")
-
-    # -- every dashboard panel answers (after a demo-like load) --------------------------------------------------
-    dash = json.loads(DASHBOARD.read_text())
-    range_s = dashboard_range_s(dash)
-    targets = [(p["title"], t) for p in dash["panels"] for t in p["targets"]]
-
-    def problems() -> list[str]:
-        out = []
-        for title, target in targets:
-            expr = grafana_expand(target["expr"], range_s, SCRAPE_S)
-            out.append(check_panel(title, {**target, "expr": expr}, s.query(expr), instances))
-        return [p for p in out if p]
-
-    last: list[str] = []
-
-    def answered() -> bool:
-        nonlocal last
-        last = problems()
-        return not last
-
-    poll(answered, 90, 1.0, f"every panel answering; still: {last}")
-    print(f"\ndashboard: {len(targets)} queries of {len(dash['panels'])} panels answered after "
-          f"{time.monotonic() - load.started:.1f}s of load ({sum(load.results.values())} plans)")
-    for title, target in targets:
-        n = len(s.query(grafana_expand(target["expr"], range_s, SCRAPE_S)))
-        print(f"  {title} [{target['refId']}]: {n} series")
 
     # -- saturation: a flood past MAX_INFLIGHT -------------------------------------------------------------------------
     t0 = s.quiet()
@@ -605,6 +657,15 @@ def run_faults(s: Stack, instances: set[str], load: Load) -> None:
           s.resolved("P28LateObsWakeDegraded", t_end))
     s.only(t0, {"P28LateObsWakeDegraded"})
 
+    # -- bad input: calls with an empty plan id (a caller's bug: a ticket) ------------------------------------------
+    t0 = s.quiet()
+    assert {observe_late("", "BTCUSDT", "EXECUTE") for _ in range(5)} == {"error"}
+    fire = s.fired("P28ObserveRefusedInput", t0)
+    t_end = time.monotonic()
+    s.forget('p28_observe_refused_total{cause="invalid_input"}')  # the [15m] window, 15 minutes on
+    s.row("calls with an empty plan id", "P28ObserveRefusedInput", fire, s.resolved("P28ObserveRefusedInput", t_end))
+    s.only(t0, {"P28ObserveRefusedInput"})
+
     # -- one of two workers stopped --------------------------------------------------------------------------------
     t0 = s.quiet()
     b = s.workers["b"]
@@ -640,7 +701,7 @@ def run_faults(s: Stack, instances: set[str], load: Load) -> None:
     t0 = s.quiet()
     # Plans in flight when Redis goes (the load alone has one or two at any moment): their looks fail.
     stranded = [f"outage-{i}" for i in range(20)]
-    assert {observe_late(p, "BTCUSDT", "EXECUTE") for p in stranded} == {"enqueued"}
+    admit(s, stranded)
     s.server.stop()
     fire = s.fired("P28MetricsRedisDown", t0)
     t_back = time.monotonic()
@@ -660,16 +721,195 @@ def run_faults(s: Stack, instances: set[str], load: Load) -> None:
     assert ended == dict.fromkeys(stranded, "redis_error")
     t_end = time.monotonic()
     s.forget('p28_heat_reason_total{reason="redis_error"}')  # the [5m] window, 5 minutes on
+    # The load's calls refused while Redis did not answer (cause unavailable), counted once it answers: the [2m]
+    # window of P28ObserveRefusedOutage, 2 minutes on.
+    s.forget("p28_observe_refused_total")
     s.row("Redis back (plans of the outage)", "P28LateObsRedisError",
           (fire[0] + t_back - t0, fire[1] + t_back - t0), s.resolved("P28LateObsRedisError", t_end))
-    s.only(t0, {"P28MetricsRedisDown", "P28LateObsRedisError"})
+    s.only(t0, {"P28MetricsRedisDown", "P28LateObsRedisError", "P28ObserveRefusedOutage"})
     counters = {k.decode(): int(v) for k, v in s.admin.hgetall(K.COUNTERS).items()}
     reasons = {k: v for k, v in counters.items() if k.startswith("reason|publish_plan_post|")}
     print(f"\npublish_plan_post reasons: {reasons}")
     s.quiet()
+
+    # -- every dashboard panel answers (after the load and every fault above) ------------------------------------------
+    dash = json.loads(DASHBOARD.read_text())
+    range_s = dashboard_range_s(dash)
+    targets = [(p["title"], t) for p in dash["panels"] for t in p["targets"]]
+
+    def problems() -> list[str]:
+        out = []
+        for title, target in targets:
+            expr = grafana_expand(target["expr"], range_s, SCRAPE_S)
+            out.append(check_panel(title, {**target, "expr": expr}, s.query(expr), instances))
+        return [p for p in out if p]
+
+    last: list[str] = []
+
+    def answered() -> bool:
+        nonlocal last
+        last = problems()
+        return not last
+
+    try:
+        poll(answered, 90, 1.0, "every panel answering")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still: {last}") from None
+    print(f"\ndashboard: {len(targets)} queries of {len(dash['panels'])} panels answered after "
+          f"{time.monotonic() - load.started:.1f}s of load ({sum(load.results.values())} plans)")
+    for title, target in targets:
+        n = len(s.query(grafana_expand(target["expr"], range_s, SCRAPE_S)))
+        print(f"  {title} [{target['refId']}]: {n} series")
+
+
+def admit(s: Stack, plans: list[str]) -> None:
+    """observe_late each plan and wait until all are in flight. On a loaded machine a call may meet a slow Redis
+    and return "deferred": the apply process's thread admits it a moment later."""
+    results = {p: observe_late(p, "BTCUSDT", "EXECUTE") for p in plans}
+    assert set(results.values()) <= {"enqueued", "deferred"}, results
+    poll(lambda: all(s.admin.zscore(K.INFLIGHT, p) is not None for p in plans), 1.5, 0.02, "every plan in flight")
 
 
 def seconds(duration: str) -> float:
     m = re.fullmatch(r"(\d+)(ms|s|m)", duration)
     assert m, duration
     return int(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[m.group(2)]
+
+
+# -- issue 26's faults, each on a stack of its own ------------------------------------------------------------------
+
+
+def busy_script(port: int, seconds: float) -> None:
+    """A Lua script that runs `seconds` on the Redis at port: past busy-reply-threshold (5 s by default) every other
+    client gets BUSY until it ends (the shared-Redis incident of issue 26)."""
+    client = redis.Redis(port=port, socket_timeout=seconds + 30)
+    client.eval("local t0 = tonumber(redis.call('TIME')[1]) "
+                "while tonumber(redis.call('TIME')[1]) - t0 < tonumber(ARGV[1]) do end return 1", 0, str(seconds))
+    client.close()
+
+
+def warm_up(s: Stack, targets: int) -> float:
+    poll(lambda: len(s.query(f'up{{job="{JOB}"}} == 1')) == targets, 30, 0.2, f"{targets} targets scraped")
+    s.quiet()
+    poll(lambda: int(s.admin.hget(K.COUNTERS, f"observed|{K.OBS_LATE}|1") or 0) >= 50, 60, 0.2, "50 late hits recorded")
+    return s.quiet()
+
+
+def late_reasons(s: Stack, prefix: str) -> dict[str, str]:
+    stream = K.Keys.from_settings(Settings.from_env()).stream
+    return {e["plan_id"]: e["heat_reason"] for e in ({k.decode(): v.decode() for k, v in f.items()}
+                                                      for _, f in s.admin.xrange(stream))
+            if e["plan_id"].startswith(prefix) and e["obs_point"] == K.OBS_LATE}
+
+
+@pytest.fixture(params=["redis-broker", "rabbitmq"])
+def busy_stack(request: pytest.FixtureRequest, tmp_path: Path, env: dict[str, str],
+               start_worker: Callable[..., Worker]) -> Iterator[Stack]:
+    if request.param == "rabbitmq":
+        request.getfixturevalue("amqp_broker")
+    with build_stack(tmp_path, env, start_worker, "rabbitmq" if request.param == "rabbitmq" else "redis") as s:
+        yield s
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_busy_spell_pages_as_redis_not_as_capacity_or_timing(busy_stack: Stack) -> None:
+    """A script runs BUSY_S past Redis's 5 s limit on the data Redis (the broker too, with the Redis broker) with 20
+    plans in flight and the load running: those plans end redis_error, the workers stay up, P28LateObsRedisError
+    fires and is paged; the apply layers' deferred calls are replayed after it (drops are likely: MAX_INFLIGHT is
+    10 s of load), and neither saturation nor timing goes even pending."""
+    s = busy_stack
+    load = Load(s.bridge)
+    load.start()
+    try:
+        t0 = warm_up(s, 2)
+        spell = [f"busy-{i}" for i in range(20)]
+        admit(s, spell)
+        dropped_before = int(s.admin.hget(K.COUNTERS, K.DROPPED) or 0)
+        busy_script(s.server.port, BUSY_LIMIT_S + BUSY_S)
+        t_back = time.monotonic()
+        fire = s.fired("P28LateObsRedisError", t0, timeout=120)
+        poll(lambda: set(late_reasons(s, "busy-")) == set(spell), 60, 0.2, "every plan of the spell recorded")
+        assert late_reasons(s, "busy-") == dict.fromkeys(spell, "redis_error")
+        dead = [w.output()[-2000:] for w in s.workers.values() if w.proc.poll() is not None]
+        assert not dead, f"a worker exited during the spell:\n{dead[0]}"
+        t_end = time.monotonic()
+        s.forget('p28_heat_reason_total{reason="redis_error"}')  # the [5m] window, 5 minutes on
+        s.forget("p28_observe_refused_total")  # the refusals' [2m] window
+        s.row(f"BUSY {BUSY_S} s past the limit", "P28LateObsRedisError", fire,
+              s.resolved("P28LateObsRedisError", t_end, timeout=90))
+        dropped = int(s.admin.hget(K.COUNTERS, K.DROPPED) or 0) - dropped_before
+        print(f"\nBUSY spell: {dropped} replayed calls dropped; back {t_back - t0:.1f}s after the spell began")
+        never = {"P28LateObsSaturationSustained", "P28LateObsTimingTooShort"}
+        assert not s.watch.active_since(t0) & never, f"pending or firing: {s.watch.active_since(t0) & never}"
+        # Redis's own alerts and the wake path's warning (the listeners reconnect after the spell) may fire too.
+        s.only(t0, {"P28LateObsRedisError", "P28MetricsRedisDown", "P28ObserveRefusedOutage", "P28LateObsWakeDegraded"})
+    finally:
+        load.stopped.set()
+        load.join(5)
+
+
+@pytest.fixture
+def exporter_stack(tmp_path: Path, env: dict[str, str], amqp_broker: str,
+                   start_worker: Callable[..., Worker]) -> Iterator[Stack]:
+    with build_stack(tmp_path, env, start_worker, "rabbitmq", exporter=True) as s:
+        yield s
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_every_worker_killed_past_max_wait_pages_as_workers_down_and_backlog(exporter_stack: Stack) -> None:
+    """Both workers SIGKILLed while the load runs and a standalone exporter serves the counters, until calls are
+    refused with cause backlog (far longer than MAX_WAIT_MS), then restarted. As docs/runbook.md decides: plans wait,
+    then are refused (no drops); WorkersDown pages; the backlog and the refusals fire in Prometheus and Alertmanager
+    holds them back; when the workers return the sweeper decides every waiting plan from the heat evidence, every
+    alert resolves, and neither saturation nor timing goes even pending."""
+    s = exporter_stack
+    load = Load(s.bridge)
+    load.start()
+    try:
+        t0 = warm_up(s, 3)
+        dropped_before = int(s.admin.hget(K.COUNTERS, K.DROPPED) or 0)
+        first_plan = load.n
+        for w in s.workers.values():
+            w.stop(9)
+        fire = s.fired("P28LateObsWorkersDown", t0)
+        backlog_field = K.Keys.refused_field(K.OBS_LATE, "backlog")
+        poll(lambda: int(s.admin.hget(K.COUNTERS, backlog_field) or 0) > 0, 120, 0.5, "calls refused (backlog)")
+        for name in ("P28LateObsBacklog", "P28ObserveRefusedOutage"):
+            poll(partial(s.watch.first_firing, name, t0), 30, 0.2, f"{name} firing in Prometheus")
+        # Alertmanager holds both back while WorkersDown fires: received, suppressed, not delivered.
+        def suppressed() -> set[str]:
+            return {a["labels"]["alertname"] for a in get_json(f"{s.alertmanager}/api/v2/alerts")
+                    if a["status"]["state"] == "suppressed"}
+        poll(lambda: {"P28LateObsBacklog", "P28ObserveRefusedOutage"} <= suppressed(), 30, 0.2,
+             "the backlog and its refusals held back by Alertmanager")
+        held = {d.alertname for d in s.hook.since(t0) if d.status == "firing"}
+        assert not held & {"P28LateObsBacklog", "P28ObserveRefusedOutage", "P28LateObsWorkerDown"}, held
+        t_end = time.monotonic()
+        last_plan = load.n
+        restarted = {name: s.start_worker(name, wait=False) for name in s.workers}
+        for name, w in restarted.items():
+            s.workers[name] = w.wait_ready()
+        s.row(f"workers killed {t_end - t0:.0f}s", "P28LateObsWorkersDown", fire,
+              s.resolved("P28LateObsWorkersDown", t_end))
+        s.row("  its backlog (held back)", "P28LateObsBacklog", (math.nan, math.nan),
+              s.resolved("P28LateObsBacklog", t_end))
+        s.forget("p28_observe_refused_total")  # the refusals' [2m] window, 2 minutes on
+        clear = poll(lambda: s.watch.first_clear("P28ObserveRefusedOutage", t_end), 60, 0.1, "refusals resolved")
+        s.row("  its refusals (cause backlog)", "P28ObserveRefusedOutage", (math.nan, math.nan),
+              (clear - t_end, math.nan))
+        poll(lambda: int(s.admin.zcard(K.INFLIGHT)) < MAX_INFLIGHT // 2, 60, 0.2, "the waiting plans decided")
+        assert int(s.admin.hget(K.COUNTERS, K.DROPPED) or 0) == dropped_before, "a worker outage drops nothing"
+        # Decided from the heat evidence: the load writes heat for 90% of its plans ~100 ms after the call, long
+        # before their deadline, so most of the outage's plans are ok, not the sweeper's blanket timeout.
+        outage = {p: r for p, r in late_reasons(s, "load-").items() if first_plan <= int(p[5:]) < last_plan}
+        share = sum(r == "ok" for r in outage.values()) / max(1, len(outage))
+        print(f"\nworker outage: {len(outage)} plans of the outage recorded, {share:.0%} ok")
+        assert share > 0.6, f"the outage's plans were not decided from the heat evidence: {share:.0%} ok"
+        never = {"P28LateObsSaturationSustained", "P28LateObsTimingTooShort"}
+        assert not s.watch.active_since(t0) & never, f"pending or firing: {s.watch.active_since(t0) & never}"
+        s.only(t0, {"P28LateObsWorkersDown", "P28LateObsWorkerDown", "P28LateObsBacklog", "P28ObserveRefusedOutage"})
+    finally:
+        load.stopped.set()
+        load.join(5)
