@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from observer_tasks.core import contract as C
 from tests.conftest import cannot_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ OWN_ALERTS = {
 GUARDED = ("P28LateObsSaturationSustained", "P28LateObsTimingTooShort")
 #: What the guard must look at: a Redis gap, the refusals of an outage, a backlog, no fresh heartbeat, an exporter
 #: that cannot read Redis, every scraped worker down.
-GUARD_SIGNALS = ("p28_late_obs_redis_gaps_total", 'p28_observe_refused_total{cause=~"unavailable|backlog|outbox_full"}',
+GUARD_SIGNALS = ("p28_late_obs_redis_gaps_total", 'p28_observe_refused_total{cause=~"unavailable|backlog|given_up"}',
                  "p28_late_obs_backlog", "p28_late_obs_workers", "p28_metrics_redis_up", 'up{job="late-observer"}')
 
 _RATE = re.compile(r"\b(rate|increase)\((p28_\w+(?:\{[^{}]*\})?\[\w+\])\)")
@@ -167,8 +168,6 @@ def test_runbook_commands_that_return() -> None:
 def test_refusal_alerts_split_the_causes() -> None:
     """Outage causes page as an outage, the configuration's as a configuration error, the caller's as a ticket;
     every cause the code counts is in exactly one of them."""
-    from observer_tasks.core import keys as K
-
     found = rules()
     causes = {}
     for name in ("P28ObserveRefusedOutage", "P28ObserveRefusedConfig", "P28ObserveRefusedInput"):
@@ -176,10 +175,10 @@ def test_refusal_alerts_split_the_causes() -> None:
         assert "p28_observe_refused_total" in expr and "by (" in expr and "cause" in expr, name
         (matcher,) = re.findall(r'cause=~?"([^"]+)"', expr)
         causes[name] = set(matcher.split("|"))
-    assert causes == {"P28ObserveRefusedOutage": {"unavailable", "backlog", "outbox_full"},
+    assert causes == {"P28ObserveRefusedOutage": {"unavailable", "backlog", "given_up"},
                       "P28ObserveRefusedConfig": {"config_error"}, "P28ObserveRefusedInput": {"invalid_input"}}
-    # The core's causes (observer_tasks/core/keys.py) must each have a home; the lead adds backlog and outbox_full.
-    assert set(K.REFUSAL_CAUSES) <= set().union(*causes.values())
+    # The core's causes (observer_tasks/core/keys.py) must each have a home; the lead adds backlog and given_up.
+    assert set(C.REFUSAL_CAUSES) <= set().union(*causes.values())
 
 
 def test_guards_are_what_keeps_capacity_and_timing_silent(tmp_path: Path) -> None:

@@ -119,7 +119,9 @@ class RedisCollector(Collector):
             pipe.time()
             raw_counters, inflight, raw_workers, (sec, usec) = pipe.execute()
             now_ms = sec * 1000 + usec // 1000
-            backlog = self.client.zcount(C.INFLIGHT, "-inf", now_ms)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zcount(C.INFLIGHT, "-inf", now_ms)  # leases past their end: nobody decided them yet
+            (backlog,) = pipe.execute()
         except (redis.RedisError, OSError) as exc:
             # Leave the counters out rather than show zeros, which Prometheus would read as a reset.
             log.warning("P2.8A metrics: cannot read Redis: %r", exc)
