@@ -1,0 +1,100 @@
+"""What the checker reads from the live system, written to the run's folder as files.
+
+- ``stream_tail.jsonl``: the observed stream read as it grows, through Sentinel (whichever master Sentinel
+  names), one line per entry ``{"id", "port", "fields"}``. The observer trims the stream to ~10 000 entries
+  (``MAXLEN ~``) and a soak writes 80 entries a second, so the final stream alone holds the last ~2 minutes;
+  the tail keeps the rest.
+- ``stream_final.jsonl``: the whole stream as the final master holds it after the drain (``XRANGE``).
+- ``inflight.json``: the members of ``quantum:p28:late_obs:inflight`` left after the drain (plan, score).
+- ``metrics_start.prom`` / ``metrics_end.prom``: a worker's /metrics page over HTTP before the load and after
+  the drain (Prometheus text, as an operator's scrape sees it).
+
+Nothing here interprets what it reads; the checker does.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+from redis.sentinel import Sentinel
+
+from ..conftest import scrape
+
+STREAM = "quantum:stream:apply.heat.observed"
+INFLIGHT = "quantum:p28:late_obs:inflight"
+
+
+def master_client(sentinels: list[tuple[str, int]], service: str, db: int, timeout: float = 2.0) -> redis.Redis:
+    return Sentinel(sentinels, sentinel_kwargs={"socket_timeout": 0.5}).master_for(
+        service, db=db, socket_timeout=timeout, socket_connect_timeout=0.5, decode_responses=True)
+
+
+def master_port(client: redis.Redis) -> int | None:
+    try:
+        return int(client.connection_pool.get_master_address()[1])  # type: ignore[attr-defined]
+    except (redis.RedisError, TypeError, AttributeError):
+        return None
+
+
+class StreamTail(threading.Thread):
+    """Copies every entry of the observed stream to ``stream_tail.jsonl`` as it appears."""
+
+    def __init__(self, sentinels: list[tuple[str, int]], service: str, db: int, path: Path) -> None:
+        super().__init__(name="chaos-stream-tail", daemon=True)
+        self.client = master_client(sentinels, service, db)
+        self.path = path
+        self.last_id = "0-0"
+        self.stopping = threading.Event()
+        self.read = 0
+
+    def run(self) -> None:
+        with open(self.path, "a") as out:
+            while not self.stopping.is_set():
+                try:
+                    reply = self.client.xread({STREAM: self.last_id}, count=2000, block=500)
+                except (redis.RedisError, OSError):
+                    self.stopping.wait(0.2)  # Redis away (a fault): read again soon
+                    continue
+                port = master_port(self.client)
+                for _stream, entries in cast(Any, reply) or []:
+                    for entry_id, fields in entries:
+                        out.write(json.dumps({"id": entry_id, "port": port, "fields": fields}) + "\n")
+                        self.last_id = entry_id
+                        self.read += 1
+                out.flush()
+
+    def finish(self, quiet_s: float = 1.0) -> None:
+        """Stop once a read has come back empty (the stream has nothing newer), at most after 30 s."""
+        deadline = time.monotonic() + 30
+        seen = -1
+        while time.monotonic() < deadline and seen != self.read:
+            seen = self.read
+            self.stopping.wait(quiet_s)
+        self.stopping.set()
+        self.join(5)
+
+
+def write_final(client: redis.Redis, run_dir: Path, metrics_port: int | None) -> dict[str, Any]:
+    """The final master's stream and inflight set, and a worker's /metrics, into the run's folder."""
+    n = 0
+    with open(run_dir / "stream_final.jsonl", "w") as out:
+        start = "-"
+        while True:
+            page: Any = client.xrange(STREAM, min=start, count=5000)
+            for entry_id, fields in page:
+                out.write(json.dumps({"id": entry_id, "fields": fields}) + "\n")
+            n += len(page)
+            if len(page) < 5000:
+                break
+            start = "(" + page[-1][0]
+    members: Any = client.zrange(INFLIGHT, 0, -1, withscores=True)
+    (run_dir / "inflight.json").write_text(json.dumps({"members": [[m, s] for m, s in members]}))
+    page_text = scrape(metrics_port) if metrics_port else None
+    (run_dir / "metrics_end.prom").write_text(page_text or "")
+    return {"final_entries": n, "inflight": len(members), "final_master": master_port(client),
+            "metrics": bool(page_text)}
