@@ -78,7 +78,7 @@ def draw(seed: int, seconds: float, kinds: tuple[str, ...], down_after_ms: int, 
             if target is not None and prev.target == target:
                 target = (target + 1) % workers  # two faults on one worker at once would undo each other
         else:
-            start = (faults[-1].at + faults[-1].duration + gap) if faults else at
+            start = max(f.at + f.duration for f in faults) + gap if faults else at  # after all have ended
         if start + duration > seconds - tail_s:
             return faults
         faults.append(Fault(len(faults), kind, round(start, 2), duration, target, gap if not overlap else 0.0,
@@ -92,6 +92,6 @@ def describe(faults: list[Fault], seed: int, seconds: float, down_after_ms: int,
     for f in faults:
         target = f"w{f.target + 1}" if f.target is not None else "-"
         when = f"OVERLAP: {f.offset:.2f} s after #{f.n - 1} started" if f.overlap else \
-            (f"{f.gap:.2f} s after #{f.n - 1} ends" if f.n else "first")
+            (f"{f.gap:.2f} s after the previous ones end" if f.n else "first")
         lines.append(f"  {f.n:>3} {f.at:>7.1f} {f.kind:<13} {f.duration:>6.2f} {target:<7} {when}")
     return "\n".join(lines)
