@@ -11,7 +11,8 @@ Each figure, per fault kind; zero is the goal for every one (docs/reliability.md
 - ``counters``: series of ``p28_heat_reason_total`` and ``p28_observed_total`` (their increase over the run)
   that differ from the stream's entries (only in the ``all`` row: counters name no plan);
 - ``false_to``: ``timeout`` entries whose heat HeatBridge had acknowledged before the plan's deadline, taken as
-  the call's start + MAX_WAIT_MS (the admission's Redis time is at or after the start) - MARGIN_S;
+  the call's start + MAX_WAIT_MS (the admission's Redis time is at or after the start) - ``margin_s``, unless
+  HeatBridge's audit found the write gone from the final master (Redis lost it: shown apart);
 - ``ok_no_heat``: ``ok`` entries of a plan HeatBridge never wrote (no line at all; a plan whose writes all
   failed, one of them ambiguously, is shown apart);
 - ``raised`` / ``slow``: calls that raised, or took longer than CALL_TIMEOUT_S + the scheduling allowance;
@@ -89,6 +90,9 @@ class Checker:
         for e in self.ev.vanished[:3]:
             self.report.examples["vanished"].append(f"{e['_id']} {e.get('obs_point')} {e.get('plan_id')} "
                                                     f"{e.get('heat_reason')} by {e.get('recorded_by', '-')}")
+        audit = self.ev.audit or {}
+        self.report.notes["HeatBridge writes acknowledged, then absent from the final master (audit)"] = \
+            f"{len(self.ev.lost_writes)} of {audit.get('audit', '?')} read back {audit.get('error', '')}".rstrip()
         self.report.notes["HeatBridge writes failed (ambiguous)"] = \
             f"{len(self.ev.failed_writes)} ({sum(bool(w.get('ambiguous')) for w in self.ev.failed_writes.values())})"
         self.report.notes["fault errors"] = [f"#{r['n']} {r['kind']}: {r['error']}" for r in self.ev.fault_records
@@ -214,7 +218,9 @@ class Checker:
             if e.get("obs_point") != LATE or not ack or not calls:
                 continue
             in_time = ack["ack"] <= calls[0].t + self.max_wait - self.margin
-            if in_time and e.get("heat_reason") == "timeout":
+            if in_time and plan in self.ev.lost_writes:  # Redis lost the heat: nothing left to find
+                self.report.info[self.plan_row(plan)][f"{e.get('heat_reason')}, heat lost by Redis"] += 1
+            elif in_time and e.get("heat_reason") == "timeout":
                 self.report.add("false_to", self.plan_row(plan),
                                 f"{plan}: called {calls[0].t:.3f}, heat acknowledged {ack['ack']:.3f} "
                                 f"({ack['ack'] - calls[0].t:.3f} s after the call, replicas {ack.get('replicas')}); "

@@ -42,31 +42,65 @@ def master_port(client: redis.Redis) -> int | None:
 
 
 class StreamTail(threading.Thread):
-    """Copies every entry of the observed stream to ``stream_tail.jsonl`` as it appears."""
+    """Copies every entry of the observed stream to ``stream_tail.jsonl`` as it appears.
+
+    It reads only from the master the sentinels name at that moment (asked before every read, a new
+    connection when it changes), never through a pooled connection that may still sit on a demoted master
+    after a failover. Whenever the master changes, the entries read in the last VERIFY_WINDOW_S are checked
+    on the new one: one that is not there vanished (it was on a master whose data did not survive, or not
+    yet on the replica promoted), and a ``{"vanished": id}`` line says so. (Without a change of master nothing
+    read can vanish.)
+    """
+
+    VERIFY_WINDOW_S = 60.0
 
     def __init__(self, sentinels: list[tuple[str, int]], service: str, db: int, path: Path) -> None:
         super().__init__(name="chaos-stream-tail", daemon=True)
-        self.client = master_client(sentinels, service, db)
+        self.sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": 0.5})
+        self.service, self.db = service, db
         self.path = path
         self.last_id = "0-0"
         self.stopping = threading.Event()
         self.read = 0
+        self.recent: list[tuple[float, str]] = []  # (when read, id) within VERIFY_WINDOW_S
 
     def run(self) -> None:
+        client: redis.Redis | None = None
+        address = None
         with open(self.path, "a") as out:
             while not self.stopping.is_set():
                 try:
-                    reply = self.client.xread({STREAM: self.last_id}, count=2000, block=500)
+                    named = self.sentinel.discover_master(self.service)
+                    if named != address or client is None:
+                        client = redis.Redis(host=named[0], port=named[1], db=self.db, socket_timeout=2,
+                                             socket_connect_timeout=0.5, decode_responses=True)
+                        self.verify(client, out, named[1])
+                        address = named
+                    reply = client.xread({STREAM: self.last_id}, count=2000, block=500)
                 except (redis.RedisError, OSError):
+                    client = None
                     self.stopping.wait(0.2)  # Redis away (a fault): read again soon
                     continue
-                port = master_port(self.client)
                 for _stream, entries in cast(Any, reply) or []:
                     for entry_id, fields in entries:
-                        out.write(json.dumps({"id": entry_id, "port": port, "fields": fields}) + "\n")
+                        out.write(json.dumps({"id": entry_id, "port": named[1], "fields": fields}) + "\n")
                         self.last_id = entry_id
+                        self.recent.append((time.monotonic(), entry_id))
                         self.read += 1
                 out.flush()
+
+    def verify(self, client: redis.Redis, out: Any, port: int) -> None:
+        """Mark the recently read entries the current master no longer holds as vanished."""
+        horizon = time.monotonic() - self.VERIFY_WINDOW_S
+        self.recent = [(t, i) for t, i in self.recent if t >= horizon]
+        if not self.recent:
+            return
+        held = {entry_id for entry_id, _ in cast(Any, client.xrange(STREAM, min=self.recent[0][1],
+                                                                     max=self.recent[-1][1]))}
+        gone = [i for _t, i in self.recent if i not in held]
+        for entry_id in gone:
+            out.write(json.dumps({"vanished": entry_id, "port": port}) + "\n")
+        self.recent = [(t, i) for t, i in self.recent if i in held]
 
     def finish(self, quiet_s: float = 1.0) -> None:
         """Stop once a read has come back empty (the stream has nothing newer), at most after 30 s."""

@@ -3,8 +3,9 @@ apply.py, heatbridge.py) and nothing else. Synthetic runs in tests/test_chaos.py
 
 The stream is the final master's (``stream_final.jsonl``), completed with the entries the tail read before
 the final stream's first entry (``stream_tail.jsonl``: the observer trims the stream to ~10 000 entries).
-An entry the tail read at or after that point which the final master does not hold has vanished (it was on
-a master that died before its replica got it): kept apart, as ``vanished``, and shown.
+An entry the tail read that the final master does not hold, at or after that point, or that the tail itself
+found gone after a change of master, has vanished (it was on a master whose data did not survive): kept
+apart, as ``vanished``, and shown.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Evidence:
     calls: list[Call] = field(default_factory=list)
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)  # plan -> HeatBridge's acknowledged write
     failed_writes: dict[str, dict[str, Any]] = field(default_factory=dict)  # plan -> its failed write
+    lost_writes: dict[str, dict[str, Any]] = field(default_factory=dict)  # acknowledged, then not on the master
+    audit: dict[str, Any] | None = None
     entries: list[dict[str, str]] = field(default_factory=list)  # the stream (final master + tail), oldest first
     vanished: list[dict[str, str]] = field(default_factory=list)
     metrics_start: dict[Series, float] = field(default_factory=dict)
@@ -92,6 +95,8 @@ def merge_stream(final: list[dict[str, Any]], tail: list[dict[str, Any]]) -> tup
     """(entries, vanished): the final stream, plus the tail's entries older than its first one."""
     final_ids = {e["id"] for e in final}
     first = _id(final[0]["id"]) if final else None
+    marked = {e["vanished"] for e in tail if "vanished" in e}  # the tail saw them gone after a failover
+    tail = [e for e in tail if "id" in e]
     older: list[dict[str, Any]] = []
     vanished: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -99,7 +104,9 @@ def merge_stream(final: list[dict[str, Any]], tail: list[dict[str, Any]]) -> tup
         if e["id"] in seen:
             continue
         seen.add(e["id"])
-        if first is None or _id(e["id"]) < first:  # (no final stream read: the tail is all there is)
+        if e["id"] in marked and e["id"] not in final_ids:
+            vanished.append(e)
+        elif first is None or _id(e["id"]) < first:  # (no final stream read: the tail is all there is)
             older.append(e)
         elif e["id"] not in final_ids:
             vanished.append(e)
@@ -115,7 +122,11 @@ def load(run_dir: Path) -> Evidence:
             ev.calls.append(Call(line["plan"], line["obs_point"], float(line["t"]), float(line["dur"]),
                                  line.get("result"), line.get("raised"), line.get("burst"), raw))
     for line, _raw in jsonl(run_dir / "heat.jsonl"):
-        if line.get("failed"):
+        if "audit" in line:
+            ev.audit = line
+        elif line.get("lost"):
+            ev.lost_writes[line["plan"]] = line
+        elif line.get("failed"):
             ev.failed_writes[line["plan"]] = line
         else:
             ev.acks[line["plan"]] = line

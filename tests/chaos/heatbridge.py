@@ -12,6 +12,10 @@ and returns it, followed on the same connection by ``WAIT 1 20`` (how many repli
   ``due + --retry-s`` failed: never logged as acknowledged. ``ambiguous``: some attempt may have reached
   Redis (a timeout or a connection lost after sending), so the hash may exist all the same; a refusal
   (``BUSY``, ``READONLY``, ``LOADING``) or a failed connect did not write.
+- ``{"plan", "lost": true, "acked", "found"}`` from the audit at the end: every acknowledged write is read
+  back from the master Sentinel names; one whose ``ts_epoch`` is not there was acknowledged by a master
+  whose data did not survive (a failover before the replica had it, or a demoted master's split brain).
+  ``{"audit": checked, "lost": n}`` closes the log.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class Bridge:
         self.reading = True
         self.log = open(args.log, "a", buffering=1)  # noqa: SIM115 (closed in run)
         self.log_lock = threading.Lock()
+        self.sentinels = sentinels
+        self.acked: dict[str, str] = {}  # plan -> the ts_epoch its acknowledged write stamped
 
     def write_line(self, record: dict[str, Any]) -> None:
         with self.log_lock:
@@ -105,6 +111,7 @@ class Bridge:
                           "reason", "chaos", "mode", "shadow")
                 pipe.execute_command("WAIT", 1, 20)
                 ts, replicas = pipe.execute()
+                self.acked[plan] = ts
                 self.write_line({"plan": plan, "due": due, "ack": float(ts), "replicas": int(replicas),
                                  "attempts": attempts, "ambiguous_before": ambiguous})
                 return
@@ -131,7 +138,36 @@ class Bridge:
                         break  # the apply log ended and every write is handed out
                     due, plan = heapq.heappop(self.due)
                 pool.submit(self.write, plan, due)
+        self.audit()
         self.log.close()
+
+    def audit(self, cap_s: float = 60.0) -> None:
+        """Read every acknowledged write back from the master Sentinel names now (a fresh connection)."""
+        deadline = time.time() + cap_s
+        plans = sorted(self.acked)
+        while True:
+            try:
+                host, port = Sentinel(self.sentinels, sentinel_kwargs={"socket_timeout": 0.5}).discover_master(
+                    self.args.service)
+                client = redis.Redis(host=host, port=port, db=self.args.db, socket_timeout=2, decode_responses=True)
+                found: list[Any] = []
+                for i in range(0, len(plans), 500):
+                    pipe = client.pipeline(transaction=False)
+                    for plan in plans[i:i + 500]:
+                        pipe.hget(PREFIX + plan, "ts_epoch")
+                    found += pipe.execute()
+                break
+            except (redis.RedisError, OSError):
+                if time.time() > deadline:
+                    self.write_line({"audit": 0, "lost": None, "error": "Redis unreachable"})
+                    return
+                time.sleep(0.5)  # the audit waits for Redis (not synchronisation)
+        lost = 0
+        for plan, value in zip(plans, found, strict=True):
+            if value != self.acked[plan]:
+                lost += 1
+                self.write_line({"plan": plan, "lost": True, "acked": self.acked[plan], "found": value})
+        self.write_line({"audit": len(plans), "lost": lost})
 
 
 def main(argv: list[str] | None = None) -> None:

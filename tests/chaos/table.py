@@ -9,7 +9,8 @@ from .checker import FIGURES, Report
 OUTCOMES = ("late:enqueued", "late:deferred", "late:error", "late:dropped", "late:duplicate", "early:deferred",
             "early:error", "counted", "reason:ok", "reason:timeout", "reason:redis_error", "reason:missing",
             "reason:parse_error", "redis_error with heat in time", "missing with heat in time",
-            "early ok, heat written after the call", "ok after an ambiguous failed write")
+            "early ok, heat written after the call", "ok after an ambiguous failed write",
+            "timeout, heat lost by Redis", "ok, heat lost by Redis", "redis_error, heat lost by Redis")
 
 
 def _rows(report: Report) -> list[str]:
