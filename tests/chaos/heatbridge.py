@@ -110,7 +110,8 @@ class Bridge:
                           "heat_action", "DOWNGRADE_FULL_TO_PARTIAL", "recommended_partial", "0.5",
                           "reason", "chaos", "mode", "shadow")
                 pipe.execute_command("WAIT", 1, 20)
-                ts, replicas = pipe.execute()
+                raw_ts, replicas = pipe.execute()
+                ts = raw_ts.decode() if isinstance(raw_ts, bytes) else str(raw_ts)
                 self.acked[plan] = ts
                 self.write_line({"plan": plan, "due": due, "ack": float(ts), "replicas": int(replicas),
                                  "attempts": attempts, "ambiguous_before": ambiguous})
