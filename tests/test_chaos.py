@@ -117,6 +117,15 @@ def test_a_consistent_run_has_every_figure_zero(tmp_path: Path) -> None:
     assert "PASS" in render(report)
 
 
+def test_a_fault_the_harness_could_not_carry_out_fails_the_run(tmp_path: Path) -> None:
+    run = Run()
+    run.faults = [{"n": 0, "kind": "busy", "target": None, "overlap": False, "start": T0, "end": T0,
+                   "detail": {}, "error": "ConnectionError: refused"}]
+    report = check(load(run.write(tmp_path)))
+    assert figures(report) == {} and report.failed
+    assert "fault #0 busy: ConnectionError: refused" in render(report)
+
+
 def test_entries_the_final_stream_trimmed_come_from_the_tail(tmp_path: Path) -> None:
     report = check(load(Run().write(tmp_path, trimmed=25)))
     assert figures(report) == {}, render(report)

@@ -46,6 +46,7 @@ class Report:
     totals: Counter[str] = field(default_factory=Counter)
     notes: dict[str, Any] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    harness_errors: list[str] = field(default_factory=list)  # faults the harness could not carry out
 
     def add(self, figure: str, row: str, example: str | None = None) -> None:
         self.rows[row][figure] += 1
@@ -55,7 +56,7 @@ class Report:
 
     @property
     def failed(self) -> bool:
-        return any(self.totals[f] for f in FIGURES)
+        return bool(self.harness_errors) or any(self.totals[f] for f in FIGURES)
 
 
 class Checker:
@@ -95,8 +96,8 @@ class Checker:
             f"{len(self.ev.lost_writes)} of {audit.get('audit', '?')} read back {audit.get('error', '')}".rstrip()
         self.report.notes["HeatBridge writes failed (ambiguous)"] = \
             f"{len(self.ev.failed_writes)} ({sum(bool(w.get('ambiguous')) for w in self.ev.failed_writes.values())})"
-        self.report.notes["fault errors"] = [f"#{r['n']} {r['kind']}: {r['error']}" for r in self.ev.fault_records
-                                             if r.get("error")]
+        self.report.harness_errors = [f"fault #{r['n']} {r['kind']}: {r['error']}" for r in self.ev.fault_records
+                                      if r.get("error")]
         return self.report
 
     # -- the figures ---------------------------------------------------------------

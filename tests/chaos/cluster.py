@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.driver_info import DriverInfo
 
 from ..conftest import poll
 from ..sentinels import SentinelGroup
@@ -54,7 +55,7 @@ class ChaosCluster(SentinelGroup):
     def direct(port: int, timeout: float | None = 0.5) -> redis.Redis:
         # No CLIENT SETINFO on connect: a connection made during a BUSY spell must get through to SCRIPT KILL.
         return redis.Redis(port=port, socket_timeout=timeout, socket_connect_timeout=1, decode_responses=True,
-                           lib_name=None, lib_version=None)
+                           driver_info=DriverInfo(name=None, lib_version=None))
 
     def stall(self, seconds: float) -> dict[str, Any]:
         """SIGSTOP the master for ``seconds`` (the fault's length, chosen shorter than down-after)."""

@@ -44,6 +44,9 @@ def render(report: Report) -> str:
         if report.examples.get(f):
             out += ["", f"CHAOS examples: {f} ({report.totals[f] if f in FIGURES else 'informational'})"]
             out += [f"  {line}" for line in report.examples[f]]
-    out += ["", f"CHAOS result: {'FAIL' if report.failed else 'PASS'} "
-                f"({', '.join(f'{f} {report.totals[f]}' for f in FIGURES if report.totals[f]) or 'every figure zero'})"]
+    for error in report.harness_errors:
+        out.append(f"CHAOS harness error (the soak did not do what its schedule says): {error}")
+    figures = ", ".join(f"{f} {report.totals[f]}" for f in FIGURES if report.totals[f]) or "every figure zero"
+    harness = f"; {len(report.harness_errors)} fault(s) not carried out" if report.harness_errors else ""
+    out += ["", f"CHAOS result: {'FAIL' if report.failed else 'PASS'} ({figures}{harness})"]
     return "\n".join(out)
