@@ -253,7 +253,7 @@ class Checker:
     def exits(self) -> None:
         for x in self.ev.exits:
             if not x.get("caused"):
-                tail = " | ".join(self.ev.worker_log_tail(x["log"], 8))
+                tail = " | ".join(self.ev.worker_log_tail(x["log"]))
                 self.report.add("exits", self.row(x["t"], x["t"]),
                                 f"{x['worker']} (pid {x['pid']}, code {x['code']}) exited; log {x['log']}: {tail}")
 

@@ -57,11 +57,15 @@ class Evidence:
     fault_records: list[dict[str, Any]] = field(default_factory=list)
     exits: list[dict[str, Any]] = field(default_factory=list)
 
-    def worker_log_tail(self, name: str, lines: int = 15) -> list[str]:
+    def worker_log_tail(self, name: str, lines: int = 6) -> list[str]:
+        """The worker's last critical line (Celery's ``Unrecoverable error: ...``), then its last lines."""
         path = self.run_dir / name
         if not path.exists():
             return [f"(no log {name})"]
-        return path.read_text(errors="replace").splitlines()[-lines:]
+        text = path.read_text(errors="replace").splitlines()
+        critical = [line for line in text if "Unrecoverable error" in line] or \
+            [line for line in text if "CRITICAL" in line]
+        return critical[-1:] + ["..."] + text[-lines:] if critical else text[-lines:]
 
 
 def jsonl(path: Path) -> list[tuple[dict[str, Any], str]]:
