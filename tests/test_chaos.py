@@ -40,6 +40,7 @@ class Run:
         self.inflight: list[list[Any]] = []
         self.exits: list[dict[str, Any]] = []
         self.faults: list[dict[str, Any]] = []
+        self.timeline: list[tuple[float, str]] = []  # (when, the count lines of a /metrics page then)
         for i in range(plans):
             t, plan = T0 + i / 40, f"c{i:06d}"
             self.call(plan, EARLY, t, "missing")
@@ -104,6 +105,8 @@ class Run:
         (d / "inflight.json").write_text(json.dumps({"members": self.inflight}))
         (d / "faults.jsonl").write_text("".join(json.dumps(f) + "\n" for f in self.faults))
         (d / "exits.jsonl").write_text("".join(json.dumps(x) + "\n" for x in self.exits))
+        (d / "metrics_timeline.jsonl").write_text("".join(json.dumps({"t": t, "port": 1, "page": page}) + "\n"
+                                                          for t, page in self.timeline))
         return d
 
 
@@ -161,6 +164,29 @@ def test_a_dropped_entry_is_silently_missing_unless_a_count_accounts_for_it(tmp_
     assert figures(check(load(run.write(tmp_path / "c")))) == {"silent": 1}
     run.extra_counts[("p28_late_obs_lost_total", "")] += 1
     assert figures(check(load(run.write(tmp_path / "d")))) == {}
+
+
+def test_counts_are_matched_to_absent_plans_by_the_time_they_appeared(tmp_path: Path) -> None:
+    """Two outages: the first one's deferred plan was given up and counted 2 s later; the second one's count
+    was lost. Seen over time, the silent plan is the second outage's, whatever the call order says."""
+    run = Run(plans=400)
+    first, second = "c000040", "c000320"  # called at 1 s and at 8 s
+    for plan in (first, second):
+        run.entries.remove(run.find(plan, LATE))
+        run.calls = [{**c, "result": "deferred"} if (c["plan"], c["obs_point"]) == (plan, LATE) else c
+                     for c in run.calls]
+    run.faults = [{"n": n, "kind": kind, "target": None, "overlap": False, "start": T0 + at, "end": T0 + at + 0.5,
+                   "detail": {}, "error": None} for n, (kind, at) in enumerate((("master_kill", 0.9), ("busy", 7.9)))]
+    series = f'p28_observe_refused_total{{cause="unavailable",obs_point="{LATE}"}}'
+    run.extra_counts[("p28_observe_refused_total", f'cause="unavailable",obs_point="{LATE}"')] += 1
+    run.timeline = [(T0 + 2.0, f"{series} 0.0\n"), (T0 + 3.0, f"{series} 1.0\n"), (T0 + 9.0, f"{series} 1.0\n")]
+    report = check(load(run.write(tmp_path / "timeline")))
+    assert figures(report) == {"silent": 1}
+    assert report.rows["busy"]["silent"] == 1 and report.info["master_kill"]["counted"] == 1, render(report)
+    # The same count seen only at the end: it goes to the latest claimant, and the first plan is silent.
+    run.timeline = []
+    report = check(load(run.write(tmp_path / "no timeline")))
+    assert report.rows["master_kill"]["silent"] == 1 and report.info["busy"]["counted"] == 1, render(report)
 
 
 def test_a_false_timeout(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .accounting import arrivals, match
 from .evidence import Call, Evidence
 
 EARLY, LATE = "create_apply_plan", "publish_plan_post"
@@ -145,48 +146,65 @@ class Checker:
         end = self.ev.metrics_end or {}
         return end.get(key, 0.0) - self.ev.metrics_start.get(key, 0.0)
 
-    def refusal_causes(self) -> set[str]:
-        series = list(self.ev.metrics_end or {}) + list(self.ev.metrics_start)
-        return {dict(lb)["cause"] for name, lb in series if name == "p28_observe_refused_total"} - {"invalid_input"}
+    def total(self, values: dict[Any, float] | None, select: Any) -> float:
+        return sum(v for (name, labels), v in (values or {}).items() if select(name, dict(labels)))
+
+    def units(self, select: Any) -> list[float]:
+        return arrivals(self.ev.timeline, select, self.total(self.ev.metrics_start, select),
+                        self.total(self.ev.metrics_end, select))
 
     def account(self) -> None:
-        """Handed-over plans without an entry, matched against the counts that say "given up", in call order.
+        """Handed-over plans without an entry, and refused calls, matched to the counts that say "given up".
 
-        Counts name no plan, so the checker matches them to absent plans: a late ``enqueued`` plan can only be
-        p28_late_obs_lost_total (its lease vanished in a failover); a late ``deferred`` one, the refusals and drops
-        the publisher thread counted for it (the increase of p28_observe_refused_total{obs_point=publish_plan_post}
-        over every cause but invalid_input, less the calls that returned ``error`` themselves, plus the increase of
-        p28_late_obs_dropped_total less the calls that returned ``dropped``), then what is left of ``lost``; an early
-        ``deferred`` one, the early refusals less the early ``error`` calls. An early call that returned a reason
-        recorded its plan itself: nothing excuses its absence, nor that of a plan refused as a ``duplicate`` with
-        no earlier call. What no count covers is ``silent``; the total is exact, the split between rows follows
-        call order when counts run short.
+        An absent late ``enqueued`` plan was admitted: only p28_late_obs_lost_total can account for it (its lease
+        vanished in a failover). A late call that returned ``error`` or ``dropped``, and an absent late
+        ``deferred`` plan, each need one unit of p28_observe_refused_total{obs_point="publish_plan_post"} (every
+        cause but invalid_input) or p28_late_obs_dropped_total, or of ``lost`` left over; an early ``error`` call
+        and an absent early ``deferred`` plan one of the early refusals. An early call that returned a reason, or
+        a false ``duplicate``, recorded nothing countable: nothing accounts for its absence. Units are matched
+        by time (accounting.py). An absent plan left unmatched is ``silent``; a refused call left unmatched was
+        refused and not counted (shown).
         """
-        r, causes = self.report, self.refusal_causes()
-        results = {p: Counter(c.result for c in self.ev.calls if c.obs_point == p) for p in (EARLY, LATE)}
-        refusals = {p: sum(self.delta("p28_observe_refused_total", cause=c, obs_point=p) for c in causes)
-                    for p in (EARLY, LATE)}
-        extra = {p: refusals[p] - results[p]["error"] for p in (EARLY, LATE)}
-        extra_drops = self.delta("p28_late_obs_dropped_total") - results[LATE]["dropped"]
-        lost = self.delta("p28_late_obs_lost_total")
-        pools = {"lost": max(0.0, lost), "late": max(0.0, extra[LATE]) + max(0.0, extra_drops),
-                 "early": max(0.0, extra[EARLY])}
-        r.notes["counts: refusals early/late (calls that returned error), drops (returned dropped), lost"] = (
-            f"{refusals[EARLY]:.0f} ({results[EARLY]['error']}) / {refusals[LATE]:.0f} ({results[LATE]['error']}), "
-            f"{self.delta('p28_late_obs_dropped_total'):.0f} ({results[LATE]['dropped']}), {lost:.0f}")
-        uncounted = max(0.0, -extra[EARLY]) + max(0.0, -extra[LATE]) + max(0.0, -extra_drops)
-        r.notes["refusals or drops returned but not counted"] = int(uncounted)
-        excuses = {(LATE, "enqueued"): ("lost",), (LATE, "deferred"): ("late", "lost"), (EARLY, "deferred"): ("early",)}
+        r = self.report
+
+        def refused(point: str) -> Any:
+            return lambda n, lb: n == "p28_observe_refused_total" and lb.get("obs_point") == point and \
+                lb.get("cause") != "invalid_input"
+
+        def lost(n: str, lb: dict[str, str]) -> bool:
+            return n == "p28_late_obs_lost_total"
+
+        def late(n: str, lb: dict[str, str]) -> bool:
+            return refused(LATE)(n, lb) or n == "p28_late_obs_dropped_total"
+
         absent = [c for c in self.ev.calls if self.handed_over(c) and not self.recorded.get((c.obs_point, c.plan))]
-        for c in sorted(absent, key=lambda c: (c.result != "enqueued", c.t)):  # enqueued ones can only be lost
-            row = self.plan_row(c.plan)
-            pool = next((p for p in excuses.get((c.obs_point, c.result or ""), ()) if pools[p] >= 1), None)
-            if pool:
-                pools[pool] -= 1
-                r.info[row]["counted"] += 1
+        gone_enqueued, lost_left = match([(c.t, c) for c in absent if c.obs_point == LATE and c.result == "enqueued"],
+                                         self.units(lost))
+        unmatched: list[tuple[str, Call]] = []
+        for point, pool, refusals in ((LATE, self.units(late) + lost_left, ("error", "dropped")),
+                                      (EARLY, self.units(refused(EARLY)), ("error",))):
+            claims = [(c.t, ("call", c)) for c in self.ev.calls if c.obs_point == point and c.result in refusals]
+            claims += [(c.t, ("absent", c)) for c in absent if c.obs_point == point and c.result == "deferred"]
+            unmatched += match(claims, pool)[0]
+        silent = set(map(id, gone_enqueued)) | {id(c) for kind, c in unmatched if kind == "absent"}
+        for c in absent:
+            excusable = c.result in ("enqueued", "deferred")
+            if excusable and id(c) not in silent:
+                r.info[self.plan_row(c.plan)]["counted"] += 1
             else:
-                r.add("silent", row, c.line)
-        r.notes["counts left over (more given up than absent: recorded and counted?)"] = int(sum(pools.values()))
+                r.add("silent", self.plan_row(c.plan), c.line)
+        uncounted = [c for kind, c in unmatched if kind == "call"]
+        r.notes["refusals or drops returned but not counted"] = len(uncounted)
+        for c in uncounted[:3]:
+            r.examples["returned error or dropped, not counted"].append(c.line)
+        results = Counter((c.obs_point, c.result) for c in self.ev.calls)
+        r.notes["counts: refusals early/late (calls that returned error), drops (returned dropped), lost"] = (
+            f"{self.total(self.ev.metrics_end, refused(EARLY)) - self.total(self.ev.metrics_start, refused(EARLY)):.0f}"
+            f" ({results[(EARLY, 'error')]}) / "
+            f"{self.total(self.ev.metrics_end, refused(LATE)) - self.total(self.ev.metrics_start, refused(LATE)):.0f}"
+            f" ({results[(LATE, 'error')]}), {self.delta('p28_late_obs_dropped_total'):.0f} "
+            f"({results[(LATE, 'dropped')]}), {self.delta('p28_late_obs_lost_total'):.0f}; counts seen over time: "
+            f"{'yes' if self.ev.timeline else 'no (matched by call order)'}")
 
     def counters(self) -> None:
         if self.ev.metrics_end is None:

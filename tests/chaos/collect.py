@@ -8,6 +8,8 @@
 - ``inflight.json``: the members of ``quantum:p28:late_obs:inflight`` left after the drain (plan, score).
 - ``metrics_start.prom`` / ``metrics_end.prom``: a worker's /metrics page over HTTP before the load and after
   the drain (Prometheus text, as an operator's scrape sees it).
+- ``metrics_timeline.jsonl``: every second during the run, the count families of a worker's /metrics page
+  (refusals, drops, lost), so the checker knows when each count appeared (accounting.py).
 
 Nothing here interprets what it reads; the checker does.
 """
@@ -111,6 +113,28 @@ class StreamTail(threading.Thread):
             self.stopping.wait(quiet_s)
         self.stopping.set()
         self.join(5)
+
+
+class MetricsTimeline(threading.Thread):
+    """Scrapes the first worker that answers every second; keeps the lines of the count families."""
+
+    FAMILIES = ("p28_observe_refused_total", "p28_late_obs_dropped_total", "p28_late_obs_lost_total")
+
+    def __init__(self, ports: list[int], path: Path) -> None:
+        super().__init__(name="chaos-metrics-timeline", daemon=True)
+        self.ports, self.path = ports, path
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        with open(self.path, "a") as out:
+            while not self.stopping.wait(1.0):
+                for port in self.ports:
+                    page = scrape(port)
+                    if page and "p28_metrics_redis_up 1" in page:
+                        lines = [line for line in page.splitlines() if line.startswith(self.FAMILIES)]
+                        out.write(json.dumps({"t": time.time(), "port": port, "page": "\n".join(lines) + "\n"}) + "\n")
+                        out.flush()
+                        break
 
 
 def write_final(client: redis.Redis, run_dir: Path, metrics_port: int | None) -> dict[str, Any]:

@@ -52,6 +52,7 @@ class Evidence:
     vanished: list[dict[str, str]] = field(default_factory=list)
     metrics_start: dict[Series, float] = field(default_factory=dict)
     metrics_end: dict[Series, float] | None = None  # None: no /metrics page was read
+    timeline: list[tuple[float, dict[Series, float]]] = field(default_factory=list)  # counts seen during the run
     inflight: list[tuple[str, float]] = field(default_factory=list)
     faults: list[Window] = field(default_factory=list)
     fault_records: list[dict[str, Any]] = field(default_factory=list)
@@ -141,6 +142,8 @@ def load(run_dir: Path) -> Evidence:
     end = run_dir / "metrics_end.prom"
     text = end.read_text() if end.exists() else ""
     ev.metrics_end = parse_metrics(text) if text.strip() else None
+    for line, _raw in jsonl(run_dir / "metrics_timeline.jsonl"):
+        ev.timeline.append((float(line["t"]), parse_metrics(line["page"])))
     inflight = run_dir / "inflight.json"
     if inflight.exists():
         ev.inflight = [(str(m), float(s)) for m, s in json.loads(inflight.read_text())["members"]]

@@ -28,7 +28,7 @@ from ..conftest import ROOT, scrape
 from . import schedule as sched
 from .checker import Report, check
 from .cluster import SERVICE, ChaosCluster
-from .collect import INFLIGHT, StreamTail, master_client, write_final
+from .collect import INFLIGHT, MetricsTimeline, StreamTail, master_client, write_final
 from .evidence import load
 from .faults import FaultRunner
 from .table import render
@@ -151,6 +151,9 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> Report:
         tail = StreamTail(cluster.sentinel_addrs, SERVICE, 0, run_dir / "stream_tail.jsonl")
         tail.start()
         stack.callback(tail.stopping.set)
+        timeline = MetricsTimeline([slot.metrics_port for slot in workers.slots], run_dir / "metrics_timeline.jsonl")
+        timeline.start()
+        stack.callback(timeline.stopping.set)
         apply = spawn(stack, run_dir / "apply.out", env, "tests.chaos.apply", "--log", str(run_dir / "apply.jsonl"),
                       "--rate", str(cfg.rate), "--seconds", str(seconds), "--start", str(load_start),
                       "--burst-size", str(cfg.burst_size))
@@ -180,6 +183,7 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> Report:
         drain_s = time.monotonic() - t_drain
         out(f"CHAOS drain: {'leases gone' if gone else 'cap reached'} after {drain_s:.1f} s")
         tail.finish()
+        timeline.stopping.set()
         final = write_final(data, run_dir, workers.live_metrics_port())
         out(f"CHAOS final reads: {json.dumps(final)}; stream entries tailed {tail.read}")
         report = check(load(run_dir))
