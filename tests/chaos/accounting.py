@@ -34,6 +34,8 @@ def arrivals(timeline: list[tuple[float, Values]], select: Callable[[str, dict[s
     units: list[float] = []
     last = start
     for t, values in timeline:
+        if not any(select(name, dict(labels)) for name, labels in values):
+            continue  # a page without these counters (Redis unreadable): no reading, not a zero
         now = total(values)
         if now > last:
             units += [t] * int(round(now - last))
