@@ -73,7 +73,7 @@ class ChaosCluster(SentinelGroup):
         """Every sentinel names one master and sees it plainly up (no s_down, o_down or failover in progress),
         the server is a master, and the other server is its in-sync replica."""
         try:
-            states = [self.sentinel(p).sentinel_master(self.service) for p in self.sentinel_ports]
+            states: list[Any] = [self.sentinel(p).sentinel_master(self.service) for p in self.sentinel_ports]
         except (redis.RedisError, TypeError):
             return False
         named = {int(state["port"]) for state in states}
