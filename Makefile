@@ -1,9 +1,9 @@
-# make install | demo | test | test-fast | lint | bench
+# make install | demo | test | test-fast | lint | bench | chaos
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench chaos clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,19 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench.py
+
+# The seeded chaos soak and its independent checker (docs/reliability.md, "The chaos soak"): prints the fault
+# schedule, then the checker's table; exits non-zero when any figure is not zero. Ports 7100-7199 (CHAOS_PORTS),
+# RabbitMQ vhost h1 (CHAOS_AMQP_URL); KEEP=dir keeps the run's logs and records there.
+# E.g. make chaos SEED=3 MINUTES=10 BROKER=amqp DOWN_AFTER_MS=30000
+SEED ?= 1
+MINUTES ?= 2
+BROKER ?= redis
+DOWN_AFTER_MS ?= 5000
+KEEP ?=
+chaos: install
+	$(PY) -m tests.chaos --seed $(SEED) --minutes $(MINUTES) --broker $(BROKER) --down-after-ms $(DOWN_AFTER_MS) \
+	  $(if $(KEEP),--keep $(KEEP))
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -49,33 +49,40 @@ def up(port: int) -> bool:
 class SentinelGroup:
     """Master + ``replicas`` replicas + 3 sentinels; ``url(db)`` is the observer's redis+sentinel:// URL."""
 
-    def __init__(self, workdir: Path, replicas: int = 1) -> None:
+    def __init__(self, workdir: Path, replicas: int = 1, *, service: str = SERVICE,
+                 down_after_ms: int = DOWN_AFTER_MS, aof: bool = False, ports: list[int] | None = None) -> None:
         self.workdir = workdir
-        ports = _ports(1 + replicas + 3)
+        self.service, self.down_after_ms, self.aof = service, down_after_ms, aof
+        ports = ports or _ports(1 + replicas + 3)
         self.server_ports, self.sentinel_ports = ports[:1 + replicas], ports[1 + replicas:]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def url(self, db: int = 0) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{SERVICE}/{db}"
+        return f"redis+sentinel://{hosts}/{self.service}/{db}"
+
+    def server_argv(self, port: int, replicaof: int | None = None) -> list[str]:
+        """A data server's command line (append-only, one AOF folder per port, when the group has ``aof``)."""
+        persistence = ["--appendonly", "yes", "--appenddirname", f"aof-{port}", "--appendfsync", "everysec"] \
+            if self.aof else ["--appendonly", "no"]
+        replica = ["--replicaof", "127.0.0.1", str(replicaof)] if replicaof else []
+        return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence,
+                "--dir", str(self.workdir), "--dbfilename", f"{port}.rdb", *replica]
 
     def start(self) -> SentinelGroup:
         master = self.server_ports[0]
         for port in self.server_ports:
-            args = ["--replicaof", "127.0.0.1", str(master)] if port != master else []
-            self.spawn(port, ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(self.workdir), "--dbfilename", f"{port}.rdb",
-                              *args])
+            self.spawn(port, self.server_argv(port, master if port != master else None))
         for port in self.server_ports:
             poll(lambda p=port: up(p), 10, what=f"redis-server {port}")  # type: ignore[misc]
         for port in self.sentinel_ports:
             conf = self.workdir / f"sentinel-{port}.conf"
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {master} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n")
+                f"sentinel monitor {self.service} 127.0.0.1 {master} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {FAILOVER_TIMEOUT_MS}\n"
+                f"sentinel parallel-syncs {self.service} 1\n")
             self.spawn(port, ["redis-server", str(conf), "--sentinel"])
         poll(self.ready, 20, 0.1, "sentinels agree on the master and see its replicas and each other")
         return self
@@ -90,7 +97,7 @@ class SentinelGroup:
     def ready(self) -> bool:
         try:
             for port in self.sentinel_ports:
-                state = self.sentinel(port).sentinel_master(SERVICE)
+                state = self.sentinel(port).sentinel_master(self.service)
                 if (int(state["port"]) != self.master_port() or int(state["num-slaves"]) < len(self.server_ports) - 1
                         or int(state["num-other-sentinels"]) < 2):
                     return False
@@ -102,7 +109,7 @@ class SentinelGroup:
         """The port the sentinels name as master (the first that answers)."""
         for port in self.sentinel_ports:
             try:
-                return int(self.sentinel(port).sentinel_get_master_addr_by_name(SERVICE)[1])
+                return int(self.sentinel(port).sentinel_get_master_addr_by_name(self.service)[1])
             except (redis.RedisError, TypeError):
                 continue
         raise RuntimeError("no sentinel answers")
@@ -118,7 +125,7 @@ class SentinelGroup:
         """The new master's port, once every sentinel names one other than ``old`` and it accepts writes."""
         def promoted() -> int | None:
             try:
-                ports = {int(self.sentinel(p).sentinel_get_master_addr_by_name(SERVICE)[1])
+                ports = {int(self.sentinel(p).sentinel_get_master_addr_by_name(self.service)[1])
                          for p in self.sentinel_ports}
             except (redis.RedisError, TypeError):
                 return None

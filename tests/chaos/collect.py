@@ -1,0 +1,158 @@
+"""What the checker reads from the live system, written to the run's folder as files.
+
+- ``stream_tail.jsonl``: the observed stream read as it grows, through Sentinel (whichever master Sentinel
+  names), one line per entry ``{"id", "port", "fields"}``. The observer trims the stream to ~10 000 entries
+  (``MAXLEN ~``) and a soak writes 80 entries a second, so the final stream alone holds the last ~2 minutes;
+  the tail keeps the rest.
+- ``stream_final.jsonl``: the whole stream as the final master holds it after the drain (``XRANGE``).
+- ``inflight.json``: the members of ``quantum:p28:late_obs:inflight`` left after the drain (plan, score).
+- ``metrics_start.prom`` / ``metrics_end.prom``: a worker's /metrics page over HTTP before the load and after
+  the drain (Prometheus text, as an operator's scrape sees it).
+- ``metrics_timeline.jsonl``: every second during the run, the count families of a worker's /metrics page
+  (refusals, drops, lost), so the checker knows when each count appeared (accounting.py).
+
+Nothing here interprets what it reads; the checker does.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+from redis.sentinel import Sentinel
+
+from ..conftest import scrape
+
+STREAM = "quantum:stream:apply.heat.observed"
+INFLIGHT = "quantum:p28:late_obs:inflight"
+
+
+def master_client(sentinels: list[tuple[str, int]], service: str, db: int, timeout: float = 2.0) -> redis.Redis:
+    return Sentinel(sentinels, sentinel_kwargs={"socket_timeout": 0.5}).master_for(
+        service, db=db, socket_timeout=timeout, socket_connect_timeout=0.5, decode_responses=True)
+
+
+def master_port(client: redis.Redis) -> int | None:
+    try:
+        return int(client.connection_pool.get_master_address()[1])  # type: ignore[attr-defined]
+    except (redis.RedisError, TypeError, AttributeError):
+        return None
+
+
+class StreamTail(threading.Thread):
+    """Copies every entry of the observed stream to ``stream_tail.jsonl`` as it appears.
+
+    It reads only from the master the sentinels name at that moment (asked before every read, a new
+    connection when it changes), never through a pooled connection that may still sit on a demoted master
+    after a failover. Whenever the master changes, the entries read in the last VERIFY_WINDOW_S are checked
+    on the new one: one that is not there vanished (it was on a master whose data did not survive, or not
+    yet on the replica promoted), and a ``{"vanished": id}`` line says so. (Without a change of master nothing
+    read can vanish.)
+    """
+
+    VERIFY_WINDOW_S = 60.0
+
+    def __init__(self, sentinels: list[tuple[str, int]], service: str, db: int, path: Path) -> None:
+        super().__init__(name="chaos-stream-tail", daemon=True)
+        self.sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": 0.5})
+        self.service, self.db = service, db
+        self.path = path
+        self.last_id = "0-0"
+        self.stopping = threading.Event()
+        self.read = 0
+        self.recent: list[tuple[float, str]] = []  # (when read, id) within VERIFY_WINDOW_S
+
+    def run(self) -> None:
+        client: redis.Redis | None = None
+        address = None
+        with open(self.path, "a") as out:
+            while not self.stopping.is_set():
+                try:
+                    named = self.sentinel.discover_master(self.service)
+                    if named != address or client is None:
+                        client = redis.Redis(host=named[0], port=named[1], db=self.db, socket_timeout=2,
+                                             socket_connect_timeout=0.5, decode_responses=True)
+                        self.verify(client, out, named[1])
+                        address = named
+                    reply = client.xread({STREAM: self.last_id}, count=2000, block=500)
+                except (redis.RedisError, OSError):
+                    client = None
+                    self.stopping.wait(0.2)  # Redis away (a fault): read again soon
+                    continue
+                for _stream, entries in cast(Any, reply) or []:
+                    for entry_id, fields in entries:
+                        out.write(json.dumps({"id": entry_id, "port": named[1], "fields": fields}) + "\n")
+                        self.last_id = entry_id
+                        self.recent.append((time.monotonic(), entry_id))
+                        self.read += 1
+                out.flush()
+
+    def verify(self, client: redis.Redis, out: Any, port: int) -> None:
+        """Mark the recently read entries the current master no longer holds as vanished."""
+        horizon = time.monotonic() - self.VERIFY_WINDOW_S
+        self.recent = [(t, i) for t, i in self.recent if t >= horizon]
+        if not self.recent:
+            return
+        held = {entry_id for entry_id, _ in cast(Any, client.xrange(STREAM, min=self.recent[0][1],
+                                                                     max=self.recent[-1][1]))}
+        gone = [i for _t, i in self.recent if i not in held]
+        for entry_id in gone:
+            out.write(json.dumps({"vanished": entry_id, "port": port}) + "\n")
+        self.recent = [(t, i) for t, i in self.recent if i in held]
+
+    def finish(self, quiet_s: float = 1.0) -> None:
+        """Stop once a read has come back empty (the stream has nothing newer), at most after 30 s."""
+        deadline = time.monotonic() + 30
+        seen = -1
+        while time.monotonic() < deadline and seen != self.read:
+            seen = self.read
+            self.stopping.wait(quiet_s)
+        self.stopping.set()
+        self.join(5)
+
+
+class MetricsTimeline(threading.Thread):
+    """Scrapes the first worker that answers every second; keeps the lines of the count families."""
+
+    FAMILIES = ("p28_observe_refused_total", "p28_late_obs_dropped_total", "p28_late_obs_lost_total")
+
+    def __init__(self, ports: list[int], path: Path) -> None:
+        super().__init__(name="chaos-metrics-timeline", daemon=True)
+        self.ports, self.path = ports, path
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        with open(self.path, "a") as out:
+            while not self.stopping.wait(1.0):
+                for port in self.ports:
+                    page = scrape(port) or ""
+                    lines = [line for line in page.splitlines() if line.startswith(self.FAMILIES)]
+                    if lines:  # (a worker that cannot read Redis leaves the counters out)
+                        out.write(json.dumps({"t": time.time(), "port": port, "page": "\n".join(lines) + "\n"}) + "\n")
+                        out.flush()
+                        break
+
+
+def write_final(client: redis.Redis, run_dir: Path, metrics_port: int | None) -> dict[str, Any]:
+    """The final master's stream and inflight set, and a worker's /metrics, into the run's folder."""
+    n = 0
+    with open(run_dir / "stream_final.jsonl", "w") as out:
+        start = "-"
+        while True:
+            page: Any = client.xrange(STREAM, min=start, count=5000)
+            for entry_id, fields in page:
+                out.write(json.dumps({"id": entry_id, "fields": fields}) + "\n")
+            n += len(page)
+            if len(page) < 5000:
+                break
+            start = "(" + page[-1][0]
+    members: Any = client.zrange(INFLIGHT, 0, -1, withscores=True)
+    (run_dir / "inflight.json").write_text(json.dumps({"members": [[m, s] for m, s in members]}))
+    page_text = scrape(metrics_port) if metrics_port else None
+    (run_dir / "metrics_end.prom").write_text(page_text or "")
+    return {"final_entries": n, "inflight": len(members), "final_master": master_port(client),
+            "metrics": bool(page_text)}
