@@ -15,10 +15,17 @@ import time
 from typing import Any
 
 from ..core.app import app
-from ..core.connections import describe, redis_client
+from ..core.connections import describe, follow_master, redis_client
 from ..core.ledger import Ledger
 from ..core.settings import Settings
-from ..core.timings import CALL_TIMEOUT_S, EXIT_FLUSH_S, OUTBOX_TIMEOUT_S, PRODUCER_REPORT_S, PUBLISH_TIMEOUT_S
+from ..core.timings import (
+    CALL_TIMEOUT_S,
+    EXIT_FLUSH_S,
+    OUTBOX_TIMEOUT_S,
+    PRODUCER_REPORT_S,
+    PUBLISH_TIMEOUT_S,
+    WAKE_HEALTH_READ_S,
+)
 from .outbox import Outbox
 from .resilience import Breaker, ThrottledLog
 from .sender import Sender
@@ -29,7 +36,7 @@ log = logging.getLogger("observer_tasks")
 class Background:
     """The outbox, the sender, and the thread that runs them."""
 
-    def __init__(self, settings: Settings, broker_breaker: Breaker) -> None:
+    def __init__(self, settings: Settings, broker_breaker: Breaker, callers: Any = None) -> None:
         self.settings, self.pid = settings, os.getpid()
         self.cond = threading.Condition(threading.Lock())
         self.thread: threading.Thread | None = None
@@ -40,6 +47,9 @@ class Background:
         self.sender = Sender(app, settings, self.connect, self.health_client, self.note, broker_breaker)
         outbox_client = redis_client(settings.redis_url, OUTBOX_TIMEOUT_S, "outbox", settings)
         self.outbox = Outbox(Ledger(settings, outbox_client), self.sender.submit, self.wake)
+        # With Sentinel: the Redis clients whose idle connections must leave a master the sentinels no longer name.
+        self.followed = [outbox_client, *([callers] if callers is not None else [])]
+        self.followed_at = -WAKE_HEALTH_READ_S
 
     def note(self, plan_ids: list[str], cause: str) -> None:
         self.outbox.note(plan_ids, cause)
@@ -87,6 +97,7 @@ class Background:
                     self.cond.wait(min(wait, PRODUCER_REPORT_S))
 
     def work_once(self, stopping: bool = False) -> None:
+        self.follow_master()
         self.outbox.run_once()
         if self.settings.replica_wait_ms:
             self.outbox.replica_wait()
@@ -94,6 +105,17 @@ class Background:
         if time.monotonic() >= self.reported_at + PRODUCER_REPORT_S:
             self.reported_at = time.monotonic()
             self.report()
+
+    def follow_master(self) -> None:
+        """Ask the sentinels for the master (at most every WAKE_HEALTH_READ_S, and before making held calls): after
+        a failover whose old master lived on (a BUSY spell past Sentinel's down-after, a SENTINEL FAILOVER), a
+        pooled connection there would take the held calls and lose them when it is demoted."""
+        now = time.monotonic()
+        if self.settings.redis_url.split("://", 1)[0].endswith("+sentinel") and (
+                now >= self.followed_at + WAKE_HEALTH_READ_S or self.outbox.failure_began is not None):
+            self.followed_at = now
+            for client in self.followed:
+                follow_master(client)
 
     def report(self) -> None:
         """This process's limits and state, for `observer-tasks status` (best effort)."""

@@ -50,7 +50,7 @@ class Producer:
         _ = (app.amqp.router, app.amqp.queues, app.events, app.clock)
         self.broker_breaker = Breaker("broker")
         self.problems, self.access_problems = ThrottledLog(), ThrottledLog()
-        self.background = Background(settings, self.broker_breaker)
+        self.background = Background(settings, self.broker_breaker, self.ledger.client)
         self.outbox, self.sender, self.wake = self.background.outbox, self.background.sender, self.background.wake
 
     def close(self) -> None:

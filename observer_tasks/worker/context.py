@@ -85,6 +85,8 @@ class WorkerContext:
         self.looks = Ledger(settings, redis_client(settings.redis_url, LOOKUP_TIMEOUT_S, "look", settings))
         self.decided = Decided()
         self.gaps = GapWatch()
+        #: The Redis clients of this process's services: the heartbeat has each follow the master Sentinel names.
+        self.clients: list[Any] = [self.looks.client]
         #: Sends the final state of plans decided outside a task (the final-states step sets it).
         self.final_states: Any = None
 

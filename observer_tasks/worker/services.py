@@ -84,7 +84,9 @@ class MetricsStep(bootsteps.StartStopStep):
         worker.observer_metrics = None
         if s.metrics_port:
             try:
-                worker.observer_metrics = serve(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "metrics", s))
+                client = redis_client(s.redis_url, MAIN_TIMEOUT_S, "metrics", s)
+                worker.observer_context.clients.append(client)
+                worker.observer_metrics = serve(s, client)
                 log.warning("observer_tasks: /metrics served on http://%s:%s/metrics", s.metrics_addr, s.metrics_port)
             except OSError as exc:
                 log.error("P2.8A.3: cannot serve metrics on %s:%s: %s", s.metrics_addr, s.metrics_port, exc)
@@ -169,6 +171,7 @@ class SweeperStep(bootsteps.StartStopStep):
         ctx = worker.observer_context
         s = ctx.settings
         ledger = Ledger(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "sweeper", s))
+        ctx.clients.append(ledger.client)
         worker.observer_sweeper = Sweeper(ledger, ctx.gaps, ctx.final_states.decided)
         worker.observer_sweeper.start()
 
@@ -195,7 +198,8 @@ class HeartbeatStep(bootsteps.StartStopStep):
         limits = {"max_inflight": s.late_obs_max_inflight, "max_wait_ms": s.late_obs_max_wait_ms,
                   "poll_ms": s.late_obs_poll_ms, "safety_poll_ms": s.safety_poll_ms,
                   "concurrency": getattr(worker, "concurrency", None) or s.late_obs_max_workers}
-        worker.observer_heartbeat = Heartbeat(ledger, worker.hostname, ctx.gaps, worker.observer_wake.state, limits)
+        worker.observer_heartbeat = Heartbeat(ledger, worker.hostname, ctx.gaps, worker.observer_wake.state, limits,
+                                              ctx.clients)
         worker.observer_heartbeat.start()
 
     def stop(self, worker: Any) -> None:
