@@ -19,7 +19,9 @@ from typing import Any
 
 import redis
 
-from tests.conftest import inflight, late_entries, poll
+from observer_tasks.core import contract as C
+from observer_tasks.core.settings import LATE_POINT, Settings
+from tests.conftest import Counts, counters, inflight, late_entries, poll
 from tests.hosts import Net, Proc
 
 #: One round: 10 plans that get heat 300 ms after publish, 4 that never do.
@@ -64,7 +66,7 @@ class Outcome:
     name: str
     admitted: dict[str, str]  # plan -> observe_late result, for every plan published
     entries: dict[str, list[dict[str, str]]] = field(default_factory=dict)
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: Counts = field(default_factory=Counts)
     inflight: int = 0
     figures: dict[str, Any] = field(default_factory=dict)
     #: How late the fake HeatBridge's write of each plan's heat was (ms, its own monotonic clock): on two
@@ -113,10 +115,9 @@ class Cluster:
             self.net.wait_ready(p)
         # Ready for a case also means both wake listeners connected: until then chains poll at POLL_MS and a
         # look may record a hit before the wake step would (a slower start, not a different outcome).
-        poll(lambda: len(self.data.hvals("quantum:p28:workers")) == 2
-             and all(json.loads(raw).get("wake") == "connected" for raw in self.data.hvals("quantum:p28:workers"))
-             and self.data.exists("quantum:p28:late_obs:wake_ok") and not self.data.exists(
-                 "quantum:p28:late_obs:wake_degraded"), 15, 0.05, "both wake listeners connected")
+        poll(lambda: len(self.data.hvals(C.WORKERS)) == 2
+             and all(json.loads(raw).get("wake") == "connected" for raw in self.data.hvals(C.WORKERS))
+             and self.data.exists(C.WAKE), 15, 0.05, "both wake listeners connected")
         return procs
 
     def producer(self, offset: str = "", **env: str) -> Producer:
@@ -138,7 +139,7 @@ class Cluster:
         out = Outcome(name, admitted, heat_late=heat_late)
         for entry in late_entries(self.data):
             out.entries.setdefault(entry["plan_id"], []).append(entry)
-        out.counters = {k.decode(): int(v) for k, v in self.data.hgetall("quantum:p28:counters").items()}
+        out.counters = counters(self.data, Settings.from_env(self.env))
         out.inflight = inflight(self.data)
         return out
 
@@ -172,15 +173,15 @@ def check(out: Outcome, baseline: Outcome | None, touched: set[str] = frozenset(
     for plan in set(out.entries) - set(admitted):
         problems.append(f"{plan}: entry for a plan that was not admitted ({out.admitted.get(plan)})")
     stream = [e for es in out.entries.values() for e in es]
-    for reason in {e["heat_reason"] for e in stream} | {"ok", "timeout", "redis_error", "parse_error"}:
+    for reason in {e["heat_reason"] for e in stream} | set(C.REASONS):
         n = sum(e["heat_reason"] == reason for e in stream)
-        if out.counters.get(f"reason|publish_plan_post|{reason}", 0) != n:
-            problems.append(f"counter reason={reason} is {out.counters.get(f'reason|publish_plan_post|{reason}', 0)}, "
+        if out.counters("p28_heat_reason", LATE_POINT, reason) != n:
+            problems.append(f"counter reason={reason} is {out.counters('p28_heat_reason', LATE_POINT, reason)}, "
                             f"stream has {n}")
     for found in ("0", "1"):
         n = sum((e["heat_reason"] == "ok") == (found == "1") for e in stream)
-        if out.counters.get(f"observed|publish_plan_post|{found}", 0) != n:
-            problems.append(f"counter heat_found={found} is {out.counters.get(f'observed|publish_plan_post|{found}')}, "
+        if out.counters("p28_observed", LATE_POINT, found) != n:
+            problems.append(f"counter heat_found={found} is {out.counters('p28_observed', LATE_POINT, found)}, "
                             f"stream has {n}")
     if out.inflight:
         problems.append(f"inflight is {out.inflight}")

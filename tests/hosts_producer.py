@@ -26,6 +26,7 @@ from typing import Any
 import redis
 
 from observer_tasks import observe, observe_late
+from observer_tasks.core.settings import Settings
 
 
 class HeatBridge(threading.Thread):
@@ -94,7 +95,7 @@ def publish_round(bridge: HeatBridge, prefix: str, heat: list[bool], gap_ms: int
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    prefix = os.environ.get("P28_HEAT_LOOKUP_PREFIX", "quantum:harvest:heat:by_plan:")
+    prefix = Settings.from_env().heat_lookup_prefix
     bridge = HeatBridge(os.environ["REDIS_URL"], prefix)
     bridge.start()
     # Warm up (settings, Redis connection) with the early observer, whose entry the cases do not count.

@@ -19,12 +19,14 @@ import redis
 from click.testing import CliRunner, Result
 
 from observer_tasks import observe_late
+from observer_tasks.core import contract as C
+from observer_tasks.core.settings import LATE_POINT
 from observer_tasks.ops import probes
 from observer_tasks.ops.cli import main
+from observer_tasks.ops.demo import PLAN_STREAM
 from observer_tasks.ops.reports import recommended_wait
-from tests.conftest import ROOT, Worker, cannot_run, free_port, late_entries, poll, scrape
+from tests.conftest import HEAT, ROOT, STREAM, Worker, cannot_run, free_port, late_entries, poll, scrape
 
-STREAM = "quantum:stream:apply.heat.observed"
 CLI = str(Path(sys.executable).with_name("observer-tasks"))
 
 
@@ -84,7 +86,11 @@ def test_latency_percentiles_headroom_and_histogram(r: redis.Redis, env: dict[st
     add_entry(r, "publish_plan_post", "timeout", 2003)
     add_entry(r, "publish_plan_post", "timeout", 2010)
     add_entry(r, "create_apply_plan", "missing")  # no wait_ms: ignored
-    r.hset("quantum:p28:late_obs:heat_wait", mapping={"le:500": 3, "le:1000": 2, "count": 5, "sum": "2.5"})
+    # The all-time histogram is the counters' late hits, one field per path and bucket (wait_sum_ms its sum).
+    r.hset(C.COUNTERS, mapping={C.field(C.REASON, LATE_POINT, "ok", "look", C.BUCKET + "500"): 2,
+                                C.field(C.REASON, LATE_POINT, "ok", "wake", C.BUCKET + "500"): 1,
+                                C.field(C.REASON, LATE_POINT, "ok", "wake", C.BUCKET + "1000"): 2,
+                                C.field(C.REASON, LATE_POINT, "timeout", "look"): 2, C.WAIT_SUM_MS: 2500})
 
     result = invoke("latency")
     assert result.exit_code == 0, result.output
@@ -94,7 +100,7 @@ def test_latency_percentiles_headroom_and_histogram(r: redis.Redis, env: dict[st
     assert [row[:2] for row in table if row[:1] == ["timeout"]][0] == ["timeout", "2"]
     assert "p99 of hits 991 ms is 1009 ms (50.5%) below MAX_WAIT_MS=2000" in result.output
     assert "recommended P28_LATE_OBS_MAX_WAIT_MS=1300" in result.output
-    assert "all time: 5 hits, mean 500 ms" in result.output
+    assert f"heat-wait histogram ({C.COUNTERS}, all time: 5 hits, mean 500 ms)" in result.output
     assert ["500", "3", "3", "60.0%"] in table
     assert ["1000", "2", "5", "100.0%"] in table
     assert ["+Inf", "0", "5", "100.0%"] in table
@@ -216,7 +222,7 @@ def test_every_command_has_examples_in_its_help() -> None:
 
 def observe_some_plans(r: redis.Redis) -> None:
     for plan in ("cli-hit-1", "cli-hit-2"):
-        r.hset(f"quantum:harvest:heat:by_plan:{plan}", mapping={"heat_level": "hot", "heat_score": "0.9"})
+        r.hset(HEAT + plan, mapping={"heat_level": "hot", "heat_score": "0.9"})
     for plan in ("cli-hit-1", "cli-hit-2", "cli-miss-1"):
         assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
     poll(lambda: len(late_entries(r)) == 3, what="three publish_plan_post entries")
@@ -250,7 +256,7 @@ def test_verify_fails_without_late_hits_and_gives_advice(r: redis.Redis, worker:
     for n in range(3):
         add_entry(r, "publish_plan_post", "timeout", 600, plan_id=f"t{n}")
     add_entry(r, "publish_plan_post", "redis_error", 100, plan_id="e1")
-    r.hset("quantum:p28:counters", mapping={"reason|publish_plan_post|redis_error": 1, "dropped": 4})
+    r.hset(C.COUNTERS, mapping={C.field(C.REASON, LATE_POINT, "redis_error", "look"): 1, C.DROPPED: 4})
 
     result = invoke("verify", "--metrics-url", f"http://127.0.0.1:{worker.metrics_port}/metrics", "--json")
     assert result.exit_code == 1
@@ -320,14 +326,14 @@ def test_status_check_needs_a_worker(r: redis.Redis, start_worker: Callable[...,
     assert ["P28_LATE_OBS_MAX_INFLIGHT", "200", "default"] in rows(result.output)
 
     start_worker()
-    r.xadd("quantum:stream:harvest.heat.decision", {"plan_id": "x"})
-    r.xgroup_create("quantum:stream:harvest.heat.decision", "heat_bridge", id="0")
+    r.xadd(probes.HEAT_DECISIONS, {"plan_id": "x"})
+    r.xgroup_create(probes.HEAT_DECISIONS, probes.HEAT_BRIDGE_GROUP, id="0")
     # the worker serves /metrics (ready) a moment before it answers Celery's control broadcast
     result = poll(lambda: (x := invoke("status", "--check")).exit_code == 0 and x, what="status --check passing")
     assert re.search(r"workers: +1 consuming late_obs: test-[0-9a-f]{8}@", result.output)
     assert "broker:     redis://127.0.0.1:" in result.output and "late_obs queue length 0" in result.output
     assert "in flight:  0 of P28_LATE_OBS_MAX_INFLIGHT=200" in result.output
-    assert "group heat_bridge on quantum:stream:harvest.heat.decision: lag 1, pending 0" in result.output
+    assert f"group {probes.HEAT_BRIDGE_GROUP} on {probes.HEAT_DECISIONS}: lag 1, pending 0" in result.output
 
 
 #: Plans that wait: no heat, and 20 s between looks, so each parks in the worker after its first look.
@@ -378,14 +384,14 @@ def test_status_counts_unacknowledged_messages_on_rabbitmq(r: redis.Redis, env: 
 
 def test_status_shows_each_workers_heartbeat(r: redis.Redis, env: dict[str, str]) -> None:
     now_ms = int(r.time()[0]) * 1000
-    r.hset("quantum:p28:workers", mapping={
+    r.hset(C.WORKERS, mapping={
         "celery@alive": json.dumps({"seen_ms": now_ms - 300, "pid": 11, "host": "alive", "wake": "connected",
                                     "last_push_age_ms": 2200, "resyncs": 1}),
         "celery@gone": json.dumps({"seen_ms": now_ms - 30_000, "pid": 12, "host": "gone", "wake": "reconnecting",
                                    "last_push_age_ms": None, "resyncs": 4}),
     })
     out = invoke("status").output
-    assert "heartbeats: 1 fresh of 2 in quantum:p28:workers" in out
+    assert f"heartbeats: 1 fresh of 2 in {C.WORKERS}" in out
     table = rows(out)
     alive = next(row for row in table if row[:1] == ["celery@alive"])
     assert alive[1] == "ok" and alive[3] == "connected" and alive[5] == "1"
@@ -463,7 +469,7 @@ def test_demo_runs_the_pipeline_and_ends_with_the_coverage_table(r: redis.Redis,
     assert re.search(r"^ +1s +published +\d+ +in flight", out, re.M), out
     published = int(re.search(r"run [0-9a-f]{8}: (\d+) plans published", out).group(1))
     assert published == 30  # 10 plans/s for 3 s
-    table = rows(out[out.index("obs_point          heat_found"):])
+    table = rows(out[re.search(r"obs_point +heat_found", out).start():])
     late = {row[1]: int(row[2]) for row in table if row[:1] == ["publish_plan_post"] and row[1] in ("0", "1")}
     early = {row[1]: int(row[2]) for row in table if row[:1] == ["create_apply_plan"] and row[1] in ("0", "1")}
     assert late["0"] + late["1"] == published and late["1"] > 0  # this run's plans only, all finished
@@ -493,18 +499,18 @@ def test_demo_runs_on_a_private_redis_whatever_the_environment_says(r: redis.Red
 def test_demo_refuses_a_redis_with_a_live_worker_or_real_plans(r: redis.Redis, env: dict[str, str],
                                                                worker: Worker) -> None:
     urls = ["--redis-url", env["REDIS_URL"], "--broker-url", env["CELERY_BROKER_URL"]]
-    poll(lambda: r.hlen("quantum:p28:workers"), 10, what="the worker's heartbeat")
+    poll(lambda: r.hlen(C.WORKERS), 10, what="the worker's heartbeat")
     done = run_cli(env, "demo", "--seconds", "1", *urls, timeout=60)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stdout + done.stderr
     assert "refusing to write demo plans" in done.stderr and worker.nodename in done.stderr
-    assert not r.exists("quantum:stream:apply.plan") and not r.exists("quantum:stream:apply.heat.observed")
+    assert not r.exists(PLAN_STREAM) and not r.exists(STREAM)
     # Without a worker, real plans in the plan stream are refused the same way.
     worker.stop()
-    r.delete("quantum:p28:workers")
-    r.xadd("quantum:stream:apply.plan", {"plan_id": "P-20261203-1", "symbol": "BTCUSDT", "decision": "EXECUTE"})
+    r.delete(C.WORKERS)
+    r.xadd(PLAN_STREAM, {"plan_id": "P-20261203-1", "symbol": "BTCUSDT", "decision": "EXECUTE"})
     done = run_cli(env, "demo", "--seconds", "1", "--no-worker", *urls, timeout=60)
-    assert done.returncode == 1 and "quantum:stream:apply.plan holds plans that are not a demo's" in done.stderr
-    assert r.xlen("quantum:stream:apply.plan") == 1
+    assert done.returncode == 1 and f"{PLAN_STREAM} holds plans that are not a demo's" in done.stderr
+    assert r.xlen(PLAN_STREAM) == 1
 
 
 def test_demo_without_redis_or_redis_server_says_what_to_install(env: dict[str, str]) -> None:

@@ -22,14 +22,15 @@ import redis
 
 from observer_tasks import observe_late
 from observer_tasks.client import producer
-from observer_tasks.core.settings import CALL_TIMEOUT_S, Settings
-from observer_tasks.core.store import redis_client
+from observer_tasks.core import contract as C
+from observer_tasks.core.connections import redis_client
+from observer_tasks.core.settings import LATE_POINT, Settings
+from observer_tasks.core.timings import CALL_TIMEOUT_S
 
-from .conftest import Worker, poll
+from .conftest import HEAT, Worker, counters, poll
 from .sentinels import SentinelGroup
 from .test_sentinel import entries, group  # noqa: F401 (the fixture)
 
-HEAT = "quantum:harvest:heat:by_plan:"
 RATE = 50  # plans per second
 LOAD_S = 10.0
 KILL_AT_S = 3.0
@@ -37,7 +38,7 @@ HEAT_AFTER_S = 0.3  # HeatBridge writes 2 of every 3 plans' heat this long after
 
 
 def beat(data: redis.Redis) -> dict[str, Any]:
-    (raw,) = data.hvals("quantum:p28:workers")
+    (raw,) = data.hvals(C.WORKERS)
     return dict(json.loads(raw))
 
 
@@ -51,7 +52,7 @@ def test_master_killed_mid_load(group: SentinelGroup, env: dict[str, str],  # no
     data = redis_client(group.url(0), 2.0, "test", settings)  # follows the master too
     worker = start_worker()
     pid = worker.proc.pid
-    poll(lambda: data.exists("quantum:p28:late_obs:wake_ok"), what="wake listener up")
+    poll(lambda: data.exists(C.WAKE), what="wake listener up")
     resyncs = beat(data)["resyncs"]
 
     calls: list[tuple[str, str, float]] = []
@@ -102,21 +103,29 @@ def test_master_killed_mid_load(group: SentinelGroup, env: dict[str, str],  # no
     new_master = int(killed["new_master"])
     promoted_s = killed["promoted"] - killed["at"]
 
-    # "enqueued": admitted by the call; "deferred": Redis was slow, the publisher thread makes the call later
-    # (then admitted, dropped or refused, each counted).
+    # "enqueued": admitted by the call; "deferred": Redis was slow or away, the outbox holds the call and makes
+    # it once Redis answers (then admitted, recorded at admission, dropped or refused, each counted).
     admitted = {plan for plan, result, _s in calls if result == "enqueued"}
     deferred = {plan for plan, result, _s in calls if result == "deferred"}
 
     def lost_plans() -> set[str]:
-        keys = [f"quantum:dedupe:p28:publish_plan_post:{p}" for p in sorted(admitted)]
+        keys = [C.dedupe_key(LATE_POINT, p) for p in sorted(admitted)]
         values = data.mget(keys) if keys else []
-        return {p for p, v in zip(sorted(admitted), values, strict=True) if v == b"lost"}
+        return {p for p, v in zip(sorted(admitted), values, strict=True) if v == C.LOST.encode()}
+
+    def outbox_idle() -> bool:
+        """The apply process's outbox has made every held call, rechecked after the outage, paid every count
+        and note, and sent every first message."""
+        p = producer._producer
+        assert p is not None
+        with p.outbox.lock:
+            held = bool(p.outbox.calls or p.outbox.counts or p.outbox.notes) or p.outbox.failure_began is not None
+        return not held and not p.sender.queue
 
     def settled() -> bool:
         try:
-            # The publisher thread has made every deferred call, nothing is in flight, every admission ended.
-            return not producer._producer.publisher._pending() and \
-                data.zcard("quantum:p28:late_obs:inflight") == 0 and \
+            # Every deferred call made, nothing in flight, every admission ended.
+            return outbox_idle() and data.zcard(C.INFLIGHT) == 0 and \
                 admitted <= {e["plan_id"] for e in entries(data)} | lost_plans()
         except redis.RedisError:
             return False
@@ -129,23 +138,24 @@ def test_master_killed_mid_load(group: SentinelGroup, env: dict[str, str],  # no
     poll(lambda: beat(data)["wake_master"] == f"127.0.0.1:{new_master}" and beat(data)["resyncs"] > resyncs,
          timeout=15, what="the wake listener on the new master, resynced")
     # Every call returned within its cap: each socket operation is bounded by CALL_TIMEOUT_S (asking the
-    # sentinels, connecting, the admission, the WAIT), so a call is at most that many of them.
-    cap = CALL_TIMEOUT_S * (len(group.sentinel_ports) + 3) + int(wait_ms) / 1000
+    # sentinels, connecting, the admission), so a call is at most that many of them. The replica WAIT is the
+    # outbox thread's, off the caller's path: it adds nothing to the cap.
+    cap = CALL_TIMEOUT_S * (len(group.sentinel_ports) + 3)
     slowest = max(s for _p, _r, s in calls)
     assert slowest <= cap, f"slowest call {slowest:.3f}s above its cap {cap:.3f}s"
     recorded = entries(data)
     doubled = [p for p, n in Counter(e["plan_id"] for e in recorded).items() if n > 1]
     assert not doubled, doubled
     lost = lost_plans()
-    counters = {k.decode(): int(v) for k, v in data.hgetall("quantum:p28:counters").items()}
-    assert counters.get("lost", 0) >= len(lost)
+    counts = counters(data, settings)
+    assert counts("p28_late_obs_lost") >= len(lost)
     if wait_ms != "0":
         assert not lost, f"with P28_REPLICA_WAIT_MS={wait_ms}: lost {sorted(lost)}"
     # Every deferred call ended recorded, lost (counted) or counted as dropped or refused by the thread.
     recorded_ids = {e["plan_id"] for e in recorded}
     direct = Counter(r for _p, r, _s in calls)
-    counted_later = (counters.get("dropped", 0) - direct["dropped"]
-                     + sum(counters.get(f"refused|publish_plan_post|{c}", 0) for c in ("unavailable", "config_error"))
+    counted_later = (counts("p28_late_obs_dropped") - direct["dropped"]
+                     + sum(counts("p28_observe_refused", LATE_POINT, c) for c in C.REFUSAL_CAUSES)
                      - direct["error"])
     unaccounted = deferred - recorded_ids - lost
     assert len(unaccounted) <= counted_later, (len(unaccounted), counted_later)
@@ -160,6 +170,6 @@ def test_master_killed_mid_load(group: SentinelGroup, env: dict[str, str],  # no
           f"{len(deferred)}: recorded {len(deferred & recorded_ids)}, counted {counted_later}), recorded "
           f"{len(recorded)}, by {dict(Counter(e['recorded_by'] for e in recorded))}, reasons "
           f"{dict(Counter(e['heat_reason'] for e in recorded))}; gap without recording {gap:.1f}s; "
-          f"recorded late (by the sweeper) {len(late)}; lost {len(lost)} (counted {counters.get('lost', 0)}); "
-          f"unreplicated admit {counters.get('unreplicated|admit', 0)} record "
-          f"{counters.get('unreplicated|record', 0)}; HeatBridge writes failed {len(heat_failed)}")
+          f"recorded late (by the sweeper) {len(late)}; lost {len(lost)} (counted {counts('p28_late_obs_lost')}); "
+          f"unreplicated admit {counts('p28_late_obs_unreplicated', 'admit')} record "
+          f"{counts('p28_late_obs_unreplicated', 'record')}; HeatBridge writes failed {len(heat_failed)}")

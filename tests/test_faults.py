@@ -13,10 +13,22 @@ import pytest
 import redis
 
 from observer_tasks import observe, observe_late
-from observer_tasks.client.publisher import PUBLISH_TIMEOUT_S
-from observer_tasks.core.settings import Settings
+from observer_tasks.core import contract as C
+from observer_tasks.core.settings import LATE_POINT, Settings
+from observer_tasks.core.timings import PUBLISH_TIMEOUT_S
 
-from .conftest import PrivateRedis, Worker, free_port, inflight, late_entries, poll
+from .conftest import (
+    HEAT,
+    STREAM,
+    PrivateRedis,
+    Worker,
+    assert_exactly_once,
+    counters,
+    free_port,
+    inflight,
+    late_entries,
+    poll,
+)
 
 
 def test_lookups_that_fail_twice_end_as_redis_error(env: dict[str, str], amqp_broker: str,
@@ -37,7 +49,7 @@ def test_lookups_that_fail_twice_end_as_redis_error(env: dict[str, str], amqp_br
     # fail twice; the entry can only be written once the server runs again.
     resume = threading.Timer(1.5, private_redis.proc.send_signal, (signal.SIGCONT,))
     resume.start()
-    entry = poll(lambda: r.xrange("quantum:stream:apply.heat.observed"), timeout=20, what="the entry")
+    entry = poll(lambda: r.xrange(STREAM), timeout=20, what="the entry")
     resume.join()
     assert len(entry) == 1
     fields = {k.decode(): v.decode() for k, v in entry[0][1].items()}
@@ -45,10 +57,12 @@ def test_lookups_that_fail_twice_end_as_redis_error(env: dict[str, str], amqp_br
     # Ended by the plan's own task once Redis answered again, not left to the sweeper (deadline + grace).
     assert fields["recorded_by"] == "look"
     print(f"\nredis_error recorded {time.monotonic() - paused_at:.1f}s after the pause began")
-    # The worker is not wedged: the next plan is observed normally.
-    r.hset("quantum:harvest:heat:by_plan:p2", "heat_level", "hot")
+    # The worker is not wedged: the next plan is observed normally (its heat written while it waits, so the
+    # worker records it; heat written before the call would be recorded by the admission itself).
     assert observe_late("p2", "BTCUSDT") == "enqueued"
-    poll(lambda: r.xlen("quantum:stream:apply.heat.observed") == 2, timeout=20, what="the next plan")
+    r.hset(HEAT + "p2", "heat_level", "hot")
+    poll(lambda: r.xlen(STREAM) == 2, timeout=20, what="the next plan")
+    assert late_entries(r)[-1]["recorded_by"] in ("wake", "look")
     assert worker.proc.poll() is None
 
 
@@ -89,12 +103,11 @@ def test_broker_unreachable_at_enqueue(r: redis.Redis, env: dict[str, str], blac
     # Until the publisher has retried the broker for DEFER_PATIENCE_S, plans are admitted, up to MAX_INFLIGHT.
     assert admitted >= 1 and admitted + refused + results.count("dropped") == 1000
     # Admitted plans keep their lease, with the cause the sweeper will copy into debug_json.
-    poll(lambda: r.hlen("quantum:p28:late_obs:unsent") == admitted, what="unsent causes noted")
+    poll(lambda: r.hlen(C.NOTES) == admitted, what="unsent causes noted")
     assert inflight(r) == admitted
     assert caplog.text.count("broker unavailable") >= 1
     assert "Traceback" not in caplog.text
-    poll(lambda: int(r.hget("quantum:p28:counters", "refused|publish_plan_post|unavailable") or 0) == refused,
-         what="refusals counted")
+    poll(lambda: counters(r)("p28_observe_refused", LATE_POINT, "unavailable") == refused, what="refusals counted")
     # The early observer still works (Redis is up).
     assert observe("after", "BTCUSDT") == "missing"
 
@@ -111,9 +124,10 @@ def test_pickled_messages_are_refused(r: redis.Redis, env: dict[str, str], worke
                      "kwargsrepr": ""},
         )
     poll(lambda: "untrusted content" in worker.output(), what="the refusal logged")
-    r.hset("quantum:harvest:heat:by_plan:p2", "heat_level", "hot")
     assert observe_late("p2", "BTCUSDT") == "enqueued"
+    r.hset(HEAT + "p2", "heat_level", "hot")  # while it waits: the worker records it (not the admission)
     poll(lambda: late_entries(r), what="the next plan observed")
+    assert late_entries(r)[0]["recorded_by"] in ("wake", "look")
     assert [e["plan_id"] for e in late_entries(r)] == ["p2"]
 
 
@@ -124,19 +138,8 @@ def load(r: redis.Redis, plans: list[str], heat_every: int = 3) -> list[str]:
         if observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued":
             admitted.append(plan)
         if i % heat_every == 0:
-            r.hset(f"quantum:harvest:heat:by_plan:{plan}", "heat_level", "warm")
+            r.hset(HEAT + plan, "heat_level", "warm")
     return admitted
-
-
-def assert_exactly_once(r: redis.Redis, admitted: list[str]) -> None:
-    entries = late_entries(r)
-    assert sorted(e["plan_id"] for e in entries) == sorted(admitted)  # none missing, none doubled
-    counts = {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
-    assert counts.get("observed|publish_plan_post|0", 0) + counts.get("observed|publish_plan_post|1", 0) == len(
-        entries)
-    for reason in ("ok", "timeout", "redis_error", "parse_error"):
-        assert counts.get(f"reason|publish_plan_post|{reason}", 0) == sum(e["heat_reason"] == reason for e in entries)
-    assert inflight(r) == 0
 
 
 @pytest.mark.slow
@@ -166,7 +169,9 @@ def test_worker_killed_mid_load(r: redis.Redis, env: dict[str, str], start_worke
 @pytest.mark.slow
 def test_worker_stopped_gracefully_mid_load(r: redis.Redis, env: dict[str, str], start_worker) -> None:  # type: ignore[no-untyped-def]
     """SIGTERM: the worker hands its messages back at once; nothing waits for a visibility timeout or a sweep."""
-    env.update({"P28_LATE_OBS_MAX_WAIT_MS": "6000", "P28_LATE_OBS_POLL_MS": "100", "P28_LATE_OBS_MAX_INFLIGHT": "500"})
+    # The plans' leases end MAX_WAIT + the sweeper's grace (now 1 s) after admission: 11 s, as with the former
+    # 5 s grace, so a new worker slow to start on the loaded shared cores still finds them to look at itself.
+    env.update({"P28_LATE_OBS_MAX_WAIT_MS": "10000", "P28_LATE_OBS_POLL_MS": "100", "P28_LATE_OBS_MAX_INFLIGHT": "500"})
     first = start_worker()
     admitted = load(r, [f"t{i}" for i in range(200)], heat_every=4)
     poll(lambda: len(late_entries(r)) >= 3, what="some plans recorded before the stop")
@@ -178,7 +183,7 @@ def test_worker_stopped_gracefully_mid_load(r: redis.Redis, env: dict[str, str],
     # No message waited for the visibility timeout (the sweeper's part is checked below: recovered stays 0).
     assert time.monotonic() - stopped_at < Settings.from_env(env).visibility_timeout_s
     assert_exactly_once(r, admitted)
-    assert int(r.hget("quantum:p28:counters", "recovered") or 0) == 0  # the sweeper had nothing to do
+    assert counters(r)("p28_late_obs_recovered") == 0  # the sweeper had nothing to do
 
 
 @pytest.mark.slow
@@ -205,9 +210,9 @@ def test_redis_restarted_mid_load(env: dict[str, str], private_redis: PrivateRed
     assert_exactly_once(r, admitted)
     reasons = {e["heat_reason"] for e in late_entries(r)}
     assert "redis_error" in reasons and reasons <= {"ok", "timeout", "redis_error"}
-    # The same worker process goes on observing new plans.
-    r.hset("quantum:harvest:heat:by_plan:after", "heat_level", "hot")
+    # The same worker process goes on observing new plans (heat written while the plan waits: the worker's).
     assert observe_late("after", "BTCUSDT") == "enqueued"
+    r.hset(HEAT + "after", "heat_level", "hot")
     poll(lambda: any(e["plan_id"] == "after" and e["heat_reason"] == "ok" for e in late_entries(r)), timeout=30,
          what="a new plan observed after the restart")
     assert worker.proc.poll() is None

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +21,10 @@ import pytest
 import redis
 
 from observer_tasks import observe_late
+from observer_tasks.core import contract as C
+from observer_tasks.core.messages import LATE_OBSERVE
 
-from .conftest import CELERY, ROOT, Worker, free_port, inflight, late_entries, poll
+from .conftest import CELERY, HEAT, ROOT, Worker, free_port, inflight, late_entries, poll
 
 AUTH = "ops:s3cret"
 
@@ -60,19 +63,23 @@ def test_flower_sees_the_worker_and_the_late_tasks(r: redis.Redis, flower: str,
                                                    start_worker: Callable[..., Worker]) -> None:
     worker = start_worker()
     assert get(flower + "/api/workers", auth=None)[0] == 401  # authentication is required
-    r.hset("quantum:harvest:heat:by_plan:f1", "heat_level", "hot")
+    # f1's heat is written before the call: its admission records it (no message; the apply process sends its
+    # task's events); f2's while it waits (the wake step, or a look); f3 gets none (decided at its deadline).
+    r.hset(HEAT + "f1", "heat_level", "hot")
     for plan in ("f1", "f2", "f3"):
         assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
+    r.hset(HEAT + "f2", "heat_level", "hot")
     poll(lambda: inflight(r) == 0, timeout=30, what="plans recorded")
+    assert {e["plan_id"]: e["recorded_by"] for e in late_entries(r)}["f1"] == "admit"
 
     def tasks() -> dict[str, dict[str, object]]:
-        status, body = get(flower + "/api/tasks?taskname=observer_tasks.late_observe")
+        status, body = get(flower + f"/api/tasks?taskname={LATE_OBSERVE}")
         return json.loads(body) if status == 200 else {}
 
     # Each plan's SUCCESS comes from whoever recorded it, just after the record (0.2 s later from the wake step).
     def states() -> set[object]:
         t = tasks()
-        return {t.get(f"p28-late-{p}", {}).get("state") for p in ("f1", "f2", "f3")}
+        return {t.get(C.task_id(p), {}).get("state") for p in ("f1", "f2", "f3")}
 
     poll(lambda: states() == {"SUCCESS"}, what="the three plans' tasks in Flower, decided")
 
@@ -84,11 +91,11 @@ def test_flower_sees_the_worker_and_the_late_tasks(r: redis.Redis, flower: str,
 
     poll(online, what="flower_worker_online for the worker")
     _status, metrics = get(flower + "/metrics", auth=None)
-    assert 'flower_events_total{task="observer_tasks.late_observe",type="task-succeeded"' in metrics
+    assert f'flower_events_total{{task="{LATE_OBSERVE}",type="task-succeeded"' in metrics
 
 
 def task_info(flower: str, plan: str) -> dict[str, object]:
-    status, body = get(f"{flower}/api/task/info/p28-late-{plan}")
+    status, body = get(f"{flower}/api/task/info/{C.task_id(plan)}")
     return json.loads(body) if status == 200 else {}
 
 
@@ -118,11 +125,12 @@ def test_each_plans_life_in_flower_as_an_operator_sees_it(r: redis.Redis, env: d
                                                          start_worker: Callable[..., Worker],
                                                          tmp_path: Path) -> None:
     browser = chromium()
-    # Long enough to watch a waiting plan: the first look after the 1 s safety interval, the deadline at 6 s.
-    env.update(P28_LATE_OBS_MAX_WAIT_MS="6000", P28_LATE_OBS_POLL_MS="100")
+    # Long enough to watch a waiting plan: the first look after the 1 s safety interval, the deadline at 15 s,
+    # past the two chromium runs that read the waiting page (5 s and more on the loaded shared cores: with a
+    # 6 s window, wake1's heat was then written after its deadline, and quiet1's page could show its SUCCESS).
+    env.update(P28_LATE_OBS_MAX_WAIT_MS="15000", P28_LATE_OBS_POLL_MS="100")
     start_worker()
-    poll(lambda: r.exists("quantum:p28:late_obs:wake_ok") and not r.exists("quantum:p28:late_obs:wake_degraded"),
-         what="the wake path healthy")
+    poll(lambda: r.exists(C.WAKE), what="the wake path healthy")
     for plan in ("wake1", "quiet1"):
         assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
     # Waiting: PENDING with the first look's eta, then RETRY once the first look has found no heat.
@@ -132,22 +140,28 @@ def test_each_plans_life_in_flower_as_an_operator_sees_it(r: redis.Redis, env: d
     waiting = poll(lambda: (t := task_info(flower, "quiet1")).get("state") == "RETRY" and t, timeout=10,
                    what="quiet1 waiting (RETRY)")
     assert "Waiting(" in str(waiting["exception"]) and "next look in" in str(waiting["exception"])
-    page = browse(browser, f"{flower}/task/p28-late-quiet1", tmp_path / "waiting.png")
+    browsed_at = time.monotonic()
+    page = browse(browser, f"{flower}/task/{C.task_id('quiet1')}", tmp_path / "waiting.png")
+    print(f"\nwaiting page read in {time.monotonic() - browsed_at:.1f}s")
     assert "RETRY" in page and "SUCCESS" not in page and "next look in" in page
 
-    r.hset("quantum:harvest:heat:by_plan:wake1", mapping={"heat_level": "hot", "heat_action": "NONE"})
+    r.hset(HEAT + "wake1", mapping={"heat_level": "hot", "heat_action": "NONE"})
     decided = poll(lambda: (t := task_info(flower, "wake1")).get("state") == "SUCCESS" and t, what="wake1 decided")
     result = ast.literal_eval(str(decided["result"]))
     entry = next(e for e in late_entries(r) if e["plan_id"] == "wake1")
     assert result == {"reason": "ok", "wait_ms": int(entry["wait_ms"]), "recorded_by": "wake"}
 
     shot = tmp_path / "decided.png"
-    page = browse(browser, f"{flower}/task/p28-late-wake1", shot)
+    page = browse(browser, f"{flower}/task/{C.task_id('wake1')}", shot)
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
-    assert "observer_tasks.late_observe" in page and "p28-late-wake1" in page
+    assert LATE_OBSERVE in page and C.task_id("wake1") in page
     assert "SUCCESS" in page and "RETRY" not in page and "Waiting(" not in page
     assert f"{{'reason': 'ok', 'wait_ms': {entry['wait_ms']}, 'recorded_by': 'wake'}}" in page
 
-    quiet = poll(lambda: (t := task_info(flower, "quiet1")).get("state") == "SUCCESS" and t, timeout=15,
-                 what="quiet1 decided at its deadline")
-    assert ast.literal_eval(str(quiet["result"])) == {"reason": "timeout", "wait_ms": 6000, "recorded_by": "look"}
+    try:
+        quiet = poll(lambda: (t := task_info(flower, "quiet1")).get("state") == "SUCCESS" and t, timeout=25,
+                     what="quiet1 decided at its deadline")
+    except AssertionError:  # (seen once under load: say whether the plan was decided and what Flower holds)
+        print("quiet1:", [e for e in late_entries(r) if e["plan_id"] == "quiet1"], task_info(flower, "quiet1"))
+        raise
+    assert ast.literal_eval(str(quiet["result"])) == {"reason": "timeout", "wait_ms": 15000, "recorded_by": "look"}

@@ -11,12 +11,10 @@ import pytest
 import redis
 
 from observer_tasks import observe_late
+from observer_tasks.core.settings import LATE_POINT
 from observer_tasks.worker.tasks import late_observe
 
-from .conftest import BROKER_URL, Worker, inflight, late_entries, poll
-
-HEAT = "quantum:harvest:heat:by_plan:"
-LEASES = "quantum:p28:late_obs:leases"
+from .conftest import BROKER_URL, HEAT, Worker, counters, inflight, late_entries, lease, poll
 
 
 def one_entry(r: redis.Redis, plan: str) -> dict[str, str]:
@@ -41,7 +39,9 @@ def broker_idle() -> bool:
 def write_heat_during_the_wait(r: redis.Redis, plan: str, after_ms: int) -> int:
     """HeatBridge's write, once Redis's clock is after_ms past the plan's publish (heat that comes while the
     observer waits); returns how long after the publish the write began, on Redis's clock (ms)."""
-    published_ms = int(json.loads(r.hget(LEASES, plan))["published_ms"])  # type: ignore[arg-type]
+    leased = lease(r, plan)
+    assert leased is not None, f"{plan} has no lease"
+    published_ms = int(leased["published_ms"])
 
     def redis_ms() -> int:
         sec, usec = r.time()
@@ -93,14 +93,20 @@ def test_timeout_after_max_wait(r: redis.Redis, worker: Worker) -> None:
 
 
 def test_wrong_type_is_a_parse_error(r: redis.Redis, worker: Worker) -> None:
+    # Written before the call: the admission reads it and records the plan at once (heat written first).
     r.sadd(HEAT + "p1", "member")
-    observe_late("p1", "BTCUSDT")
+    assert observe_late("p1", "BTCUSDT") == "enqueued"
     entry = one_entry(r, "p1")
     assert (entry["heat_found"], entry["heat_reason"]) == ("0", "parse_error")
-    # The first look (polls 1), or the wake step when a push for the same key name in another database of
-    # a shared Redis reaches it first (client tracking spans the server).
-    assert (entry["recorded_by"], entry["polls"]) in {("look", "1"), ("wake", "0")}
+    assert (entry["recorded_by"], entry["polls"]) == ("admit", "0")
     assert "WRONGTYPE" in entry["debug_json"]
+    # Written while the plan waits: the wake step (its push), or a look when the push is missed.
+    assert observe_late("p2", "BTCUSDT") == "enqueued"
+    r.sadd(HEAT + "p2", "member")
+    entry = one_entry(r, "p2")
+    assert (entry["heat_found"], entry["heat_reason"]) == ("0", "parse_error")
+    assert entry["recorded_by"] in ("wake", "look") and "WRONGTYPE" in entry["debug_json"]
+    poll(lambda: inflight(r) == 0 and broker_idle(), what="chains ended")
 
 
 def test_a_message_after_the_deadline_records_timeout(r: redis.Redis, env: dict[str, str],
@@ -109,8 +115,9 @@ def test_a_message_after_the_deadline_records_timeout(r: redis.Redis, env: dict[
     observe_late_plan = "p1"
     # Admit with no worker running, so the first message waits in the broker past the deadline.
     assert observe_late(observe_late_plan, "BTCUSDT") == "enqueued"
-    lease = json.loads(r.hget(LEASES, "p1"))  # type: ignore[arg-type]
-    poll(lambda: r.time()[0] * 1000 > lease["deadline_ms"] + 300, what="deadline passed")
+    leased = lease(r, "p1")
+    assert leased is not None
+    poll(lambda: r.time()[0] * 1000 > leased["deadline_ms"] + 300, what="deadline passed")
     r.hset(HEAT + "p1", "heat_level", "hot")  # present, but after the deadline: it does not count
     start_worker()  # type: ignore[operator]
     entry = one_entry(r, "p1")
@@ -130,8 +137,8 @@ def test_redelivered_and_forged_messages_add_nothing(r: redis.Redis, worker: Wor
     send_late(("never", "BTCUSDT", "", 1, 2))
     poll(lambda: inflight(r) == 0 and broker_idle(), what="all messages done")
     assert [e["plan_id"] for e in late_entries(r)] == ["p1"]
-    counters = {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
-    assert counters["observed|publish_plan_post|1"] == 1 and "observed|publish_plan_post|0" not in counters
+    counts = counters(r)
+    assert counts("p28_observed", LATE_POINT, "1") == 1 and counts("p28_observed", LATE_POINT, "0") == 0
 
 
 def test_bad_messages_are_rejected_and_keep_the_lease(r: redis.Redis, env: dict[str, str],
@@ -146,7 +153,7 @@ def test_bad_messages_are_rejected_and_keep_the_lease(r: redis.Redis, env: dict[
     out = w.output()
     assert "bad task arguments" in out and "published_ms='soon'" in out and "plan_id 'a*b'" in out
     # p1 is still under observation: the rejections did not free its lease.
-    assert r.hexists(LEASES, "p1") and not late_entries(r)
+    assert lease(r, "p1") is not None and not late_entries(r)
     r.hset(HEAT + "p1", "heat_level", "warm")
     assert one_entry(r, "p1")["heat_reason"] == "ok"
     assert "Traceback" not in w.output()

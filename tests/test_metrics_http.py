@@ -9,12 +9,14 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from observer_tasks import observe, observe_late
+from observer_tasks.core import contract as C
+from observer_tasks.core.settings import LATE_POINT, Settings
 
-from .conftest import REDIS_HOST, REDIS_PORT, Worker, inflight, poll, scrape, stream_entries
+from .conftest import HEAT, REDIS_HOST, REDIS_PORT, STREAM, Worker, inflight, poll, scrape, stream_entries
 
-HEAT = "quantum:harvest:heat:by_plan:"
-POINTS = ("create_apply_plan", "publish_plan_post")
-REASONS = ("ok", "missing", "timeout", "redis_error", "parse_error")
+#: Every configured observation point (P28_HEAT_OBS_POINTS' default, then publish_plan_post) and reason.
+POINTS = Settings().obs_points
+REASONS = C.REASONS
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -30,14 +32,22 @@ def test_every_series_exists_at_zero_from_start(worker: Worker) -> None:
             assert f'p28_observed_total{{heat_found="{found}",obs_point="{point}"}} 0.0' in text
         for reason in REASONS:
             assert f'p28_heat_reason_total{{obs_point="{point}",reason="{reason}"}} 0.0' in text
-    assert "\np28_late_obs_dropped_total 0.0\n" in text
-    assert "\np28_late_obs_inflight 0.0\n" in text
+        for cause in C.REFUSAL_CAUSES:
+            assert f'p28_observe_refused_total{{cause="{cause}",obs_point="{point}"}} 0.0' in text
+    assert POINTS == ("create_apply_plan", "reconcile_close_consume", LATE_POINT)
+    for path in C.RECORD_PATHS:  # "admit" among them: heat written before the call
+        assert f'p28_late_obs_recorded_total{{path="{path}"}} 0.0' in text
+    for name in ("p28_late_obs_dropped_total", "p28_late_obs_lost_total", "p28_late_obs_recovered_total",
+                 "p28_late_obs_redis_gaps_total", "p28_late_obs_inflight", "p28_late_obs_backlog"):
+        assert f"\n{name} 0.0\n" in text, name
+    assert "\np28_late_obs_wake_resyncs_total " in text  # 1 already: the listener's resync at its start
     assert 'p28_late_obs_heat_wait_seconds_bucket{le="+Inf"} 0.0' in text
 
 
 def test_counters_agree_exactly_with_the_stream(r: redis.Redis, env: dict[str, str], start_worker) -> None:  # type: ignore[no-untyped-def]
     # 26 of the 40 plans get no heat and hold their slot for MAX_WAIT (600 ms, far longer than the loop):
-    # with 20 slots some must be dropped, however fast the others are recorded.
+    # with 20 slots some must be dropped, however fast the others are recorded. (The 14 whose heat hash is
+    # written before the call are recorded by their admission and hold no slot.)
     env["P28_LATE_OBS_MAX_INFLIGHT"] = "20"
     w = start_worker()
     results: Counter[str] = Counter()
@@ -61,6 +71,9 @@ def test_counters_agree_exactly_with_the_stream(r: redis.Redis, env: dict[str, s
         for reason in REASONS:
             key = ("p28_heat_reason_total", (("obs_point", point), ("reason", reason)))
             assert got[key] == reasons[(point, reason)]
+    # Written before the call: recorded by the admission itself (hits ok, the wrong type parse_error).
+    assert got[("p28_late_obs_recorded_total", (("path", "admit"),))] == 14
+    assert reasons[(LATE_POINT, "parse_error")] == 4
     # Plans that end early free their slot, so how many are dropped depends on timing; the sum does not.
     assert results["dropped"] > 0 and results["enqueued"] + results["dropped"] == 40
     assert got[("p28_late_obs_dropped_total", ())] == results["dropped"]
@@ -80,7 +93,7 @@ def test_the_checklists_verification_commands(r: redis.Redis, worker: Worker) ->
     poll(lambda: inflight(r) == 0, timeout=30, what="all late plans recorded")
     db = worker.env["REDIS_URL"].rsplit("/", 1)[1]
     port = worker.metrics_port
-    stream = "quantum:stream:apply.heat.observed"
+    stream = STREAM
     cli = f"redis-cli -h {REDIS_HOST} -p {REDIS_PORT} -n {db}"
     v1 = subprocess.run(["bash", "-c", f"""{cli} --raw XREVRANGE {stream} + - COUNT 600 | \\
 awk '
@@ -103,8 +116,8 @@ grep -E '^p28_heat_reason_total\\{{obs_point="publish_plan_post",reason="(timeou
 def test_redis_down_at_scrape_leaves_counters_out(env: dict[str, str]) -> None:
     from prometheus_client import generate_latest
 
+    from observer_tasks.core.connections import redis_client
     from observer_tasks.core.settings import Settings
-    from observer_tasks.core.store import redis_client
     from observer_tasks.worker.metrics import registry
 
     from .conftest import free_port

@@ -11,6 +11,7 @@ tests/hosts_cases.py (invariants); the producer host runs tests/hosts_producer.p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from observer_tasks.core import contract as C
+from observer_tasks.core.settings import LATE_POINT
+from tests.conftest import HEAT as HEAT_PREFIX
 from tests.conftest import IN_CI, ROOT, PrivateRedis, Worker, cannot_run, inflight, late_entries, poll
 from tests.hosts import Net, remove_stale_namespaces, require_namespaces, sh
 from tests.hosts_cases import HEAT, SETTLE_S, Cluster, Outcome, check, run_round
@@ -129,6 +133,7 @@ def test_worker_link_cut_longer_than_the_visibility_timeout(cluster: Cluster, ba
     cluster.workers()
     prod = cluster.producer()
     sent = prod.round("cutA", HEAT)["results"]  # plans under observation on both workers...
+    cut_ms = redis_ms(cluster.data)
     cluster.net.cut("w1")  # ...when w1's cable is cut
     cluster.cut.append("w1")
     t_cut = time.monotonic()
@@ -148,11 +153,24 @@ def test_worker_link_cut_longer_than_the_visibility_timeout(cluster: Cluster, ba
     assert not held_by_w1 or back_s > vt, "w1's messages came back before the visibility timeout"
     entries_while_cut = len(late_entries(cluster.data))
     cut_clients = {c["id"] for c in clients_of(cluster, "w1")}
+    restore_ms = redis_ms(cluster.data)
     cluster.net.restore("w1")
     cluster.cut.remove("w1")
     t_restore = time.monotonic()
     poll(lambda: {c["id"] for c in clients_of(cluster, "w1")} - cut_clients, 30, 0.1, "w1 reconnected")
     reconnect_s = time.monotonic() - t_restore
+    # w1 could not reach Redis for the whole cut, but w2 reached it throughout: the window was watched (by w2),
+    # so it is no gap of Redis's. Once w1's heartbeat answers again it says since when it has been answering
+    # (its answer after the cut), and no gap covering the cut is recorded; round C starts after that beat.
+    def w1_beat() -> dict[str, int] | None:
+        beats = [json.loads(raw) for name, raw in cluster.data.hgetall(C.WORKERS).items() if name.startswith(b"w1@")]
+        return next((b for b in beats if int(b.get("answering_since_ms") or 0) >= restore_ms), None)
+
+    beat = poll(w1_beat, 30, 0.05, "w1's heartbeat answering again after the cut")
+    recorded_gap_s = time.monotonic() - t_restore
+    spans = [tuple(int(t) for t in m.decode().split("-")) for m in cluster.data.zrange(C.GAPS, 0, -1)]
+    assert not [(a, b) for a, b in spans if a <= restore_ms and b >= cut_ms], f"w1's own cut recorded as a gap: {spans}"
+    gap = (cut_ms, int(beat["answering_since_ms"]))
     sent_c, _ = run_round(cluster, prod, "cutC")
     heat_late = prod.quiet()["late_ms"]
     cluster.stop()  # w1 finishes (or gives up) whatever it still held: its late records land before this returns
@@ -161,8 +179,11 @@ def test_worker_link_cut_longer_than_the_visibility_timeout(cluster: Cluster, ba
     out.figures.update(visibility_timeout_s=vt, held_at_cut=len(held), recorded_after_cut_s=recorded_s,
                        held_by_w1_at_cut=len(held_by_w1), redelivered_after_s=round(back_s, 1),
                        w1_reconnected_after_restore_s=round(reconnect_s, 1),
+                       w1_answering_after_restore_s=round(recorded_gap_s, 1),
+                       w1_away_s=round((gap[1] - gap[0]) / 1000, 1),
                        entries_added_by_w1_after_restore=w1_entries_after,
-                       round_a={r: [cluster_reason(out, p) for p in sent].count(r) for r in ("ok", "timeout")})
+                       round_a={r: [cluster_reason(out, p) for p in sent].count(r)
+                                for r in ("ok", "timeout", "redis_error")})
     check(out, baseline, touched=set(sent))
     assert w1_entries_after == 0
 
@@ -268,12 +289,12 @@ def test_redelivery_after_the_dedupe_ttl_writes_nothing(env: dict[str, str], tmp
                    CELERY_BROKER_URL=f"redis://127.0.0.1:{server.port}/1", P28_DEDUPE_TTL_SEC="1")
         assert observe_late("ttl-plan", "BTCUSDT", "EXECUTE") == "enqueued"
         first = poll(lambda: broker.lrange("late_obs", 0, -1), 10, what="the first message on the queue")
-        data.hset("quantum:harvest:heat:by_plan:ttl-plan", mapping={"heat_level": "warm", "heat_action": "NONE"})
+        data.hset(HEAT_PREFIX + "ttl-plan", mapping={"heat_level": "warm", "heat_action": "NONE"})
         worker = Worker(dict(env), ["-l", "info"], tmp_path / "worker.log").wait_ready()
         poll(lambda: len(late_entries(data)) == 1 and inflight(data) == 0, 15, what="the plan recorded")
-        counters = data.hgetall("quantum:p28:counters")
+        counters = data.hgetall(C.COUNTERS)
         recorded_at = redis_ms(data)
-        poll(lambda: redis_ms(data) > recorded_at + 1500 and not data.keys("quantum:dedupe:p28:publish_plan_post:*"),
+        poll(lambda: redis_ms(data) > recorded_at + 1500 and not data.keys(C.dedupe_key(LATE_POINT, "*")),
              10, 0.05, "the dedupe key expired")
         runs = worker.output().count("succeeded in")
         for message in first:  # the very same message, delivered again after the TTL
@@ -282,7 +303,7 @@ def test_redelivery_after_the_dedupe_ttl_writes_nothing(env: dict[str, str], tmp
         worker.stop()  # nothing can be written after this
         worker = None
         assert [e["plan_id"] for e in late_entries(data)] == ["ttl-plan"]
-        assert data.hgetall("quantum:p28:counters") == counters
+        assert data.hgetall(C.COUNTERS) == counters
         assert inflight(data) == 0
     finally:
         if worker:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from observer_tasks.core.settings import Settings
+from observer_tasks.core.settings import LATE_POINT, Settings
 from observer_tasks.ops import reports as R
 from tests.conftest import ROOT
 
@@ -27,8 +27,17 @@ def test_coverage_and_reasons() -> None:
     cov = R.coverage(entries)
     assert cov["publish_plan_post"] == {"found": 3, "not_found": 1, "total": 4, "coverage_pct": 75.0}
     assert cov["create_apply_plan"] == {"found": 0, "not_found": 2, "total": 2, "coverage_pct": 0.0}
-    assert R.reasons(entries) == {"create_apply_plan": {"missing": 2}, "publish_plan_post": {"ok": 3, "timeout": 1}}
+    # Every configured point is listed, in the configured order, the late point last; one without entries
+    # shows no coverage yet (P28_HEAT_OBS_POINTS: reconcile_close_consume is configured by default).
+    assert list(cov) == [*Settings().early_points, LATE_POINT]
+    assert cov["reconcile_close_consume"] == {"found": 0, "not_found": 0, "total": 0, "coverage_pct": None}
+    assert R.reasons(entries) == {"create_apply_plan": {"missing": 2}, "reconcile_close_consume": {},
+                                  "publish_plan_post": {"ok": 3, "timeout": 1}}
     assert R.coverage([])["publish_plan_post"]["coverage_pct"] is None
+    # A point the entries carry that is no longer configured (an older configuration) is listed after them.
+    old = R.coverage([*entries, entry("retired_point", "ok")], points=("create_apply_plan", LATE_POINT))
+    assert list(old) == ["create_apply_plan", LATE_POINT, "retired_point"]
+    assert old["retired_point"]["found"] == 1
 
 
 def test_percentiles_and_late_waits() -> None:

@@ -14,15 +14,14 @@ import redis
 from click.testing import CliRunner
 
 from observer_tasks import observe_late
-from observer_tasks.core.settings import Settings
-from observer_tasks.core.store import master_address, redis_client
+from observer_tasks.core import contract as C
+from observer_tasks.core.connections import master_address, redis_client
+from observer_tasks.core.settings import LATE_POINT, Settings
 from observer_tasks.ops.cli import main
 
-from .conftest import Worker, poll
+from .conftest import HEAT, STREAM, Worker, lease, poll
 from .sentinels import SentinelGroup
 from .test_late_task import write_heat_during_the_wait
-
-HEAT = "quantum:harvest:heat:by_plan:"
 
 
 @pytest.fixture
@@ -42,9 +41,9 @@ def on_sentinel(group: SentinelGroup, env: dict[str, str]) -> redis.Redis:
 
 
 def entries(data: redis.Redis) -> list[dict[str, str]]:
-    stream = data.xrange("quantum:stream:apply.heat.observed")
+    stream = data.xrange(STREAM)
     return [{k.decode(): v.decode() for k, v in f.items()} for _id, f in stream
-            if f[b"obs_point"] == b"publish_plan_post"]
+            if f[b"obs_point"] == LATE_POINT.encode()]
 
 
 def test_every_role_follows_the_master_sentinel_names(group: SentinelGroup, on_sentinel: redis.Redis,
@@ -52,7 +51,7 @@ def test_every_role_follows_the_master_sentinel_names(group: SentinelGroup, on_s
                                                       start_worker: Callable[..., Worker]) -> None:
     data = on_sentinel
     start_worker()
-    poll(lambda: data.exists("quantum:p28:late_obs:wake_ok"), what="wake listener on the master")
+    poll(lambda: data.exists(C.WAKE), what="wake listener on the master")
     for i in range(6):
         assert observe_late(f"s{i}", "BTCUSDT") == "enqueued"
         if i % 2:
@@ -83,7 +82,7 @@ def test_a_demoted_master_loses_every_role(group: SentinelGroup, on_sentinel: re
     env.update({"P28_LATE_OBS_MAX_WAIT_MS": "3000", "P28_LATE_OBS_POLL_MS": "100",
                 "P28_LATE_OBS_SAFETY_POLL_MS": "1000"})
     worker = start_worker()
-    poll(lambda: data.exists("quantum:p28:late_obs:wake_ok"), what="wake listener on the master")
+    poll(lambda: data.exists(C.WAKE), what="wake listener on the master")
     old = group.master_port()
     assert observe_late("before", "BTCUSDT") == "enqueued"
     # SENTINEL FAILOVER does not wait for the replica: an admission it has not yet received is lost with the
@@ -92,28 +91,34 @@ def test_a_demoted_master_loses_every_role(group: SentinelGroup, on_sentinel: re
     # (measured: 0.3-1.3 s after the call, while the replica is still catching up after its start).
     replica = next(port for port in group.server_ports if port != old)
     on_replica = redis.Redis(port=replica, db=0)
-    poll(lambda: on_replica.hexists("quantum:p28:late_obs:leases", "before"), timeout=10,
-         what="the admission on the replica")
+    poll(lambda: lease(on_replica, "before") is not None, timeout=10, what="the admission on the replica")
     on_replica.close()
-    resyncs = json.loads(data.hvals("quantum:p28:workers")[0])["resyncs"]
+    resyncs = json.loads(data.hvals(C.WORKERS)[0])["resyncs"]
     group.sentinel(group.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", "obs")
     new = group.wait_failover(old)
 
     def beat() -> dict[str, Any]:
-        return dict(json.loads(data.hvals("quantum:p28:workers")[0]))
+        return dict(json.loads(data.hvals(C.WORKERS)[0]))
 
     poll(lambda: beat()["wake_master"] == f"127.0.0.1:{new}" and beat()["resyncs"] > resyncs, timeout=15,
          what="the wake listener resynced on the new master")
     # The apply layer's next calls reach the new master (the first may fail: its connection was killed).
-    poll(lambda: observe_late("after", "BTCUSDT") == "enqueued", timeout=10, interval=0.3,
-         what="observe_late on the new master")
-    write_heat_during_the_wait(data, "after", 300)  # after the first look, before the next (1 s)
+    # A call the outbox held (its connection was killed) is made later: a new plan id for each try, so the one
+    # admitted directly is the one observed below.
+    tries = iter(range(1000))
+
+    def admitted_directly() -> str | None:
+        plan = f"after{next(tries)}"
+        return plan if observe_late(plan, "BTCUSDT") == "enqueued" else None
+
+    plan = poll(admitted_directly, timeout=10, interval=0.3, what="observe_late on the new master")
+    write_heat_during_the_wait(data, plan, 300)  # after the first look, before the next (1 s)
     try:
-        poll(lambda: {e["plan_id"] for e in entries(data)} >= {"before", "after"}, timeout=15, what="both recorded")
+        poll(lambda: {e["plan_id"] for e in entries(data)} >= {"before", plan}, timeout=15, what="both recorded")
     except AssertionError:
-        print("DEBUG", entries(data), data.hgetall("quantum:p28:late_obs:leases"), worker.output()[-4000:])
+        print("DEBUG", entries(data), lease(data, "before"), lease(data, plan), worker.output()[-4000:])
         raise
-    after = next(e for e in entries(data) if e["plan_id"] == "after")
+    after = next(e for e in entries(data) if e["plan_id"] == plan)
     assert (after["heat_reason"], after["recorded_by"]) == ("ok", "wake"), after
     out = CliRunner().invoke(main, ["status"]).output
     roles_line = next(line for line in out.splitlines() if line.startswith("roles on:"))

@@ -5,8 +5,8 @@ into a ``celery.events.state.State`` and increments one counter per event type (
 task-started, task-succeeded, task-failed, task-retried, ...), labelled with the task's name, hostname and
 queue from that State; on task-succeeded it also observes the task's ``runtime`` (so the event must carry
 one). This test does the same with Celery's own State and requires, for every plan, whichever path decided
-it (the wake step, a look at the deadline, the sweeper): exactly one task-succeeded with the plan's outcome,
-at most one task-retried before it, no task-failed, and SUCCESS as the State's final state.
+it (the wake step, a look at the deadline, the sweeper, the admission itself): exactly one task-succeeded with
+the plan's outcome, at most one task-retried before it, no task-failed, and SUCCESS as the State's final state.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import redis
 from celery.events.state import State
 
 from observer_tasks import observe_late
+from observer_tasks.core import contract as C
+from observer_tasks.core.connections import redis_client
+from observer_tasks.core.ledger import Ledger
+from observer_tasks.core.messages import LATE_OBSERVE, QUEUE
 from observer_tasks.core.settings import Settings
-from observer_tasks.core.store import Store, redis_client
 
-from .conftest import DATA_URL, Worker, inflight, late_entries, poll
-
-HEAT = "quantum:harvest:heat:by_plan:"
+from .conftest import DATA_URL, HEAT, Worker, inflight, late_entries, poll
 
 
 @pytest.fixture
@@ -70,15 +71,21 @@ def test_every_plan_ends_with_one_final_state(r: redis.Redis, env: dict[str, str
         assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
     for plan in woken:
         r.hset(HEAT + plan, mapping={"heat_level": "warm", "heat_action": "NONE"})
+    # Heat written before the call: the admission records the plan at once, no message is sent, and the apply
+    # process sends the plan's task-sent and task-succeeded itself.
+    first = [f"a{tag}{i}" for i in range(2)]
+    for plan in first:
+        r.hset(HEAT + plan, mapping={"heat_level": "hot", "heat_action": "NONE"})
+        assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
     # A plan whose first message never left (admitted, nothing sent): only the sweeper can decide it.
-    store = Store(Settings.from_env(env), redis_client(DATA_URL, 1.0, "test"))
+    ledger = Ledger(Settings.from_env(env), redis_client(DATA_URL, 1.0, "test"))
     swept = f"s{tag}"
-    assert store.admit(swept, "ETHUSDT", "SKIP").status == "admitted"
-    plans = woken + quiet + [swept]
+    assert ledger.admit(swept, "ETHUSDT", "SKIP").status == "admitted"
+    plans = woken + quiet + first + [swept]
     poll(lambda: inflight(r) == 0, timeout=30, what="every plan recorded")
     entries = {e["plan_id"]: e for e in late_entries(r)}
     assert sorted(entries) == sorted(plans)
-    ids = {f"p28-late-{p}": p for p in plans}
+    ids = {C.task_id(p): p for p in plans}
 
     def succeeded() -> Counter[str]:
         return Counter(e["uuid"] for e in list(task_events) if e["type"] == "task-succeeded" and e["uuid"] in ids)
@@ -100,7 +107,8 @@ def test_every_plan_ends_with_one_final_state(r: redis.Redis, env: dict[str, str
         assert ast.literal_eval(task.result) == {"reason": entry["heat_reason"], "wait_ms": int(entry["wait_ms"]),
                                                  "recorded_by": entry["recorded_by"]}, plan
         # Sent by observe_late, so the exporter labels it with the task's name and queue.
-        assert plan == swept or (task.name, getattr(task, "queue", None)) == ("observer_tasks.late_observe", "late_obs")
+        assert plan == swept or (task.name, getattr(task, "queue", None)) == (LATE_OBSERVE, QUEUE)
     assert {entries[p]["recorded_by"] for p in woken} == {"wake"}
     assert {(entries[p]["heat_reason"], entries[p]["recorded_by"]) for p in quiet} == {("timeout", "look")}
+    assert {(entries[p]["heat_reason"], entries[p]["recorded_by"]) for p in first} == {("ok", "admit")}
     assert entries[swept]["recorded_by"] == "sweep"

@@ -5,30 +5,47 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 
 from observer_tasks import observe_late
-from observer_tasks.core.settings import HEARTBEAT_S, WAKE_PING_S, WAKE_SILENT_S, Settings
-from observer_tasks.core.store import Store, redis_client
-from observer_tasks.worker.sweeper import Sweeper
-from observer_tasks.worker.wake import READ_WAIT_S, WakeListener
+from observer_tasks.core import contract as C
+from observer_tasks.core.connections import redis_client
+from observer_tasks.core.ledger import Batch, Ledger
+from observer_tasks.core.settings import Settings
+from observer_tasks.core.timings import HEARTBEAT_S, WAKE_PING_S, WAKE_READ_S, WAKE_SILENT_S
+from observer_tasks.worker.context import GapWatch
+from observer_tasks.worker.heartbeat import Heartbeat
+from observer_tasks.worker.services import WakeStep
+from observer_tasks.worker.wake import WakeListener
 
-from .conftest import DATA_URL, REDIS_HOST, REDIS_PORT, Worker, inflight, late_entries, poll, scrape
+from .conftest import (
+    DATA_URL,
+    HEAT,
+    REDIS_HOST,
+    REDIS_PORT,
+    Worker,
+    assert_exactly_once,
+    counters,
+    inflight,
+    late_entries,
+    poll,
+    scrape,
+)
 from .proxy import Proxy
 
-HEAT = "quantum:harvest:heat:by_plan:"
-WAKE_DEGRADED = "quantum:p28:late_obs:wake_degraded"
 SLOW_ENOUGH = {"P28_LATE_OBS_MAX_WAIT_MS": "3000", "P28_LATE_OBS_POLL_MS": "100",
                "P28_LATE_OBS_SAFETY_POLL_MS": "1000"}
 
 
 def heartbeat(r: redis.Redis) -> dict[str, Any]:
-    (raw,) = r.hvals("quantum:p28:workers")
+    (raw,) = r.hvals(C.WORKERS)
     return dict(json.loads(raw))
 
 
@@ -41,16 +58,12 @@ def kill_wake_connections(r: redis.Redis) -> int:
 
 
 def wake_healthy(r: redis.Redis) -> bool:
-    return bool(r.exists("quantum:p28:late_obs:wake_ok")) and not r.exists(WAKE_DEGRADED)
+    """The wake path's health as the chains read it: one key, kept by the heartbeats (heartbeat.lua's rule)."""
+    return bool(r.exists(C.WAKE))
 
 
-def assert_exactly_once(r: redis.Redis, plans: list[str]) -> list[dict[str, str]]:
-    entries = late_entries(r)
-    assert sorted(e["plan_id"] for e in entries) == sorted(plans)
-    counts = {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
-    assert sum(counts.get(f"recorded|{p}", 0) for p in ("look", "wake", "sweep")) == len(entries)
-    assert inflight(r) == 0
-    return entries
+def wake_degraded(r: redis.Redis) -> bool:
+    return not r.exists(C.WAKE)
 
 
 def test_killed_wake_connection_falls_back_and_resyncs(r: redis.Redis, env: dict[str, str],
@@ -68,7 +81,7 @@ def test_killed_wake_connection_falls_back_and_resyncs(r: redis.Redis, env: dict
         for plan in plans[kill * 5:kill * 5 + 5]:
             r.hset(HEAT + plan, "heat_level", "hot")
         resynced = kill + 2  # one resync at start, one per kill
-        poll(lambda: r.exists(WAKE_DEGRADED) or heartbeat(r)["resyncs"] >= resynced, timeout=1.0,  # noqa: B023
+        poll(lambda: wake_degraded(r) or heartbeat(r)["resyncs"] >= resynced, timeout=1.0,  # noqa: B023
              what="the chain told to poll at POLL_MS within a second")
         poll(lambda: heartbeat(r)["resyncs"] >= resynced, timeout=5, what="reconnected and resynced")  # noqa: B023
         print(f"\nkill {kill + 1}: resynced {time.monotonic() - killed:.2f}s later")
@@ -78,56 +91,71 @@ def test_killed_wake_connection_falls_back_and_resyncs(r: redis.Redis, env: dict
     poll(lambda: inflight(r) == 0, timeout=15, what="every plan recorded")
     entries = assert_exactly_once(r, plans)
     assert Counter(e["heat_reason"] for e in entries) == {"ok": 10, "timeout": 10}
-    assert int(r.hget("quantum:p28:counters", "wake_resyncs") or 0) == 3  # start + two kills (flushes uncounted)
+    assert counters(r)("p28_late_obs_wake_resyncs") == 3  # start + two kills (flushes uncounted)
 
 
-class CrashingStore(Store):
-    """A real Store whose wake steps for p1 raise something the listener does not expect (a bug), as many
-    times as the test's own budget says (shared by the listeners of one test, fresh for each test)."""
+class CrashingLedger(Ledger):
+    """A real Ledger whose wake steps for one plan raise something the listener does not expect (a bug), as
+    many times as the test's own budget says (shared by the listeners of one test, fresh for each test)."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, crashes: list[int]) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis, plan: str, crashes: list[int]) -> None:
         super().__init__(settings, client)
-        self.crashes = crashes
+        self.plan, self.crashes = plan, crashes
 
-    def wake(self, plan_ids: list[str], client: Any = None) -> dict[str, str]:
-        if "p1" in plan_ids and self.crashes[0]:
+    def wake(self, plan_ids: Sequence[str]) -> Batch:
+        if self.plan in plan_ids and self.crashes[0]:
             self.crashes[0] -= 1
             raise RuntimeError("injected listener crash")
-        return super().wake(plan_ids, client)
+        return super().wake(plan_ids)
 
 
 def test_crashed_listener_thread_is_replaced(r: redis.Redis, env: dict[str, str]) -> None:
+    """The wake step (services.WakeStep) and the heartbeat that supervises it, as the worker runs them: a
+    listener thread that dies of a bug is reported (the chains poll at POLL_MS) and replaced, and the new one's
+    resync records the plan."""
     settings = Settings.from_env({**env, **SLOW_ENOUGH})
-    store = Store(settings, redis_client(DATA_URL, 2.0, "test"))
+    # Unique: the listener hears every database's heat writes (tracking spans the server), other suites' too.
+    plan = f"crash-{uuid.uuid4().hex[:8]}"
     made: list[WakeListener] = []
     crashes = [1]
 
-    def make_listener() -> WakeListener:
-        made.append(WakeListener(CrashingStore(settings, redis_client(DATA_URL, 2.0, "test"), crashes), DATA_URL,
-                                 2.0))
-        return made[-1]
+    class CrashingWakeStep(WakeStep):
+        def new_listener(self) -> WakeListener:
+            ledger = CrashingLedger(settings, redis_client(DATA_URL, 2.0, "wake_step"), plan, crashes)
+            made.append(WakeListener(ledger, DATA_URL, 2.0))
+            return made[-1]
 
-    sweeper = Sweeper(store, "crash@test", make_listener)
-    sweeper.start()
+    worker = SimpleNamespace(observer_context=SimpleNamespace(settings=settings))
+    step = CrashingWakeStep(worker)
+    step.start(worker)
+    beat = Heartbeat(Ledger(settings, redis_client(DATA_URL, 2.0, "worker")), "crash@test", GapWatch(), step.state,
+                     {})
+    beat.start()
     try:
         poll(lambda: wake_healthy(r), what="wake path healthy")
-        store.admit("p1", "BTCUSDT", "")
-        r.hset(HEAT + "p1", "heat_level", "hot")  # the push crashes the listener thread
+        ledger = Ledger(settings, redis_client(DATA_URL, 2.0, "test"))
+        assert ledger.admit(plan, "BTCUSDT", "").status == "admitted"
+        r.hset(HEAT + plan, "heat_level", "hot")  # the push crashes the listener thread
         crashed_at = time.monotonic()
-        poll(lambda: r.exists(WAKE_DEGRADED), timeout=1, what="the chain told to poll at POLL_MS within a second")
+        poll(lambda: wake_degraded(r), timeout=1, what="the chain told to poll at POLL_MS within a second")
         poll(lambda: len(made) == 2, timeout=2, what="a new listener started")
-        (entry,) = poll(lambda: late_entries(r), timeout=3, what="p1 recorded by the new listener's resync")
-        assert (entry["heat_reason"], entry["recorded_by"]) == ("ok", "wake")
-        assert crashes == [0]  # the first listener did crash
+        (entry,) = poll(lambda: late_entries(r), timeout=3, what="the plan recorded by the new listener's resync")
+        assert (entry["plan_id"], entry["heat_reason"], entry["recorded_by"]) == (plan, "ok", "wake")
+        assert crashes == [0] and not made[0].is_alive()  # the first listener did crash
+        poll(lambda: wake_healthy(r), timeout=3, what="the wake path healthy again")
         print(f"\nrecorded {time.monotonic() - crashed_at:.2f}s after the crash")
     finally:
-        sweeper.stopped.set()
-        sweeper.join(5)
+        beat.stopped.set()
+        beat.join(5)
+        step.stop(worker)
 
 
 def test_burst_of_unrelated_writes_and_bad_keys(r: redis.Redis, env: dict[str, str],
                                                 start_worker: Callable[..., Worker]) -> None:
-    env.update(SLOW_ENOUGH)
+    # The plans wait while the test writes the burst (50 000 HSETs: 2 s and more on the loaded shared cores);
+    # their heat comes after it, so their window must outlast the burst whatever the load (every plan gets
+    # heat: nothing waits for the deadline).
+    env.update({**SLOW_ENOUGH, "P28_LATE_OBS_MAX_WAIT_MS": "15000"})
     worker = start_worker()
     poll(lambda: wake_healthy(r), what="wake path healthy")
 
@@ -175,7 +203,7 @@ def test_two_workers_record_every_plan_once(r: redis.Redis, env: dict[str, str],
     workers = 2
     for _ in range(workers):
         start_worker()
-    poll(lambda: len(r.hvals("quantum:p28:workers")) == workers and wake_healthy(r), what="both listeners up")
+    poll(lambda: len(r.hvals(C.WORKERS)) == workers and wake_healthy(r), what="both listeners up")
     plans = [f"t{i}" for i in range(80)]
     for i, plan in enumerate(plans):
         assert observe_late(plan, "BTCUSDT") == "enqueued"
@@ -209,8 +237,8 @@ def test_silently_dropped_wake_connection_is_replaced(r: redis.Redis, env: dict[
 
         proxy.silenced.add("wake")
         cut = time.monotonic()
-        noticed_within = WAKE_PING_S + WAKE_SILENT_S + READ_WAIT_S + 2 * HEARTBEAT_S + 1.0
-        poll(lambda: r.exists(WAKE_DEGRADED), timeout=noticed_within, what="the silent connection noticed")
+        noticed_within = WAKE_PING_S + WAKE_SILENT_S + WAKE_READ_S + 2 * HEARTBEAT_S + 1.0
+        poll(lambda: wake_degraded(r), timeout=noticed_within, what="the silent connection noticed")
         noticed = time.monotonic() - cut
         assert heartbeat(r)["wake"] == "reconnecting"
         # What the wake-degraded alert reads (listeners up < workers).

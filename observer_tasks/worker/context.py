@@ -54,6 +54,9 @@ class GapWatch:
         self.lock = threading.Lock()
         self.last_answer_ms = 0
         self.down_since_ms = 0  # 0: no gap pending
+        #: Since when (Redis ms) this process has reached Redis without a gap: in its heartbeat, so that another
+        #: worker's gap it spans is known to be that worker's own (its link), not Redis's.
+        self.answering_since_ms = 0
 
     def answered(self, redis_ms: int, took_s: float) -> int:
         """A call answered at ``redis_ms`` after ``took_s``: returns the start of a gap to record (0: none)."""
@@ -61,6 +64,8 @@ class GapWatch:
             if took_s * 1000 >= GAP_MIN_MS and not self.down_since_ms:
                 self.down_since_ms = self.last_answer_ms or int(redis_ms - took_s * 1000)
             self.last_answer_ms = max(self.last_answer_ms, redis_ms)
+            if not self.answering_since_ms and not self.down_since_ms:
+                self.answering_since_ms = redis_ms
             return self.down_since_ms
 
     def failed(self) -> None:
@@ -68,10 +73,11 @@ class GapWatch:
             if not self.down_since_ms and self.last_answer_ms:
                 self.down_since_ms = self.last_answer_ms
 
-    def recorded(self, start_ms: int) -> None:
+    def recorded(self, start_ms: int, end_ms: int) -> None:
         with self.lock:
             if self.down_since_ms == start_ms:
                 self.down_since_ms = 0
+                self.answering_since_ms = end_ms
 
     @property
     def pending(self) -> int:

@@ -29,9 +29,10 @@ log = logging.getLogger("observer_tasks.heartbeat")
 
 class Heartbeat(threading.Thread):
     def __init__(self, ledger: Ledger, nodename: str, gaps: GapWatch, wake: Callable[[], dict[str, Any]],
-                 limits: dict[str, Any]) -> None:
+                 limits: dict[str, Any], followed: list[Any] | None = None) -> None:
         super().__init__(name="p28-heartbeat", daemon=True)
         self.ledger, self.nodename, self.gaps, self.wake, self.limits = ledger, nodename, gaps, wake, limits
+        self.followed = followed if followed is not None else []  # the worker's other Redis clients
         self.stopped = threading.Event()
         self.refused = False
 
@@ -58,12 +59,18 @@ class Heartbeat(threading.Thread):
         state = self.wake()  # the listener's state (restarted first if its thread died)
         # Which server this worker's connections (and its listener's tracking) are on, for `status`.
         info = {"pid": os.getpid(), "host": socket.gethostname(), **state, **self.limits,
-                "redis_master": master_address(self.ledger.client.connection_pool)}
-        follow_master(self.ledger.client)
+                "redis_master": master_address(self.ledger.client.connection_pool),
+                "answering_since_ms": self.gaps.answering_since_ms}
+        for client in (self.ledger.client, *self.followed):  # every role of this worker leaves a demoted master
+            follow_master(client)
         start, gap_start = time.monotonic(), self.gaps.pending
         now = self.ledger.heartbeat(self.nodename, info, str(state["wake"]), gap_start)
         if gap_start:
-            log.warning("P2.8A.3: Redis answers again; recorded the gap of %.1fs", (now - gap_start) / 1000)
-            self.gaps.recorded(gap_start)
-        if self.gaps.answered(now, time.monotonic() - start):  # this beat itself was too slow: the next records it
+            log.warning("P2.8A.3: Redis answers again after %.1fs (a gap, unless another worker reached Redis "
+                        "throughout)", (now - gap_start) / 1000)
+            self.gaps.recorded(gap_start, now)
+            # This beat's own wait lies inside the gap it just recorded (which ends at its answer): it must not
+            # open another from the last answer before the outage, which would stretch the gap by one more beat.
+            self.gaps.answered(now, 0.0)
+        elif self.gaps.answered(now, time.monotonic() - start):  # this beat itself was too slow: the next records it
             log.warning("P2.8A.3: Redis answered the heartbeat late; recording a gap")

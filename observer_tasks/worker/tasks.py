@@ -22,6 +22,7 @@ import math
 import time
 from typing import Any
 
+import redis
 from celery import Task
 
 from ..core.app import app
@@ -91,7 +92,7 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], first: bool) 
     except Exception as exc:  # a task that raises would lose its chain
         # A step that fails writes nothing: the lease stays, so the sweeper decides the plan at deadline + grace
         # once Redis takes the record, with this cause.
-        if isinstance(exc, Unavailable | AccessRefused):
+        if isinstance(exc, Unavailable | AccessRefused | redis.RedisError):  # Redis's reply: one line, no traceback
             log.error("P2.8A.3: could not record plan %s (%s); its lease is kept for the sweeper", msg.plan_id,
                       describe(exc))
         else:

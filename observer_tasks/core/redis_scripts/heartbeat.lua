@@ -8,8 +8,24 @@ local state = cjson.decode(A.state)
 state.seen_ms = now
 redis.call('HSET', K.workers, A.nodename, cjson.encode(state))
 
-if A.gap_start_ms > 0 and A.gap_start_ms < now then
-  -- Several workers see the same outage: merge with a gap it overlaps, count each outage once.
+local all = redis.call('HGETALL', K.workers)
+
+-- A gap this worker saw is Redis's (every plan whose window it overlaps is redis_error unless heat proves ok)
+-- unless another fresh worker reached Redis throughout it: then it was this worker's link, and the others
+-- watched. Several workers see the same outage: merge with a gap it overlaps, count each outage once.
+local function vouched(start)
+  for i = 1, #all, 2 do
+    local ok, entry = pcall(cjson.decode, all[i + 1])
+    if ok and type(entry) == 'table' and all[i] ~= A.nodename and tonumber(entry.seen_ms)
+        and tonumber(entry.seen_ms) >= now - A.fresh_ms and tonumber(entry.answering_since_ms)
+        and tonumber(entry.answering_since_ms) > 0 and tonumber(entry.answering_since_ms) <= start then
+      return true
+    end
+  end
+  return false
+end
+
+if A.gap_start_ms > 0 and A.gap_start_ms < now and not vouched(A.gap_start_ms) then
   local start, stop, merged = A.gap_start_ms, now, false
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', K.gaps, start, '+inf')) do
     local s, e = string.match(member, '^(%d+)-(%d+)$')
@@ -25,7 +41,6 @@ if A.gap_start_ms > 0 and A.gap_start_ms < now then
 end
 
 local connected, degraded = false, false
-local all = redis.call('HGETALL', K.workers)
 for i = 1, #all, 2 do
   local ok, entry = pcall(cjson.decode, all[i + 1])
   local seen = ok and type(entry) == 'table' and tonumber(entry.seen_ms)
