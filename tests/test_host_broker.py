@@ -9,6 +9,7 @@ round: the host on Redis and the observer on RabbitMQ, and the reverse.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -60,10 +61,8 @@ def test_the_host_keeps_its_broker_and_the_observer_uses_its_own(
     host_url, observer_url = (BROKER_URL, AMQP_URL) if host == "redis" else (AMQP_URL, BROKER_URL)
     with Connection(AMQP_URL, connect_timeout=5) as conn:  # a clean start on the RabbitMQ side
         for queue in ("host_q", "late_obs"):
-            try:
+            with contextlib.suppress(Exception):  # not declared yet
                 conn.channel().queue_purge(queue)
-            except Exception:  # not declared yet
-                pass
     env.update(CELERY_BROKER_URL=host_url, P28_LATE_OBS_BROKER_URL=observer_url)
     start_worker()  # the worker host sets both: P28_LATE_OBS_BROKER_URL wins
     proc = subprocess.run([sys.executable, "-c", HOST], cwd=tmp_path, env={**os.environ, **env},

@@ -73,11 +73,11 @@ from typing import Any
 import pytest
 import redis
 import yaml
+from observer_tasks.core.store import redis_client
 
 from observer_tasks import observe, observe_late
 from observer_tasks.core import keys as K
 from observer_tasks.core.settings import Settings
-from observer_tasks.core.store import redis_client
 from observer_tasks.ops.demo import SYMBOLS, HeatBridge, heat_fields
 
 from .conftest import ROOT, PrivateRedis, Worker, poll, server_port
