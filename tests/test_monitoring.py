@@ -73,14 +73,14 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from observer_tasks.core.store import redis_client
 
 from observer_tasks import observe, observe_late
-from observer_tasks.core import keys as K
-from observer_tasks.core.settings import Settings
+from observer_tasks.core import contract as C
+from observer_tasks.core.connections import redis_client
+from observer_tasks.core.settings import LATE_POINT, Settings
 from observer_tasks.ops.demo import SYMBOLS, HeatBridge, heat_fields
 
-from .conftest import ROOT, PrivateRedis, Worker, poll, server_port
+from .conftest import ROOT, PrivateRedis, Worker, counters, lease, poll, server_port
 
 RULES = ROOT / "docs" / "prometheus" / "late-observer-rules.yml"
 SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -198,8 +198,8 @@ def test_grafana_variables_expand_as_grafana_does() -> None:
 # -- the label domains the collector exports ----------------------------------------------------------------
 
 #: Every value each label takes on /metrics (zero-initialised series), so a `sum by` answers with all of them.
-DOMAINS = {"obs_point": set(K.OBS_POINTS), "reason": set(K.REASONS), "heat_found": {"0", "1"},
-           "path": set(K.RECORD_PATHS), "cause": set(K.REFUSAL_CAUSES)}
+DOMAINS = {"obs_point": set(Settings().obs_points), "reason": set(C.REASONS), "heat_found": {"0", "1"},
+           "path": set(C.RECORD_PATHS), "cause": set(C.REFUSAL_CAUSES)}
 
 
 def check_panel(title: str, target: dict[str, Any], result: list[dict[str, Any]], instances: set[str]) -> str:
@@ -237,7 +237,7 @@ def check_panel(title: str, target: dict[str, Any], result: list[dict[str, Any]]
 def test_the_panel_check_catches_renamed_metrics_labels_and_values() -> None:
     target = {"refId": "A", "expr": 'sum by (reason) (max without(instance) (rate(p28_heat_reason_total[5m])))',
               "legendFormat": "{{reason}}"}
-    good = [{"metric": {"reason": r}, "value": [0, "0.5"]} for r in K.REASONS]
+    good = [{"metric": {"reason": r}, "value": [0, "0.5"]} for r in C.REASONS]
     assert check_panel("t", target, good, set()) == ""
     assert "no series" in check_panel("t", target, [], set())
     unlabelled = [{"metric": {"cause": "x"}, "value": [0, "1"]}]
@@ -571,7 +571,7 @@ def build_stack(tmp_path: Path, env: dict[str, str], start_worker: Callable[...,
         cleanup.callback(watch.stopped.set)
         admin = redis.Redis(port=private.port, socket_timeout=2)
         bridge = HeatBridge(redis_client(private.url, 0.2, "test-heatbridge"),
-                            K.Keys.from_settings(Settings.from_env()))
+                            Settings.from_env().heat_lookup_prefix)
         bridge.start()
         cleanup.callback(bridge.stop)
         s = Stack(prom_url, am_url, watch, hook, private, admin, bridge, workers, worker)
@@ -615,7 +615,7 @@ def run_faults(s: Stack, instances: set[str], load: Load) -> None:
     startup = [(t - first, {n for n, _, _ in a}) for t, a in list(s.watch.snapshots) if t < loaded and a]
     print(f"\nstart-up: {set().union(*(n for _, n in startup)) or 'nothing'} active for "
           f"{startup[-1][0] if startup else 0:.1f}s after Prometheus started (its first scrapes)")
-    poll(lambda: int(s.admin.hget(K.COUNTERS, f"observed|{K.OBS_LATE}|1") or 0) >= 100, 60, 0.2,
+    poll(lambda: counters(s.admin)("p28_observed", LATE_POINT, "1") >= 100, 60, 0.2,
          "100 late hits recorded")
 
     # -- saturation: a flood past MAX_INFLIGHT -------------------------------------------------------------------------
@@ -629,7 +629,7 @@ def run_faults(s: Stack, instances: set[str], load: Load) -> None:
     dropped = sum(r == "dropped" for r in flood.values())
     assert dropped >= MAX_INFLIGHT, flood
     fire = s.fired("P28LateObsSaturationSustained", t0)
-    poll(lambda: int(s.admin.zcard(K.INFLIGHT)) < MAX_INFLIGHT // 2, 30, 0.1, "the flood drained")
+    poll(lambda: int(s.admin.zcard(C.INFLIGHT)) < MAX_INFLIGHT // 2, 30, 0.1, "the flood drained")
     t_end = time.monotonic()
     s.forget("p28_late_obs_dropped_total")  # the [10m] window, 10 minutes on
     s.row(f"flood ({dropped} dropped)", "P28LateObsSaturationSustained", fire,
@@ -712,12 +712,13 @@ def run_faults(s: Stack, instances: set[str], load: Load) -> None:
     fire = s.fired("P28LateObsRedisError", t_back)
 
     def admitted_before_restart() -> int:
-        return sum(json.loads(v)["published_ms"] < restart_ms for v in s.admin.hvals(K.LEASES))
+        leases = [lease(s.admin, p.decode()) for p in s.admin.zrange(C.INFLIGHT, 0, -1)]
+        return sum(x is not None and x["published_ms"] < restart_ms for x in leases)
     poll(lambda: admitted_before_restart() == 0, 30, 0.2, "every plan of the outage recorded")
-    stream = K.Keys.from_settings(Settings.from_env()).stream
+    stream = Settings.from_env().obs_stream
     entries = [{k.decode(): v.decode() for k, v in f.items()} for _, f in s.admin.xrange(stream)]
     ended = {e["plan_id"]: e["heat_reason"] for e in entries
-             if e["plan_id"].startswith("outage-") and e["obs_point"] == K.OBS_LATE}
+             if e["plan_id"].startswith("outage-") and e["obs_point"] == LATE_POINT}
     assert ended == dict.fromkeys(stranded, "redis_error")
     t_end = time.monotonic()
     s.forget('p28_heat_reason_total{reason="redis_error"}')  # the [5m] window, 5 minutes on
@@ -727,8 +728,7 @@ def run_faults(s: Stack, instances: set[str], load: Load) -> None:
     s.row("Redis back (plans of the outage)", "P28LateObsRedisError",
           (fire[0] + t_back - t0, fire[1] + t_back - t0), s.resolved("P28LateObsRedisError", t_end))
     s.only(t0, {"P28MetricsRedisDown", "P28LateObsRedisError", "P28ObserveRefusedOutage"})
-    counters = {k.decode(): int(v) for k, v in s.admin.hgetall(K.COUNTERS).items()}
-    reasons = {k: v for k, v in counters.items() if k.startswith("reason|publish_plan_post|")}
+    reasons = {k[2]: v for k, v in counters(s.admin).items() if k[:2] == ("p28_heat_reason", LATE_POINT) and v}
     print(f"\npublish_plan_post reasons: {reasons}")
     s.quiet()
 
@@ -767,7 +767,7 @@ def admit(s: Stack, plans: list[str]) -> None:
     and return "deferred": the apply process's thread admits it a moment later."""
     results = {p: observe_late(p, "BTCUSDT", "EXECUTE") for p in plans}
     assert set(results.values()) <= {"enqueued", "deferred"}, results
-    poll(lambda: all(s.admin.zscore(K.INFLIGHT, p) is not None for p in plans), 1.5, 0.02, "every plan in flight")
+    poll(lambda: all(s.admin.zscore(C.INFLIGHT, p) is not None for p in plans), 1.5, 0.02, "every plan in flight")
 
 
 def seconds(duration: str) -> float:
@@ -791,15 +791,15 @@ def busy_script(port: int, seconds: float) -> None:
 def warm_up(s: Stack, targets: int) -> float:
     poll(lambda: len(s.query(f'up{{job="{JOB}"}} == 1')) == targets, 30, 0.2, f"{targets} targets scraped")
     s.quiet()
-    poll(lambda: int(s.admin.hget(K.COUNTERS, f"observed|{K.OBS_LATE}|1") or 0) >= 50, 60, 0.2, "50 late hits recorded")
+    poll(lambda: counters(s.admin)("p28_observed", LATE_POINT, "1") >= 50, 60, 0.2, "50 late hits recorded")
     return s.quiet()
 
 
 def late_reasons(s: Stack, prefix: str) -> dict[str, str]:
-    stream = K.Keys.from_settings(Settings.from_env()).stream
+    stream = Settings.from_env().obs_stream
     return {e["plan_id"]: e["heat_reason"] for e in ({k.decode(): v.decode() for k, v in f.items()}
                                                       for _, f in s.admin.xrange(stream))
-            if e["plan_id"].startswith(prefix) and e["obs_point"] == K.OBS_LATE}
+            if e["plan_id"].startswith(prefix) and e["obs_point"] == LATE_POINT}
 
 
 @pytest.fixture(params=["redis-broker", "rabbitmq"])
@@ -825,7 +825,7 @@ def test_a_busy_spell_pages_as_redis_not_as_capacity_or_timing(busy_stack: Stack
         t0 = warm_up(s, 2)
         spell = [f"busy-{i}" for i in range(20)]
         admit(s, spell)
-        dropped_before = int(s.admin.hget(K.COUNTERS, K.DROPPED) or 0)
+        dropped_before = counters(s.admin)("p28_late_obs_dropped")
         busy_script(s.server.port, BUSY_LIMIT_S + BUSY_S)
         t_back = time.monotonic()
         fire = s.fired("P28LateObsRedisError", t0, timeout=120)
@@ -838,7 +838,7 @@ def test_a_busy_spell_pages_as_redis_not_as_capacity_or_timing(busy_stack: Stack
         s.forget("p28_observe_refused_total")  # the refusals' [2m] window
         s.row(f"BUSY {BUSY_S} s past the limit", "P28LateObsRedisError", fire,
               s.resolved("P28LateObsRedisError", t_end, timeout=90))
-        dropped = int(s.admin.hget(K.COUNTERS, K.DROPPED) or 0) - dropped_before
+        dropped = counters(s.admin)("p28_late_obs_dropped") - dropped_before
         print(f"\nBUSY spell: {dropped} replayed calls dropped; back {t_back - t0:.1f}s after the spell began")
         never = {"P28LateObsSaturationSustained", "P28LateObsTimingTooShort"}
         assert not s.watch.active_since(t0) & never, f"pending or firing: {s.watch.active_since(t0) & never}"
@@ -869,13 +869,13 @@ def test_every_worker_killed_past_max_wait_pages_as_workers_down_and_backlog(exp
     load.start()
     try:
         t0 = warm_up(s, 3)
-        dropped_before = int(s.admin.hget(K.COUNTERS, K.DROPPED) or 0)
+        dropped_before = counters(s.admin)("p28_late_obs_dropped")
         first_plan = load.n
         for w in s.workers.values():
             w.stop(9)
         fire = s.fired("P28LateObsWorkersDown", t0)
-        backlog_field = K.Keys.refused_field(K.OBS_LATE, "backlog")
-        poll(lambda: int(s.admin.hget(K.COUNTERS, backlog_field) or 0) > 0, 120, 0.5, "calls refused (backlog)")
+        poll(lambda: counters(s.admin)("p28_observe_refused", LATE_POINT, "backlog") > 0, 120, 0.5,
+             "calls refused (backlog)")
         for name in ("P28LateObsBacklog", "P28ObserveRefusedOutage"):
             poll(partial(s.watch.first_firing, name, t0), 30, 0.2, f"{name} firing in Prometheus")
         # Alertmanager holds both back while WorkersDown fires: received, suppressed, not delivered.
@@ -899,8 +899,8 @@ def test_every_worker_killed_past_max_wait_pages_as_workers_down_and_backlog(exp
         clear = poll(lambda: s.watch.first_clear("P28ObserveRefusedOutage", t_end), 60, 0.1, "refusals resolved")
         s.row("  its refusals (cause backlog)", "P28ObserveRefusedOutage", (math.nan, math.nan),
               (clear - t_end, math.nan))
-        poll(lambda: int(s.admin.zcard(K.INFLIGHT)) < MAX_INFLIGHT // 2, 60, 0.2, "the waiting plans decided")
-        assert int(s.admin.hget(K.COUNTERS, K.DROPPED) or 0) == dropped_before, "a worker outage drops nothing"
+        poll(lambda: int(s.admin.zcard(C.INFLIGHT)) < MAX_INFLIGHT // 2, 60, 0.2, "the waiting plans decided")
+        assert counters(s.admin)("p28_late_obs_dropped") == dropped_before, "a worker outage drops nothing"
         # Decided from the heat evidence: the load writes heat for 90% of its plans ~100 ms after the call, long
         # before their deadline, so most of the outage's plans are ok, not the sweeper's blanket timeout.
         outage = {p: r for p, r in late_reasons(s, "load-").items() if first_plan <= int(p[5:]) < last_plan}
