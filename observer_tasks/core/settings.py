@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .timings import (
-    DEFAULT_SAFETY_POLL_MS,
     LOOKUP_TIMEOUT_S,
     MIN_SWEEP_GRACE_MS,
     MIN_VISIBILITY_TIMEOUT_S,
@@ -85,7 +84,7 @@ class Settings:
         default=True,
         metadata=_var("P28_LATE_OBS_WAKE", "record a plan the moment its heat hash is written (polls stay as safety)"),
     )
-    # 0 means "not set": DEFAULT_SAFETY_POLL_MS clamped to POLL_MS..MAX_WAIT_MS (see safety_poll_ms).
+    # 0 means "not set": MAX_WAIT_MS, the only look at the deadline (see safety_poll_ms).
     late_obs_safety_poll_ms: int = field(
         default=0,
         metadata=_var("P28_LATE_OBS_SAFETY_POLL_MS", "interval between looks while the wake path is healthy (ms)",
@@ -153,10 +152,11 @@ class Settings:
 
     @property
     def safety_poll_ms(self) -> int:
-        """The chain's interval while the wake path is healthy (ms)."""
-        if self.late_obs_safety_poll_ms:
-            return self.late_obs_safety_poll_ms
-        return min(max(DEFAULT_SAFETY_POLL_MS, self.late_obs_poll_ms), self.late_obs_max_wait_ms)
+        """The chain's interval while the wake path is healthy (ms). Unset: MAX_WAIT_MS, so a plan's one look is
+        at its deadline: the wake step records its heat the moment it is written, the admission heat written
+        before the call, and a listener's resync after any reconnect heat written while it was away, so a look
+        before the deadline would only find the plan waiting (docs/performance.md: one message per plan)."""
+        return self.late_obs_safety_poll_ms or self.late_obs_max_wait_ms
 
     @property
     def sweep_grace_ms(self) -> int:

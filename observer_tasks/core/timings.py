@@ -96,5 +96,3 @@ STREAM_MAXLEN = 10_000
 #: still waiting to be decided.
 GAPS_MAX = 1_000
 GAPS_KEEP_MS = 3_600_000
-#: The safety interval used when P28_LATE_OBS_SAFETY_POLL_MS is not set (ms), clamped to POLL_MS..MAX_WAIT_MS.
-DEFAULT_SAFETY_POLL_MS = 1_000
