@@ -49,8 +49,9 @@ def up(port: int) -> bool:
 class SentinelGroup:
     """Master + ``replicas`` replicas + 3 sentinels; ``url(db)`` is the observer's redis+sentinel:// URL."""
 
-    def __init__(self, workdir: Path, replicas: int = 1) -> None:
+    def __init__(self, workdir: Path, replicas: int = 1, down_after_ms: int = DOWN_AFTER_MS) -> None:
         self.workdir = workdir
+        self.down_after_ms = down_after_ms
         ports = _ports(1 + replicas + 3)
         self.server_ports, self.sentinel_ports = ports[:1 + replicas], ports[1 + replicas:]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -73,7 +74,7 @@ class SentinelGroup:
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {master} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+                f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n")
             self.spawn(port, ["redis-server", str(conf), "--sentinel"])
