@@ -60,7 +60,7 @@ class ObserverServices(bootsteps.StartStopStep):
             if why_not:
                 log.warning("P2.8A.3: kombu guard off: %s", why_not)
             else:
-                app.conf.broker_transport = transport
+                kombu_guard.install(app, transport)
         concurrency = getattr(worker, "concurrency", None) or self.settings.late_obs_max_workers
         # Logged at WARNING: Celery's default worker log level, where operators grep for them.
         for line in self.settings.startup_lines(workers=concurrency):
