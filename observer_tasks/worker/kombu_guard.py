@@ -186,8 +186,21 @@ def _resolved(transport: Any) -> type | None:
     return cls if isinstance(cls, type) else None
 
 
+#: Seconds between the worker's attempts to reach its broker again: kombu's ensure_connection() waits 2 s, then 2 s
+#: more after each failed round (of every sentinel URL), so a worker whose round failed just before a promotion
+#: (~2.5 s after a master's death) waited 4 s more; a refusal or a failover is over in seconds.
+RECONNECT_S = 1.0
+
+
 class Connection(kombu.Connection):
-    """kombu's Connection, except that moving to an alternate URL keeps a guarded transport (bug 2)."""
+    """kombu's Connection, except that moving to an alternate URL keeps a guarded transport (bug 2), and that
+    reconnecting retries every RECONNECT_S unless the caller says otherwise."""
+
+    def ensure_connection(self, errback: Any = None, max_retries: int | None = None,
+                          interval_start: float = RECONNECT_S, interval_step: float = 0.0,
+                          interval_max: float = RECONNECT_S, **kwargs: Any) -> Any:
+        return super().ensure_connection(errback, max_retries, interval_start, interval_step, interval_max,
+                                         **kwargs)
 
     def switch(self, conn_str: str) -> None:
         guarded = _resolved(self.transport_cls) in GUARDS.values()
