@@ -459,6 +459,43 @@ def test_two_master_kills_a_few_seconds_apart(group: SentinelGroup, env: dict[st
 
 
 @pytest.mark.slow
+def test_broker_out_past_celerys_reconnection_limit(group: SentinelGroup, env: dict[str, str],
+                                                    start_worker: Callable[..., Worker]) -> None:
+    """No sentinel answers for longer than Celery's default reconnection limit (``broker_connection_max_retries``,
+    100 attempts, after which the worker exited with ``Unrecoverable error: OperationalError``): the worker keeps
+    trying and consumes again once the sentinels are back. The URLs list seven more sentinel addresses where
+    nothing listens, so that 100 attempts (ten a round, a round a second) take ~10 s here rather than ~33 s."""
+    dead = _ports(7)
+    hosts = ",".join(f"127.0.0.1:{p}" for p in [*group.sentinel_ports, *dead])
+    env.update({**ENV, "REDIS_URL": f"redis+sentinel://{hosts}/obs/0",
+                "CELERY_BROKER_URL": f"redis+sentinel://{hosts}/obs/1"})
+    data = redis_client(env["REDIS_URL"], 2.0, "test", Settings.from_env(env))
+    workers, pids = start_workers(start_worker, 1)
+    master = redis.Redis(port=group.master_port())
+    began = time.monotonic()
+    for port in group.sentinel_ports:
+        group.procs[port].kill()
+        group.procs[port].wait(5)
+    for client in master.client_list():  # the worker's connections to the master go too: it must ask a sentinel
+        if client.get("name", "").startswith("observer_tasks:"):
+            with contextlib.suppress(redis.ResponseError):
+                master.client_kill_filter(_id=client["id"])
+    attempts = lambda: workers[0].output().count("consumer: Cannot connect")  # noqa: E731
+    poll(lambda: attempts() > 110 or workers[0].proc.poll() is not None, 60, 0.2,
+         "more reconnection attempts than Celery's default limit")
+    survived(workers, pids)
+    for port in group.sentinel_ports:
+        group.spawn(port, ["redis-server", str(group.workdir / f"sentinel-{port}.conf"), "--sentinel"])
+    poll(group.ready, 30, 0.1, "the sentinels back")
+    ended = time.monotonic()
+    pings = ping_times(workers, env["CELERY_BROKER_URL"], ended)
+    fresh_s = fresh_plan_recorded(data, ended, workers, redis_client(env["CELERY_BROKER_URL"], 2.0, "test",
+                                                                     Settings.from_env(env)))
+    survived(workers, pids)
+    report(f"no sentinel for {attempts()} attempts", ended - began, pings, workers, fresh_s, {})
+
+
+@pytest.mark.slow
 def test_rabbitmq_broker_with_the_data_redis_busy(server: Server, env: dict[str, str], amqp_broker: str,
                                                   start_worker: Callable[..., Worker]) -> None:
     """RabbitMQ as broker (late_obs a classic queue), the data Redis BUSY past the script limit: the workers ride
