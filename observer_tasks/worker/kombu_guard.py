@@ -12,10 +12,10 @@ What kombu does wrong (each reproduced in tests/test_broker_faults.py, with the 
    the transport, replacing the one the application configured (``broker_transport``). After one failover the
    worker runs on kombu's own ``SentinelTransport``, and the next failover meets bug 1 unguarded.
 3. **Redis saying "not now" is fatal.** A reply of BUSY (a script past the 5 s limit), READONLY (the server
-   turned replica), OOM (maxmemory reached), MASTERDOWN, NOREPLICAS, MISCONF or TRYAGAIN on kombu's own
-   commands (the ack's ``ZREM`` on ``unacked_index``, the delivery's ``ZADD``, the connection's ``PING``,
-   BRPOP) is a ``ResponseError``, which kombu counts as a channel error: Celery calls it unrecoverable and the
-   worker exits (LOADING is already a connection error).
+   turned replica; a blocked BRPOP gets UNBLOCKED), OOM (maxmemory reached), MASTERDOWN, NOREPLICAS, MISCONF
+   or TRYAGAIN on kombu's own commands (the ack's ``ZREM`` on ``unacked_index``, the delivery's ``ZADD``, the
+   connection's ``PING``, BRPOP) is a ``ResponseError``, which kombu counts as a channel error: Celery calls it
+   unrecoverable and the worker exits (LOADING is already a connection error).
 
 What the guard does: ``Channel._connparams`` raises a connection error once the transport dropped its client
 (1); ``Connection`` keeps the guarded transport when ``switch()`` moves to an alternate of the same kind (2);
@@ -25,7 +25,8 @@ reconnects as for any broker outage (3). A message BRPOP took whose unacknowledg
 the pop is allowed, the record is not) is handed to the worker anyway, rather than dropped (kombu raises and
 loses it); if the worker dies before acknowledging it, the plan's lease is the record (the sweeper decides
 it). Messages are otherwise kombu's: unacknowledged ones stay in the unacked hash and come back after the
-visibility timeout.
+visibility timeout. And the worker tries to reach its broker again every RECONNECT_S, not kombu's 2 s, 4 s, 6 s...
+(celeryconfig.py lets it try for as long as an outage lasts).
 
 Scope: only the worker uses it, with a ``redis://`` broker (``Transport``) or a ``redis+sentinel://`` one
 (``SentinelTransport``): the worker's start-up step calls ``install()``. Nothing of kombu is patched: these are
