@@ -26,6 +26,10 @@ except SettingsError:
 broker_url, _sentinel_options, broker_use_ssl = _settings.celery_broker()
 broker_read_url = broker_write_url = broker_url
 broker_connection_retry_on_startup = True
+# A broker outage of any length is ridden out: the worker's consumer tries again for as long as it takes. Celery's
+# default, 100 attempts, made the worker exit (`Unrecoverable error: OperationalError`) after ~46 min at kombu's
+# pace, ~13 min behind three sentinels, ~33 s there at the guarded Redis transport's (kombu_guard.RECONNECT_S).
+broker_connection_max_retries = None
 # Results are never read: the stream and the counters are the results.
 task_ignore_result = True
 result_backend = None

@@ -64,7 +64,7 @@ class SettingsStep(bootsteps.Step):
             if why_not:
                 log.warning("P2.8A.3: kombu guard off: %s", why_not)
             else:
-                app.conf.broker_transport = transport
+                kombu_guard.install(app, transport)
         concurrency = getattr(worker, "concurrency", None) or settings.late_obs_max_workers
         for line in settings.startup_lines(workers=concurrency):  # WARNING: Celery's default level
             log.warning(line)
