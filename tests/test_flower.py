@@ -1,6 +1,7 @@
 """A real Flower against the test broker sees the worker online and the late_obs tasks, and each plan's life:
-waiting while it waits, then its outcome (checked over Flower's API and, as an operator sees it, in a
-headless Chromium: a screenshot and the page's text)."""
+waiting while it waits, then its outcome: SUCCESS for a hit, a state of its own for any other outcome (TIMEOUT ...);
+and its task list shows the newest plans first (its Received column holds each plan's publish time). Checked over
+Flower's API and, as an operator sees it, in a headless Chromium: screenshots and the pages' text."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from observer_tasks import observe_late
 from observer_tasks.core import contract as C
 from observer_tasks.core.messages import LATE_OBSERVE
 
-from .conftest import CELERY, HEAT, ROOT, Worker, free_port, inflight, late_entries, poll
+from .conftest import CELERY, HEAT, ROOT, Worker, free_port, inflight, late_entries, lease, poll
 
 AUTH = "ops:s3cret"
 
@@ -64,7 +66,7 @@ def test_flower_sees_the_worker_and_the_late_tasks(r: redis.Redis, flower: str,
     worker = start_worker()
     assert get(flower + "/api/workers", auth=None)[0] == 401  # authentication is required
     # f1's heat is written before the call: its admission records it (no message; the apply process sends its
-    # task's events); f2's while it waits (the wake step, or a look); f3 gets none (decided at its deadline).
+    # task's events); f2's while it waits (the wake step, or a look); f3 gets none (a timeout at its deadline).
     r.hset(HEAT + "f1", "heat_level", "hot")
     for plan in ("f1", "f2", "f3"):
         assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
@@ -76,12 +78,15 @@ def test_flower_sees_the_worker_and_the_late_tasks(r: redis.Redis, flower: str,
         status, body = get(flower + f"/api/tasks?taskname={LATE_OBSERVE}")
         return json.loads(body) if status == 200 else {}
 
-    # Each plan's SUCCESS comes from whoever recorded it, just after the record (0.2 s later from the wake step).
-    def states() -> set[object]:
+    # Each plan's final state comes from whoever recorded it, just after the record (1 s later from the wake
+    # step): SUCCESS for the hits, TIMEOUT (a custom state: its own badge, its own filter) for the timeout.
+    def states() -> dict[str, object]:
         t = tasks()
-        return {t.get(C.task_id(p), {}).get("state") for p in ("f1", "f2", "f3")}
+        return {p: t.get(C.task_id(p), {}).get("state") for p in ("f1", "f2", "f3")}
 
-    poll(lambda: states() == {"SUCCESS"}, what="the three plans' tasks in Flower, decided")
+    poll(lambda: states() == {"f1": "SUCCESS", "f2": "SUCCESS", "f3": "TIMEOUT"},
+         what="the three plans' tasks in Flower, decided")
+    assert list(json.loads(get(flower + "/api/tasks?state=TIMEOUT")[1])) == [C.task_id("f3")]
 
     def online() -> bool:
         status, body = get(flower + "/metrics", auth=None)  # Prometheus scrapes /metrics without auth
@@ -92,6 +97,7 @@ def test_flower_sees_the_worker_and_the_late_tasks(r: redis.Redis, flower: str,
     poll(online, what="flower_worker_online for the worker")
     _status, metrics = get(flower + "/metrics", auth=None)
     assert f'flower_events_total{{task="{LATE_OBSERVE}",type="task-succeeded"' in metrics
+    assert f'flower_events_total{{task="{LATE_OBSERVE}",type="task-timeout"' in metrics
 
 
 def task_info(flower: str, plan: str) -> dict[str, object]:
@@ -109,15 +115,24 @@ def chromium() -> str:
     return path
 
 
-def browse(browser: str, url: str, out: Path) -> str:
-    """Open the page as an operator would (basic auth as a browser sends it), screenshot it, return its text."""
+def browse(browser: str, url: str, out: Path) -> tuple[str, str]:
+    """Open the page as an operator would (basic auth as a browser sends it), screenshot it; return its DOM and its
+    text. The virtual time budget lets the page's scripts fill the task list (an XHR) before either is taken."""
     authed = url.replace("http://", f"http://{AUTH}@", 1)
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--hide-scrollbars", f"--user-data-dir={out.parent / 'chromium-profile'}", "--window-size=1280,1400"]
+            "--hide-scrollbars", f"--user-data-dir={out.parent / 'chromium-profile'}", "--window-size=1280,1400",
+            "--virtual-time-budget=10000"]
     subprocess.run([*args, f"--screenshot={out}", authed], check=True, capture_output=True, timeout=90)
     dom = subprocess.run([*args, "--dump-dom", authed], check=True, capture_output=True, text=True, timeout=90).stdout
     text = html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"(?s)<(script|style)\b.*?</\1>", " ", dom)))
-    return " ".join(text.split())
+    return dom, " ".join(text.split())
+
+
+def task_rows(dom: str) -> list[tuple[str, str, str]]:
+    """The task list's rows, top to bottom: (task id, its State badge's text, the badge's colour class)."""
+    tbody = dom.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    return [(row_id, state, badge) for row_id, badge, state in re.findall(
+        r'<tr id="([^"]+)".*?<span class="badge ([^"]+)">([^<]+)</span>.*?</tr>', tbody, re.S)]
 
 
 @pytest.mark.slow
@@ -125,25 +140,30 @@ def test_each_plans_life_in_flower_as_an_operator_sees_it(r: redis.Redis, env: d
                                                          start_worker: Callable[..., Worker],
                                                          tmp_path: Path) -> None:
     browser = chromium()
-    # Long enough to watch a waiting plan: the first look after the 1 s safety interval, the deadline at 15 s,
-    # past the two chromium runs that read the waiting page (5 s and more on the loaded shared cores: with a
-    # 6 s window, wake1's heat was then written after its deadline, and quiet1's page could show its SUCCESS).
-    env.update(P28_LATE_OBS_MAX_WAIT_MS="15000", P28_LATE_OBS_POLL_MS="100")
+    # Long enough to watch a waiting plan: the first look after a 1 s safety interval (the default, MAX_WAIT_MS,
+    # would make it the only look, at the deadline: no RETRY to see), the deadline at 15 s, past the two chromium
+    # runs that read the waiting page (5 s and more on the loaded shared cores: with a 6 s window, wake1's heat was
+    # then written after its deadline, and quiet1's page could show its final state).
+    env.update(P28_LATE_OBS_MAX_WAIT_MS="15000", P28_LATE_OBS_POLL_MS="100", P28_LATE_OBS_SAFETY_POLL_MS="1000")
     start_worker()
     poll(lambda: r.exists(C.WAKE), what="the wake path healthy")
-    for plan in ("wake1", "quiet1"):
+    published = {}
+    for plan in ("quiet1", "wake1"):
         assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
-    # Waiting: PENDING with the first look's eta, then RETRY once the first look has found no heat.
+        published[plan] = (lease(r, plan) or {})["published_ms"]
+    # Waiting: PENDING, then RETRY once the first look has found no heat.
     pending = poll(lambda: task_info(flower, "quiet1"), what="quiet1 in Flower")
-    # PENDING with the first look's eta (RETRY already, if a heartbeat just said the wake path was degraded).
-    assert (pending["state"], bool(pending["eta"])) in {("PENDING", True), ("RETRY", False)}, pending
+    assert pending["state"] in ("PENDING", "RETRY"), pending
+    assert pending["received"] == published["quiet1"] / 1000  # Received: the plan's publish time (Redis's clock)
+    if pending["eta"]:  # (none when the sender just read the wake path as degraded: the first look runs at once)
+        assert pending["eta"] == datetime.fromtimestamp((published["quiet1"] + 1000) / 1000, tz=UTC).isoformat()
     waiting = poll(lambda: (t := task_info(flower, "quiet1")).get("state") == "RETRY" and t, timeout=10,
                    what="quiet1 waiting (RETRY)")
     assert "Waiting(" in str(waiting["exception"]) and "next look in" in str(waiting["exception"])
     browsed_at = time.monotonic()
-    page = browse(browser, f"{flower}/task/{C.task_id('quiet1')}", tmp_path / "waiting.png")
+    _dom, page = browse(browser, f"{flower}/task/{C.task_id('quiet1')}", tmp_path / "waiting.png")
     print(f"\nwaiting page read in {time.monotonic() - browsed_at:.1f}s")
-    assert "RETRY" in page and "SUCCESS" not in page and "next look in" in page
+    assert "RETRY" in page and "SUCCESS" not in page and "TIMEOUT" not in page and "next look in" in page
 
     r.hset(HEAT + "wake1", mapping={"heat_level": "hot", "heat_action": "NONE"})
     decided = poll(lambda: (t := task_info(flower, "wake1")).get("state") == "SUCCESS" and t, what="wake1 decided")
@@ -152,16 +172,34 @@ def test_each_plans_life_in_flower_as_an_operator_sees_it(r: redis.Redis, env: d
     assert result == {"reason": "ok", "wait_ms": int(entry["wait_ms"]), "recorded_by": "wake"}
 
     shot = tmp_path / "decided.png"
-    page = browse(browser, f"{flower}/task/{C.task_id('wake1')}", shot)
+    _dom, page = browse(browser, f"{flower}/task/{C.task_id('wake1')}", shot)
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
     assert LATE_OBSERVE in page and C.task_id("wake1") in page
     assert "SUCCESS" in page and "RETRY" not in page and "Waiting(" not in page
     assert f"{{'reason': 'ok', 'wait_ms': {entry['wait_ms']}, 'recorded_by': 'wake'}}" in page
 
+    # The newest plan: recorded at its admission (heat written before the call); its events come from here.
+    r.hset(HEAT + "admit1", mapping={"heat_level": "hot", "heat_action": "NONE"})
+    assert observe_late("admit1", "BTCUSDT", "EXECUTE") == "enqueued"
     try:
-        quiet = poll(lambda: (t := task_info(flower, "quiet1")).get("state") == "SUCCESS" and t, timeout=25,
+        quiet = poll(lambda: (t := task_info(flower, "quiet1")).get("state") == "TIMEOUT" and t, timeout=25,
                      what="quiet1 decided at its deadline")
-    except AssertionError:  # (seen once under load: say whether the plan was decided and what Flower holds)
+    except AssertionError:  # (say whether the plan was decided and what Flower holds)
         print("quiet1:", [e for e in late_entries(r) if e["plan_id"] == "quiet1"], task_info(flower, "quiet1"))
         raise
     assert ast.literal_eval(str(quiet["result"])) == {"reason": "timeout", "wait_ms": 15000, "recorded_by": "look"}
+    assert quiet["exception"] is None and quiet["runtime"] == 15.0
+    poll(lambda: task_info(flower, "admit1").get("state") == "SUCCESS", what="admit1 in Flower, decided")
+
+    # The task list as an operator opens it: newest plans first (sorted by Received, descending, by default), the
+    # timeout's badge another colour than the hits' green. The order is neither the ids' nor the states'.
+    shot = tmp_path / "list.png"
+    dom, page = browse(browser, f"{flower}/tasks", shot)
+    print(f"task list: {shot}")
+    assert shot.stat().st_size > 10_000
+    assert re.search(r'<th data-column="received"[^>]*class="[^"]*sorting_desc', dom), "not sorted by Received"
+    rows = [row for row in task_rows(dom) if row[0] in {C.task_id(p) for p in ("admit1", "wake1", "quiet1")}]
+    assert rows == [(C.task_id("admit1"), "SUCCESS", "text-bg-success"),
+                    (C.task_id("wake1"), "SUCCESS", "text-bg-success"),
+                    (C.task_id("quiet1"), "TIMEOUT", "text-bg-secondary")], rows
+    assert LATE_OBSERVE in page and "TIMEOUT" in page and "SUCCESS" in page and "RETRY" not in page

@@ -1,9 +1,16 @@
 """The first messages: each admitted plan's `late_observe`, sent by the outbox thread through one broker connection.
 
-Each message still goes through Celery's ``send_task``, so Flower and exporters see exactly one task-sent event
-per plan on queue late_obs. The lease taken at admission is what makes this safe: a message that is never sent
-(queue full, broker down, the process killed first) leaves its lease in the ledger, and the worker's sweeper
-decides the plan at deadline + grace; the cause is noted (the outbox writes the note) for its debug_json.
+Each message still goes through Celery's ``send_task``, which builds its task-sent event; the sender takes that
+event instead of letting Celery publish it (``SentEvent``), adds the plan's publish time as ``received`` (Flower's
+task list sorts by it: the newest plans first) and publishes it right after the message, so Flower and exporters
+see exactly one task-sent per plan on queue late_obs, with the task's name, args, queue and routing key. Plans the
+admission recorded at once get their task-sent and their final event from here too. An event the broker refuses
+is kept (at most OUTBOX_MAX, for EVENTS_KEEP_S) and sent again, oldest first, once it takes them; kept events never
+hold a message back.
+
+The lease taken at admission is what makes the messages safe: a message that is never sent (queue full, broker
+down, the process killed first) leaves its lease in the ledger, and the worker's sweeper decides the plan at
+deadline + grace; the cause is noted (the outbox writes the note) for its debug_json.
 
 The first look runs one safety interval after the admission while the wake path is healthy (the wake step
 records most plans before then; a look at once would only find them waiting), at once otherwise. Its eta is on
@@ -15,6 +22,7 @@ the callers' short timeout, so a slow Redis never holds the messages back (no an
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,10 +32,27 @@ from typing import Any
 from ..core import contract as C
 from ..core.connections import describe
 from ..core.ledger import Recorded
-from ..core.messages import LATE_OBSERVE, QUEUE, LateMessage, result, succeeded
+from ..core.messages import LATE_OBSERVE, LateMessage, final_event, task_sent
 from ..core.settings import Settings
-from ..core.timings import BROKER_PATIENCE_S, OUTBOX_BATCH, OUTBOX_MAX, WAKE_HEALTH_READ_S
+from ..core.timings import (
+    BROKER_PATIENCE_S,
+    EVENTS_KEEP_S,
+    EVENTS_RETRY_S,
+    OUTBOX_BATCH,
+    OUTBOX_MAX,
+    WAKE_HEALTH_READ_S,
+)
 from .resilience import Breaker, ThrottledLog, backoff
+
+
+class SentEvent:
+    """Given to ``send_task`` as its event dispatcher: keeps the task-sent event Celery built (its fields, exactly as
+    Celery publishes them) instead of publishing it."""
+
+    fields: dict[str, Any] | None = None
+
+    def publish(self, type_: str, fields: dict[str, Any], producer: Any, **_options: Any) -> None:
+        self.fields = fields
 
 
 class Sender:
@@ -39,9 +64,11 @@ class Sender:
         self.app, self.settings, self.connect, self.health, self.note = app, settings, connect, health, note
         self.breaker, self.clock = breaker, clock
         self.queue: deque[LateMessage] = deque()
-        #: Plans the admission recorded at once: no message, but their task's task-sent and task-succeeded events,
-        #: so Flower and exporters see one task per plan whoever decided it.
-        self.recorded: deque[tuple[LateMessage, Recorded]] = deque()
+        #: Task events not yet published, oldest first: (when kept, type, fields); filled by the caller's thread
+        #: (plans the admission recorded) and the outbox thread, hence their own lock.
+        self.events: deque[tuple[float, str, dict[str, Any]]] = deque()
+        self.events_lock = threading.Lock()
+        self.events_at, self.events_dropped = 0.0, 0
         self.send_at = 0.0
         self.failing_since: float | None = None
         self.wake_healthy, self.health_read_at = False, -WAKE_HEALTH_READ_S
@@ -59,15 +86,33 @@ class Sender:
         return True
 
     def submit_recorded(self, message: LateMessage, outcome: Recorded) -> None:
-        """A plan the admission recorded at once: its task's events only (best effort, like every event)."""
-        if len(self.recorded) < OUTBOX_MAX:
-            self.recorded.append((message, outcome))
+        """A plan the admission recorded at once: no message, but its task's task-sent and final event, so that
+        Flower and exporters see one task per plan whoever decided it."""
+        self.keep(("task-sent", task_sent(message)),
+                  final_event(message.plan_id, outcome.reason, outcome.wait_ms, "admit"))
+
+    def keep(self, *events: tuple[str, dict[str, Any]]) -> None:
+        """Queue events for publishing (stamped now: a late one still says when it happened); beyond OUTBOX_MAX
+        the oldest are dropped."""
+        now, wall, dropped = self.clock(), time.time(), 0
+        with self.events_lock:
+            self.events.extend((now, type_, {**fields, "timestamp": wall}) for type_, fields in events)
+            while len(self.events) > OUTBOX_MAX:
+                self.events.popleft()
+                dropped += 1
+            self.events_dropped += dropped
+        if dropped:
+            self.problems.warning(f"task events dropped: {OUTBOX_MAX} already wait for the broker "
+                                  f"({self.events_dropped} dropped so far)")
 
     def due(self) -> float | None:
-        return self.send_at if self.queue or self.recorded else None
+        dues = [self.send_at] if self.queue else []
+        if self.events:  # not while the broker's breaker is open (nothing would be tried before it closes)
+            dues.append(max(self.events_at, self.breaker.open_until))
+        return min(dues) if dues else None
 
     def run_once(self, stopping: bool = False) -> None:
-        if self.recorded and self.clock() >= self.send_at and not self.breaker.is_open():
+        if self.events and self.clock() >= self.events_at and not self.breaker.is_open():
             self.send_events()
         if not self.queue or self.clock() < self.send_at:
             return
@@ -82,11 +127,20 @@ class Sender:
             try:
                 producer, dispatcher = self.broker()
                 for message in batch[sent:]:
+                    event = SentEvent()
                     self.app.send_task(LATE_OBSERVE, args=message.args(), producer=producer,
                                        kwargs=message.kwargs() if message.errors else None,
-                                       event_dispatcher=dispatcher, retry=False, task_id=C.task_id(message.plan_id),
+                                       event_dispatcher=event, retry=False, task_id=C.task_id(message.plan_id),
                                        eta=self.first_look_at(message))
                     sent += 1
+                    # Right after its message, as Celery would (the first look's RETRY must not overtake it). One
+                    # the broker refuses is kept, and the messages not sent yet are retried as after any failure.
+                    fields = task_sent(message, event.fields)
+                    try:
+                        dispatcher.publish("task-sent", fields, producer)
+                    except Exception:
+                        self.keep(("task-sent", fields))
+                        raise
             except Exception as exc:  # kombu wraps broker failures in many types
                 self.drop_connection()
                 if fresh_retry:
@@ -101,20 +155,39 @@ class Sender:
             return
 
     def send_events(self) -> None:
-        batch = [self.recorded.popleft() for _ in range(min(OUTBOX_BATCH, len(self.recorded)))]
-        try:
-            producer, dispatcher = self.broker()
-            for message, outcome in batch:
-                uuid = C.task_id(message.plan_id)
-                dispatcher.publish("task-sent", {
-                    "uuid": uuid, "root_id": uuid, "parent_id": None, "name": LATE_OBSERVE, "args": message.args(),
-                    "kwargs": {}, "retries": 0, "eta": None, "expires": None, "queue": QUEUE, "exchange": "",
-                    "routing_key": QUEUE}, producer)
-                dispatcher.publish("task-succeeded", {"uuid": uuid, **succeeded(
-                    result(outcome.reason, outcome.wait_ms, "admit"))}, producer)
-        except Exception as exc:  # events are best effort: the stream and the counters have the plan
-            self.drop_connection()
-            self.problems.warning(f"task events of plans recorded at admission not sent ({describe(exc)})")
+        fresh_retry = self.producer is not None  # a connection idle for long may be stale: one fresh try at once
+        while True:
+            try:
+                producer, dispatcher = self.broker()
+                self.publish_events(producer, dispatcher)
+                return
+            except Exception as exc:  # kombu wraps broker failures in many types
+                self.drop_connection()
+                if fresh_retry:
+                    fresh_retry = False
+                    continue
+                self.events_at = self.clock() + EVENTS_RETRY_S
+                self.problems.warning(f"task events not sent ({describe(exc)}); {len(self.events)} kept, sent again "
+                                      f"when the broker takes them (for up to {EVENTS_KEEP_S:.0f}s)")
+                return
+
+    def publish_events(self, producer: Any, dispatcher: Any) -> None:
+        """Publish the kept events, oldest first (one older than EVENTS_KEEP_S is dropped); raises on the first the
+        broker refuses, which stays first."""
+        while True:
+            with self.events_lock:
+                if not self.events:
+                    return
+                head = self.events[0]
+            if self.clock() - head[0] <= EVENTS_KEEP_S:
+                dispatcher.publish(head[1], head[2], producer)
+            else:
+                self.events_dropped += 1
+                self.problems.warning(f"task events older than {EVENTS_KEEP_S:.0f}s dropped "
+                                      f"({self.events_dropped} dropped so far)")
+            with self.events_lock:
+                if self.events and self.events[0] is head:  # (unless dropped meanwhile by keep's bound)
+                    self.events.popleft()
 
     def failed(self, unsent: list[LateMessage], exc: BaseException, stopping: bool) -> None:
         """Keep the messages and try again soon; once the broker has failed for BROKER_PATIENCE_S (or at exit),
@@ -162,7 +235,12 @@ class Sender:
                 connection.release()
 
     def give_up(self) -> list[str]:
-        """At exit: the plans whose message is still queued (their leases stay for the sweeper)."""
+        """At exit: one last try for the kept events, and the plans whose message is still queued (their leases
+        stay for the sweeper)."""
+        if self.events and self.clock() >= self.events_at and not self.breaker.is_open():  # (not if just failed)
+            self.send_events()
+        if self.events:
+            self.problems.warning(f"{len(self.events)} task event(s) not sent before exit")
         left = [m.plan_id for m in self.queue]
         self.queue.clear()
         return left

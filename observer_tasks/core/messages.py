@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from celery.utils.saferepr import saferepr
+
+from .contract import task_id
 from .inputs import InvalidInput, check_plan_id, check_symbol
 
 #: The one queue of the late observer: first messages and every reschedule.
@@ -67,6 +70,28 @@ def result(reason: str, wait_ms: int, recorded_by: str) -> dict[str, Any]:
 
 
 def succeeded(outcome: dict[str, Any]) -> dict[str, Any]:
-    """A task-succeeded event's fields: the result as Celery sends it (its repr), the plan's wait as the
-    runtime, and the first look's RETRY exception cleared (Flower would still show it beside SUCCESS)."""
+    """A final event's fields: the result as Celery sends it (its repr), the plan's wait as the runtime, and the
+    first look's RETRY exception cleared (Flower would still show it beside the final state)."""
     return {"result": repr(outcome), "runtime": outcome["wait_ms"] / 1000, "exception": None, "traceback": None}
+
+
+def final_event(plan_id: str, reason: str, wait_ms: int, recorded_by: str) -> tuple[str, dict[str, Any]]:
+    """A plan's one final event (type, fields): task-succeeded for a hit (``ok``: SUCCESS), ``task-<reason>`` for
+    any other outcome (Celery's event State makes an unknown task-* type a custom state: TIMEOUT, REDIS_ERROR,
+    MISSING, PARSE_ERROR), with the result and runtime, and the task's name and queue, so that a monitor whose
+    State lost (or never had) the plan's task-sent still names it."""
+    fields = {"uuid": task_id(plan_id), "name": LATE_OBSERVE, "queue": QUEUE,
+              **succeeded(result(reason, wait_ms, recorded_by))}
+    return ("task-succeeded" if reason == "ok" else f"task-{reason}"), fields
+
+
+def task_sent(message: LateMessage, celery_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A plan's task-sent fields: Celery's own (``celery_fields``, as its send_task builds them; the same shape
+    when the admission recorded the plan and no message was sent), plus ``received``: the plan's publish time
+    (Redis's clock, s), which Flower's task list sorts by, newest first."""
+    uuid = task_id(message.plan_id)
+    fields = celery_fields or {
+        "uuid": uuid, "root_id": uuid, "parent_id": None, "name": LATE_OBSERVE, "args": saferepr(message.args()),
+        "kwargs": saferepr({}), "retries": 0, "eta": None, "expires": None, "queue": QUEUE, "exchange": "",
+        "routing_key": QUEUE}
+    return {**fields, "received": message.published_ms / 1000}

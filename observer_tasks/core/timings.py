@@ -83,11 +83,22 @@ WORKER_STALE_MS = 10_000
 WORKER_FORGET_MS = 60_000
 #: Least visibility timeout of the Redis broker (s): kombu restores a killed worker's messages after it.
 MIN_VISIBILITY_TIMEOUT_S = 30
-#: How long after a wake or sweep decision its SUCCESS event is sent (s): the first look's RETRY always goes
-#: out first (worker/task_states.py).
-FINAL_STATE_DELAY_S = 0.2
-#: After the broker refused an event, events are dropped for this long before a new connection is tried (s).
+#: How long after a wake or sweep decision its final event is sent (s). Celery's event State lets a RETRY
+#: overwrite any state, and events from two processes are ordered only by when they leave, so the first look's
+#: RETRY must leave first: it leaves within RETRY_FRESH_S of the look that found the plan waiting, or not at all
+#: (the plan then shows PENDING until its final state; worker/task_states.py). A RETRY takes ~1 ms, tens of ms on
+#: a new connection or a loaded host: half a second is never reached in practice, and a final state 1 s late is
+#: nothing to an operator (the stream and the counters have the plan at once).
+FINAL_STATE_DELAY_S = 1.0
+RETRY_FRESH_S = FINAL_STATE_DELAY_S / 2
+#: After the broker refused a task event, the events are kept and tried again after this (s), on a new connection.
 EVENTS_RETRY_S = 1.0
+#: Task events the broker refused are kept (at most OUTBOX_MAX per process, the oldest dropped first) and sent
+#: again for this long (s): long enough for the outages the observer rides out (a broker restart or failover, a
+#: BUSY spell: seconds to minutes), so no plan stays PENDING or RETRY in Flower after one. A longer outage is an
+#: incident read from the stream and the p28_* counters; its oldest events would only reach a Flower that lists
+#: thousands of newer plans above them (and a worker restart loses kept events anyway: they are in memory).
+EVENTS_KEEP_S = 600.0
 
 # -- Redis data -----------------------------------------------------------------------------------------------
 #: Stream length kept by XADD ... MAXLEN ~ (approximate trimming, entries).

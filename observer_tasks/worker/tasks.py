@@ -10,8 +10,10 @@ redis_error (LateMessage.gives_up). The message's times are informational: no de
 
 What Flower and exporters see of a plan (task id ``p28-late-{plan_id}``; worker/task_states.py): task-sent when
 observe_late's message leaves (PENDING, with the first look's eta), task-retried when the first look finds the
-plan still waiting (RETRY, its exception naming the next look), and one task-succeeded when the plan is decided,
-whoever decided it (SUCCESS, its result the outcome). The tasks send no events of their own otherwise.
+plan still waiting (RETRY, its exception naming the next look), and one final event when the plan is decided,
+whoever decided it (SUCCESS for a hit, a custom state such as TIMEOUT otherwise; its result the outcome): a look's
+goes through the worker's FinalStates, which keeps it while the broker refuses it. The tasks send no events of
+their own otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..core.app import app
 from ..core.connections import AccessRefused, Unavailable, describe
 from ..core.inputs import InvalidInput
 from ..core.ledger import GONE, Pending, Recorded
-from ..core.messages import FAILED_LOOKS_MAX, LATE_OBSERVE, LATE_POLL, LateMessage, result, succeeded
+from ..core.messages import FAILED_LOOKS_MAX, LATE_OBSERVE, LATE_POLL, LateMessage, result
 from ..core.timings import RECORD_PATIENCE_S
 from . import task_states
 from .context import WorkerContext, context_of
@@ -77,9 +79,8 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], first: bool) 
         while True:
             outcome = decide(ctx, msg)
             if isinstance(outcome, Recorded):  # decided here: the plan's one final state
-                decided = result(outcome.reason, outcome.wait_ms, "look")
-                task_states.send(task, "task-succeeded", **succeeded(decided))
-                return decided
+                task_states.look_decided(task, ctx.final_states, msg.plan_id, outcome)
+                return result(outcome.reason, outcome.wait_ms, "look")
             if not isinstance(outcome, Again):  # gone (its recorder sent the final state), or left to the sweeper
                 return outcome
             if first:  # before the reschedule: the plan cannot be decided by a look before this event has left
