@@ -500,7 +500,7 @@ def run(args: argparse.Namespace, side: str, rate: float, data, broker) -> dict:
             costs_us.append((time.perf_counter_ns() - start) / 1000)
             call_cpu_ns += time.thread_time_ns() - start_cpu
             returns[r] = returns.get(r, 0) + 1
-            if r == "enqueued":
+            if r in ("enqueued", "deferred"):  # handed over: the outbox makes a deferred call once Redis answers
                 admitted.add(p.plan_id)
         # Every chain ends by its deadline: wait for that (and the entries), so the last looks are counted.
         end = time.time() + settings.late_obs_max_wait_ms / 1000 + 0.5

@@ -36,8 +36,8 @@ import redis
 
 from observer_tasks import observe_late
 from observer_tasks.client import producer
+from observer_tasks.core.connections import redis_client
 from observer_tasks.core.settings import Settings
-from observer_tasks.core.store import redis_client
 
 from .conftest import AMQP_URL, Worker, cannot_run, late_entries, poll
 from .sentinels import SentinelGroup, _ports

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .timings import (
+    BROKER_PATIENCE_S,
     LOOKUP_TIMEOUT_S,
     MIN_SWEEP_GRACE_MS,
     MIN_VISIBILITY_TIMEOUT_S,
@@ -162,9 +163,12 @@ class Settings:
     def sweep_grace_ms(self) -> int:
         """How long past its deadline a plan waits for its deciding look before the sweeper decides it (ms).
 
-        Covers a final look that runs one POLL_MS late and its lookup. The sweeper decides by the same rule as a
-        look (the heat, and the Redis gaps the workers recorded), so a race between the two changes nothing."""
-        return max(MIN_SWEEP_GRACE_MS, self.late_obs_poll_ms + int(1000 * LOOKUP_TIMEOUT_S))
+        Covers a final look that runs one POLL_MS late and its lookup (the sweeper decides by the same rule as a
+        look: the heat, and the Redis gaps the workers recorded, so a race between the two changes nothing), and
+        the apply process's note that a plan's first message never reached the broker, written BROKER_PATIENCE_S
+        after the call (the sweep reads it: `missing`, not `timeout`), with a second to spare."""
+        note_ms = int(1000 * BROKER_PATIENCE_S) + 1000 - self.late_obs_max_wait_ms
+        return max(MIN_SWEEP_GRACE_MS, self.late_obs_poll_ms + int(1000 * LOOKUP_TIMEOUT_S), note_ms)
 
     @property
     def visibility_timeout_s(self) -> int:
@@ -176,16 +180,20 @@ class Settings:
         held_ms = max(self.late_obs_poll_ms, self.safety_poll_ms) + 1000 * (2 * LOOKUP_TIMEOUT_S + RECORD_PATIENCE_S)
         return max(MIN_VISIBILITY_TIMEOUT_S, int(held_ms / 1000) + 10)
 
+    def broker_choices(self) -> dict[str, str]:
+        """The variables the broker is read from, in their order of precedence, with their values ('': not set)."""
+        return {"P28_LATE_OBS_BROKER_URL": self.late_obs_broker_url, "CELERY_BROKER_URL": self.broker_url,
+                "REDIS_URL": self.redis_url}
+
     @property
     def broker(self) -> str:
         """The observer's broker: P28_LATE_OBS_BROKER_URL, else CELERY_BROKER_URL, else REDIS_URL."""
-        return self.late_obs_broker_url or self.broker_url or self.redis_url
+        return self.broker_choices()[self.broker_source]
 
     @property
     def broker_source(self) -> str:
-        """Which variable the broker comes from."""
-        return ("P28_LATE_OBS_BROKER_URL" if self.late_obs_broker_url else
-                "CELERY_BROKER_URL" if self.broker_url else "REDIS_URL")
+        """Which variable the broker comes from: the first set of broker_choices."""
+        return next(name for name, url in self.broker_choices().items() if url)
 
     @property
     def broker_shown(self) -> str:
