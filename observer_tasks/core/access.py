@@ -8,11 +8,13 @@ from .settings import Settings
 from .urls import redact_url
 
 
-def access_problem(settings: Settings, timeout_s: float) -> str | None:
+def access_problem(settings: Settings, timeout_s: float,
+                   outages: list[tuple[str, str, Exception]] | None = None) -> str | None:
     """Why Redis refuses the observer's user, in one line naming the URL and Redis's reply; None when it does not.
 
     Asks REDIS_URL (a PING, then the steps' scripts with their keys: probe.lua) and a Redis broker (a PING).
-    Redis that cannot be reached is an outage, not a configuration error: None, and the caller goes on.
+    Redis that cannot be reached is an outage, not a configuration error: None, and the caller goes on;
+    ``outages``, when given, collects (variable, URL, the failure) of each Redis that could not be asked.
     """
     urls = [("REDIS_URL", settings.redis_url)]
     if settings.broker_is_redis and settings.broker != settings.redis_url:
@@ -28,6 +30,8 @@ def access_problem(settings: Settings, timeout_s: float) -> str | None:
                 cause = exc.__cause__ or exc
                 return (f"{name}={redact_url(url)}: Redis refuses the user ({type(cause).__name__}: {cause}): fix the "
                         "password in the URL or the user's ACL (deploy/redis/users.acl)")
+            if outages is not None:
+                outages.append((name, url, exc))
         finally:
             client.close()
     return None

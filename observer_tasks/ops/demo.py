@@ -2,9 +2,12 @@
 
 Three actors, as in production: a simulated apply layer (this thread) that
 publishes plans and calls observe() and observe_late() exactly as the real one
-does; a simulated HeatBridge (a thread) that writes each plan's heat hash after
-a lognormal delay, or never; and a real Celery worker consuming late_obs. The
-report counts only this run's plans, read back from the observed stream.
+does (observe() at create_apply_plan for every plan, and at the other configured
+early points, reconcile_close_consume by default, for its RECONCILE_CLOSE plans);
+a simulated HeatBridge (a thread) that writes each plan's heat hash after a
+lognormal delay, or never; and a real Celery worker consuming late_obs
+(sandbox.py). The report counts only this run's plans, read back from the
+observed stream.
 """
 
 from __future__ import annotations
@@ -12,19 +15,12 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import os
 import random
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from contextlib import ExitStack
-from pathlib import Path
 from statistics import NormalDist
 from typing import Any, cast
 
@@ -32,88 +28,24 @@ import click
 import redis
 
 from ..client import producer
-from ..core.connections import redis_client
-from ..core.messages import QUEUE
 from ..core.settings import LATE_POINT, Settings
 from ..core.timings import SWEEP_INTERVAL_S
 from ..core.urls import redact_url
-from .probes import REDIS_ERRORS, broker_error, connect, heartbeats, late_obs_workers, load, use_broker
+from .broker import broker_error
+from .probes import REDIS_ERRORS, connect, heartbeats, load
 from .reports import coverage, coverage_table, late_waits, percentiles, reasons, reasons_table
+from .sandbox import ensure_worker, point_at, private_redis
 
 PLAN_STREAM = "quantum:stream:apply.plan"
 PLAN_STREAM_MAXLEN = 10_000
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT", "ADAUSDT")
-DECISIONS, DECISION_WEIGHTS = ("EXECUTE", "SKIP", "BLOCKED"), (0.7, 0.2, 0.1)
+#: The replaced apply layer's decisions; its RECONCILE_CLOSE plans are observed at the other early points too.
+RECONCILE = "RECONCILE_CLOSE"
+DECISIONS, DECISION_WEIGHTS = ("EXECUTE", "SKIP", "BLOCKED", RECONCILE), (0.6, 0.2, 0.1, 0.1)
 #: Spread of HeatBridge's delay (sigma of its logarithm): p99 is about 4x the median.
 HEAT_SIGMA = 0.6
 #: The simulated heat hashes expire after this (s), as HeatBridge's would.
 HEAT_TTL_S = 3600
-#: How long to wait for a started worker or redis-server to answer (s).
-START_TIMEOUT_S = 30.0
-
-
-class Child:
-    """A process started by the demo, its output in a temporary file, stopped at the end."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"observer-demo-{name}-", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-
-    def wait_for(self, ready: Any, what: str) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                state = f"exited with code {self.proc.returncode}" if self.proc.returncode else "did not answer"
-                raise click.ClickException(f"{self.name} {state} ({what}); last output: {self.tail()!r}")
-            time.sleep(0.1)
-
-    def tail(self) -> str:
-        lines = Path(self.log.name).read_text(errors="replace").strip().splitlines()
-        return lines[-1][-200:] if lines else ""
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        os.unlink(self.log.name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def answers(url: str) -> bool:
-    try:
-        return bool(redis_client(url, 0.5, "demo").ping())
-    except REDIS_ERRORS:
-        return False
-
-
-def private_redis(stack: ExitStack, say: Any) -> None:
-    """Start a throw-away redis-server and point REDIS_URL and CELERY_BROKER_URL at it, whatever the environment
-    says (an operator's sourced env file must never send fake plans to the real streams)."""
-    exe = shutil.which("redis-server")
-    if not exe:
-        raise click.ClickException("the demo runs on a private redis-server and there is none on PATH: install one "
-                                   "(apt-get install redis-server), or give a Redis of its own with --redis-url")
-    port = free_port()
-    server = Child("redis-server", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no"])
-    stack.callback(server.stop)
-    os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-    os.environ["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{port}/1"
-    server.wait_for(lambda: answers(os.environ["REDIS_URL"]), f"port {port}")
-    say(f"started a private redis-server on port {port} (stopped at the end)")
 
 
 def production_signs(client: redis.Redis, settings: Settings) -> str | None:
@@ -128,26 +60,6 @@ def production_signs(client: redis.Redis, settings: Settings) -> str | None:
             if not plan.startswith("demo-"):
                 return f"{stream} holds plans that are not a demo's (e.g. {plan[:40]!r})"
     return None
-
-
-def ensure_worker(stack: ExitStack, settings: Settings, run_id: str, no_worker: bool, say: Any) -> bool:
-    """True when a worker consumes late_obs: one already running, or one started here."""
-    running = late_obs_workers(settings)
-    if running:
-        say(f"using the running worker(s): {', '.join(running)}")
-        return True
-    if no_worker:
-        say(f"no worker consumes {QUEUE} (--no-worker): publish_plan_post will not be observed")
-        return False
-    name = f"demo-{run_id}@localhost"
-    env = {**os.environ, "P28_METRICS_PORT": "0"}
-    worker = Child("worker", [sys.executable, "-m", "celery", "-A", "observer_tasks", "worker", "-Q", QUEUE,
-                              "-n", name, "--loglevel", "WARNING"], env)
-    stack.callback(worker.stop)
-    app = use_broker(settings)
-    worker.wait_for(lambda: app.control.ping(destination=[name], timeout=0.5), "no reply to ping")
-    say(f"started worker {name} (stopped at the end)")
-    return True
 
 
 class HeatBridge(threading.Thread):
@@ -237,8 +149,7 @@ def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, 
         if redis_url is None:
             private_redis(stack, say)
         else:  # only a URL given on the command line, never one from the environment
-            os.environ["REDIS_URL"] = redis_url
-            os.environ["CELERY_BROKER_URL"] = broker_url or redis_url
+            point_at(redis_url, broker_url or redis_url)
         settings = load()
         producer.reset()  # its settings (REDIS_URL, broker) have just changed
         client = connect(settings.redis_url, settings)
@@ -258,7 +169,7 @@ def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, 
             f"{heat_median_ms:g} ms, never shared {never_share:.0%}, MAX_WAIT_MS={settings.late_obs_max_wait_ms}")
         results = {"early": Counter[str](), "late": Counter[str]()}
         published = publish(rng, rate, seconds, heat_median_ms, never_share, prefix, client, bridge, tally, results,
-                            say)
+                            say, settings.early_points)
         drain(settings, tally, results, published, say)
         report = summary(run_id, settings, published, results, tally, heat_median_ms, never_share)
         report["heat_written"], report["heat_write_errors"] = bridge.written, bridge.errors
@@ -274,8 +185,12 @@ def run(seconds: float, rate: float, heat_median_ms: float, never_share: float, 
 
 def publish(rng: random.Random, rate: float, seconds: float, heat_median_ms: float, never_share: float,
             prefix: str, client: redis.Redis, bridge: HeatBridge, tally: Tally, results: dict[str, Counter[str]],
-            say: Any) -> int:
-    """The simulated apply layer: one plan every 1/rate s for `seconds`; returns how many it published."""
+            say: Any, points: tuple[str, ...] | None = None) -> int:
+    """The simulated apply layer: one plan every 1/rate s for `seconds`; returns how many it published. Every
+    plan is observed at the first early point (create_apply_plan), a RECONCILE_CLOSE plan at the others of
+    ``points`` too (default: P28_HEAT_OBS_POINTS; results["reconcile"] counts those calls)."""
+    points = Settings.from_env().early_points if points is None else points
+    reconciled = results.setdefault("reconcile", Counter())
     start = time.monotonic()
     next_report, n = start + 1, 0
     try:
@@ -295,6 +210,8 @@ def publish(rng: random.Random, rate: float, seconds: float, heat_median_ms: flo
                 delay_s = rng.lognormvariate(math.log(heat_median_ms / 1000), HEAT_SIGMA)
                 bridge.schedule(time.monotonic() + delay_s, plan_id, heat_fields(rng, plan_id, symbol))
             results["early"][producer.observe(plan_id, symbol, decision)] += 1
+            for point in points[1:] if decision == RECONCILE else ():
+                reconciled[producer.observe(plan_id, symbol, decision, obs_point=point)] += 1
             results["late"][producer.observe_late(plan_id, symbol, decision)] += 1
             n += 1
     except KeyboardInterrupt:
@@ -341,8 +258,9 @@ def summary(run_id: str, settings: Settings, published: int, results: dict[str, 
         "published": published,
         "observe": dict(results["early"]),
         "observe_late": dict(results["late"]),
-        "coverage": coverage(entries),
-        "reasons": reasons(entries),
+        "observe_reconcile": dict(results.get("reconcile", {})),
+        "coverage": coverage(entries, settings.obs_points),
+        "reasons": reasons(entries, settings.obs_points),
         "dropped": results["late"]["dropped"],
         "unfinished": results["late"]["enqueued"] - len(tally.late()),
         "latency_ms": {k: p[k] for k in ("p50", "p90", "p99", "max", "n")} if p else None,
@@ -356,9 +274,11 @@ def report_text(r: dict[str, Any]) -> str:
     latency = (f"p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}  (n={lat['n']})"
                if lat else "no hits")
     calls = ", ".join(f"{k} {v}" for k, v in sorted(r["observe_late"].items()))
+    reconciled = sum(r["observe_reconcile"].values())
     return "\n".join([
         "",
-        f"run {r['run_id']}: {r['published']} plans published (observe_late: {calls or 'none'})",
+        f"run {r['run_id']}: {r['published']} plans published (observe_late: {calls or 'none'}; {RECONCILE} plans "
+        f"observed at the other early points too: {reconciled} calls)",
         coverage_table(r["coverage"]),
         f"expected publish_plan_post coverage ~{r['expected_late_coverage_pct']}% "
         f"(heat shared and written within MAX_WAIT_MS={r['max_wait_ms']})",

@@ -1,4 +1,4 @@
-"""What the operator tools ask Redis, the broker and /metrics: settings, connections, queues, workers.
+"""What the operator tools ask Redis and /metrics: settings, connections, heartbeats, HeatBridge's lag.
 
 Every probe fails with one line (a click exception), never a traceback. Exit
 codes: 2 when the configuration is refused (as the worker refuses it), 1 when
@@ -7,29 +7,21 @@ something cannot be reached or a check fails.
 
 from __future__ import annotations
 
-import functools
 import json
-import shutil
 import signal
-import subprocess
 import threading
 import urllib.request
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import click
 import redis
 import redis.sentinel
-from amqp.exceptions import NotFound
-from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..core import contract as C
-from ..core.app import CONFIG_MODULE
 from ..core.connections import master_address, redis_client
-from ..core.messages import QUEUE
 from ..core.settings import Settings, SettingsError
 from ..core.timings import WORKER_STALE_MS
 from ..core.urls import parse_sentinel_url, redact_url
@@ -44,10 +36,6 @@ HEAT_BRIDGE_GROUP = "heat_bridge"
 REDIS_ERRORS = (redis.RedisError, OSError)
 #: Where `observer-tasks metrics` serves when P28_METRICS_PORT is 0 (no worker on the host serves /metrics).
 EXPORTER_PORT = Settings().metrics_port
-#: The tools' Redis-broker visibility timeout (s): ten years, so they never restore a worker's messages.
-TOOLS_VISIBILITY_TIMEOUT_S = 10 * 365 * 86_400
-#: How long `rabbitmqctl list_queues` may take (s).
-RABBITMQCTL_TIMEOUT_S = 10.0
 
 
 class Refused(click.ClickException):
@@ -71,43 +59,6 @@ def connect(url: str, settings: Settings | None = None, timeout: float = CLI_TIM
     except REDIS_ERRORS as exc:
         raise click.ClickException(f"cannot reach Redis at {redact_url(url)}: {exc}") from None
     return client
-
-
-@functools.lru_cache(maxsize=4)
-def use_broker(settings: Settings) -> Celery:
-    """A Celery app of the tools' own for this broker (control, inspect, queue probes).
-
-    Not the package's app: Celery caches its connection pool at first use, so re-pointing a shared app's
-    broker_url would leave control messages on the old broker. The worker's Celery settings apply.
-    """
-    tool = Celery("observer_tasks", set_as_current=False)
-    tool.config_from_object(CONFIG_MODULE)
-    url, options, ssl = settings.celery_broker()
-    # The read and write URLs: Celery lets the CELERY_BROKER_URL variable override broker_url.
-    tool.conf.broker_url = tool.conf.broker_read_url = tool.conf.broker_write_url = url
-    # kombu's Redis transport restores other consumers' unacknowledged messages whenever it consumes (here:
-    # control replies). That is the workers' job; with this timeout the tools never find one old enough,
-    # so their Redis user needs no write access to the queue (deploy/redis/users.acl).
-    tool.conf.broker_transport_options = {**tool.conf.broker_transport_options, **options,
-                                          "visibility_timeout": TOOLS_VISIBILITY_TIMEOUT_S}
-    tool.conf.broker_use_ssl = ssl
-    return tool
-
-
-def broker_error(settings: Settings) -> str | None:
-    """Why the broker cannot be reached, or None when it answers."""
-    try:
-        with use_broker(settings).connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=CLI_TIMEOUT_S)
-    except Exception as exc:  # kombu raises many types for a broker that is down
-        return f"{exc}"
-    return None
-
-
-def late_obs_workers(settings: Settings, timeout: float = 1.0) -> list[str]:
-    """Names of the workers that consume the late_obs queue (Celery's control API)."""
-    replies = use_broker(settings).control.inspect(timeout=timeout).active_queues() or {}
-    return sorted(name for name, queues in replies.items() if any(q.get("name") == QUEUE for q in queues or ()))
 
 
 def recent(client: redis.Redis, settings: Settings, count: int) -> list[dict[str, str]]:
@@ -177,86 +128,6 @@ def heat_wait_histogram(settings: Settings, client: redis.Redis) -> tuple[list[t
     return buckets, sum(counts.buckets.values()), counts.wait_sum_ms / 1000
 
 
-# -- the late_obs queue on the broker -------------------------------------------------------
-
-
-def queue_counts(settings: Settings) -> str:
-    """late_obs's messages on the broker: ready ones and parked ones (countdown/ETA, held by workers)."""
-    if settings.broker_is_redis:
-        ready, parked = redis_queue(settings)
-        return f"{QUEUE} queue length {ready + parked} ({ready} ready, {parked} parked for their countdown)"
-    declared, unacked = amqp_queue(settings)
-    if declared is None:
-        return f"no {QUEUE} queue on the broker yet (a worker declares it when it starts)"
-    if unacked.isdigit():
-        return (f"{QUEUE} queue length {declared + int(unacked)} ({declared} ready, {unacked} unacknowledged: "
-                "parked for their countdown)")
-    return f"{QUEUE} queue length unknown ({declared} ready, unacknowledged {unacked})"
-
-
-def redis_queue(settings: Settings) -> tuple[int, int]:
-    """Ready: LLEN of the queue's priority lists. Parked: kombu's `unacked` hash entries routed to late_obs.
-
-    A worker fetches countdown messages at once and holds them until their time comes: kombu keeps each
-    in the `unacked` hash (value: JSON [message, exchange, routing_key]) and `unacked_index` until it is
-    acknowledged, so LLEN alone shows 0 with hundreds of plans waiting.
-    """
-    options = {**use_broker(settings).conf.broker_transport_options}
-    prefix = options.get("global_keyprefix", "")
-    unacked = prefix + options.get("unacked_key", "unacked")
-    steps = options.get("priority_steps", [0, 3, 6, 9])
-    sep = options.get("sep", "\x06\x16")
-    client = connect(settings.broker, settings)
-    pipe = client.pipeline(transaction=False)
-    for step in steps:
-        pipe.llen(prefix + (f"{QUEUE}{sep}{step}" if step else QUEUE))
-    ready = sum(pipe.execute())
-    parked = sum(_routed_to_queue(raw) for _tag, raw in client.hscan_iter(unacked, count=1000))
-    return ready, parked
-
-
-def _routed_to_queue(raw: bytes) -> bool:
-    try:
-        message, _exchange, routing_key = json.loads(raw)
-        info = message.get("properties", {}).get("delivery_info", {})
-    except (ValueError, TypeError, AttributeError):
-        return False  # not kombu's format: not ours to count
-    return QUEUE in (routing_key, info.get("routing_key"))
-
-
-def amqp_queue(settings: Settings) -> tuple[int | None, str]:
-    """Ready messages by a passive queue_declare (None: no such queue); unacknowledged ones (a worker
-    holds countdown messages unacknowledged) from `rabbitmqctl list_queues` when it runs here, as AMQP
-    cannot tell them."""
-    with use_broker(settings).connection_for_read() as conn:
-        try:
-            _name, ready, _consumers = conn.default_channel.queue_declare(QUEUE, passive=True)
-        except NotFound:
-            return None, "0"
-    return int(ready), rabbitmqctl_unacked(settings.broker)
-
-
-def rabbitmqctl_unacked(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.hostname not in ("localhost", "127.0.0.1", "::1"):
-        return f"unknown (the broker is not on this host: needs rabbitmqctl on {parts.hostname} or the management API)"
-    exe = shutil.which("rabbitmqctl")
-    if not exe:
-        return "unknown (needs rabbitmqctl or the management API)"
-    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-    try:
-        done = subprocess.run([exe, "-q", "list_queues", "-p", vhost, "--formatter", "json", "name",
-                               "messages_unacknowledged"], capture_output=True, text=True,
-                              timeout=RABBITMQCTL_TIMEOUT_S)
-        rows = json.loads(done.stdout) if done.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        rows = None
-    if not isinstance(rows, list):
-        return "unknown (rabbitmqctl failed: run as root or the rabbitmq user, or use the management API)"
-    for row in rows:
-        if isinstance(row, dict) and row.get("name") == QUEUE:
-            return str(row.get("messages_unacknowledged"))
-    return "0"
 
 
 # -- which server each role is on -------------------------------------------------------------

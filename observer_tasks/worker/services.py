@@ -196,7 +196,7 @@ class HeartbeatStep(bootsteps.StartStopStep):
         s = ctx.settings
         ledger = Ledger(s, redis_client(s.redis_url, MAIN_TIMEOUT_S, "worker", s))
         limits = {"max_inflight": s.late_obs_max_inflight, "max_wait_ms": s.late_obs_max_wait_ms,
-                  "poll_ms": s.late_obs_poll_ms, "safety_poll_ms": s.safety_poll_ms,
+                  "poll_ms": s.late_obs_poll_ms, "safety_poll_ms": s.safety_poll_ms, "points": list(s.early_points),
                   "concurrency": getattr(worker, "concurrency", None) or s.late_obs_max_workers}
         worker.observer_heartbeat = Heartbeat(ledger, worker.hostname, ctx.gaps, worker.observer_wake.state, limits,
                                               ctx.clients)
