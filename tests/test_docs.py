@@ -381,7 +381,6 @@ def numbers(text: str) -> list[float]:
 
 def test_documented_defaults_and_bounds_are_the_settings() -> None:
     """configuration.md's settings table against Settings(): every variable once, its default and its bounds."""
-    from observer_tasks.core import settings as S
 
     fields = {f.metadata["env"]: f for f in dataclasses.fields(Settings)}
     rows = table_rows((ROOT / "docs/configuration.md").read_text(), set(fields))
@@ -393,8 +392,10 @@ def test_documented_defaults_and_bounds_are_the_settings() -> None:
         value = getattr(defaults, f.name)
         if env == "CELERY_BROKER_URL":
             ok = value == "" and documented == "(REDIS_URL)" and defaults.broker == defaults.redis_url
-        elif env == "P28_LATE_OBS_SAFETY_POLL_MS":  # 0 means unset: the derived value is documented
-            ok = value == 0 and numbers(documented) == [S.DEFAULT_SAFETY_POLL_MS] == [defaults.safety_poll_ms]
+        elif env == "P28_LATE_OBS_SAFETY_POLL_MS":  # 0 means unset: the derived value (MAX_WAIT_MS) is documented
+            ok = value == 0 and numbers(documented) == [defaults.late_obs_max_wait_ms] == [defaults.safety_poll_ms]
+        elif env == "P28_LATE_OBS_BROKER_URL":
+            ok = value == "" and documented == "(not set)"
         elif isinstance(value, bool):
             ok = documented == str(value).lower() and bounds == "boolean"
         else:
@@ -428,8 +429,7 @@ def test_readme_defaults_are_the_settings() -> None:
 
 def test_documented_timings_are_the_code() -> None:
     """configuration.md's interlocked timings against the constants and the derived values with the defaults."""
-    from observer_tasks.client import publisher as P
-    from observer_tasks.core import settings as S
+    from observer_tasks.core import timings as T
 
     text = (ROOT / "docs/configuration.md").read_text().split("## Interlocked timings", 1)[1]
     d = Settings()
@@ -437,17 +437,21 @@ def test_documented_timings_are_the_code() -> None:
         "sweeper grace (`Settings.sweep_grace_ms`)": ("with the defaults", [d.sweep_grace_ms]),
         "visibility timeout (`Settings.visibility_timeout_s`, Redis broker)": ("with the defaults",
                                                                                [d.visibility_timeout_s]),
-        "CALL_TIMEOUT_S": ("", [S.CALL_TIMEOUT_S]),
-        "publisher": ("", [P.PUBLISH_TIMEOUT_S, P.QUEUE_MAX, P.EXIT_FLUSH_S]),
-        "breaker": ("", [P.BREAKER_FIRST_OPEN_S, P.BREAKER_MAX_OPEN_S]),
-        "LOOKUP_TIMEOUT_S": ("", [S.LOOKUP_TIMEOUT_S]),
-        "RECORD_PATIENCE_S": ("", [S.RECORD_PATIENCE_S]),
-        "SWEEP_INTERVAL_S": ("", [S.SWEEP_INTERVAL_S]),
-        "HEARTBEAT_S": ("", [S.HEARTBEAT_S]),
-        "WAKE_HEALTH_TTL_MS": ("", [S.WAKE_HEALTH_TTL_MS]),
-        "WAKE_PING_S / WAKE_SILENT_S": ("", [S.WAKE_PING_S, S.WAKE_SILENT_S]),
-        "WORKER_STALE_MS / WORKER_FORGET_MS": ("", [S.WORKER_STALE_MS, S.WORKER_FORGET_MS]),
-        "STREAM_MAXLEN": ("", [S.STREAM_MAXLEN]),
+        "CALL_TIMEOUT_S": ("", [T.CALL_TIMEOUT_S]),
+        "outbox (`client/outbox.py`)": ("", [T.OUTBOX_MAX, T.OUTBOX_TIMEOUT_S, T.RETRY_S * 1000, T.RETRY_MAX_S,
+                                            T.HOLD_S, T.RECHECK_WINDOW_S, T.OUTBOX_MAX, T.RECHECK_WINDOW_S]),
+        "ride-out": ("", [T.RIDE_OUT_S]),
+        "sender (`client/sender.py`)": ("", [T.PUBLISH_TIMEOUT_S, T.BROKER_PATIENCE_S, T.EXIT_FLUSH_S]),
+        "breaker": ("", [T.BREAKER_FIRST_OPEN_S, T.BREAKER_MAX_OPEN_S]),
+        "LOOKUP_TIMEOUT_S": ("", [T.LOOKUP_TIMEOUT_S]),
+        "RECORD_PATIENCE_S": ("", [T.RECORD_PATIENCE_S]),
+        "SWEEP_INTERVAL_S": ("", [T.SWEEP_INTERVAL_S]),
+        "HEARTBEAT_S": ("", [T.HEARTBEAT_S]),
+        "GAP_MIN_MS": ("", [T.GAP_MIN_MS]),
+        "WAKE_HEALTH_TTL_MS": ("", [T.WAKE_HEALTH_TTL_MS]),
+        "WAKE_PING_S / WAKE_SILENT_S": ("", [T.WAKE_PING_S, T.WAKE_SILENT_S]),
+        "WORKER_STALE_MS / WORKER_FORGET_MS": ("", [T.WORKER_STALE_MS, T.WORKER_FORGET_MS]),
+        "STREAM_MAXLEN": ("", [T.STREAM_MAXLEN]),
     }
     rows = table_rows(text, set(expected))
     assert set(rows) == set(expected), f"not in the table: {sorted(set(expected) - set(rows))}"

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import redis
 
-from .conftest import ROOT, Worker, late_entries, poll
+from observer_tasks.core.messages import QUEUE
+
+from .conftest import HEAT, ROOT, Worker, late_entries, poll
 
 APPLY = """
 import json, sys
@@ -60,7 +62,7 @@ def run_apply(env: dict[str, str], cwd: Path, mode: str) -> dict[str, dict[str, 
 
 def test_import_leaves_the_apply_layers_app_current_and_its_shared_task_alone(
         worker: Worker, r: redis.Redis, env: dict[str, str], tmp_path: Path) -> None:
-    r.hset("quantum:harvest:heat:by_plan:guest-1", "heat_level", "warm")
+    r.hset(HEAT + "guest-1", "heat_level", "warm")
     out = run_apply(env, tmp_path, "no-config")
     assert out["before"] == out["after"], out
     assert out["after"]["current"] == "apply" and out["after"]["task_app"] == "apply"
@@ -68,9 +70,10 @@ def test_import_leaves_the_apply_layers_app_current_and_its_shared_task_alone(
     # Celery gives CELERY_BROKER_URL, when set, to every app of the process, before and after alike.)
     assert out["after"]["queue"] == "celery"
     assert out["result"] == "enqueued"
-    assert out["ours"] == {"queue": "late_obs", "broker": env["CELERY_BROKER_URL"], "serializer": "json"}
+    assert out["ours"] == {"queue": QUEUE, "broker": env["CELERY_BROKER_URL"], "serializer": "json"}
     entries = poll(lambda: late_entries(r), 15, what="the guest's plan recorded")
-    assert [(e["plan_id"], e["heat_reason"]) for e in entries] == [("guest-1", "ok")]
+    # Heat written before the call: recorded by the admission itself (round-4 migration change 1).
+    assert [(e["plan_id"], e["heat_reason"], e["recorded_by"]) for e in entries] == [("guest-1", "ok", "admit")]
 
 
 def test_a_foreign_celeryconfig_first_on_sys_path_changes_neither_app(
@@ -81,9 +84,13 @@ def test_a_foreign_celeryconfig_first_on_sys_path_changes_neither_app(
     # The apply layer's app reads its own file (not the observer's) ...
     assert out["after"]["apply_queue"] == "apply_q" and out["after"]["queue"] == "apply_q"
     # ... and the observer's app reads its own settings, not the apply layer's file.
-    assert out["ours"] == {"queue": "late_obs", "broker": env["CELERY_BROKER_URL"], "serializer": "json"}
+    assert out["ours"] == {"queue": QUEUE, "broker": env["CELERY_BROKER_URL"], "serializer": "json"}
     assert out["result"] == "enqueued"
-    poll(lambda: late_entries(r), 15, what="the guest's plan recorded")
+    entries = poll(lambda: late_entries(r), 15, what="the guest's plan recorded")
+    # No heat: a timeout recorded by our worker (a look; its sweeper, should this loaded machine delay the
+    # look past the lease), never noted as a first message that did not reach the broker.
+    assert [(e["plan_id"], e["heat_reason"]) for e in entries] == [("guest-1", "timeout")]
+    assert entries[0]["recorded_by"] in ("look", "sweep") and "unsent" not in entries[0]["debug_json"]
 
 
 def test_the_package_installs_no_top_level_celeryconfig(tmp_path: Path) -> None:

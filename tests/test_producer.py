@@ -25,13 +25,27 @@ import pytest
 import redis
 
 from observer_tasks import observe, observe_late
-from observer_tasks.client import producer, publisher
-from observer_tasks.core.settings import CALL_TIMEOUT_S, SWEEP_INTERVAL_S, Settings
+from observer_tasks.client import producer, sender
+from observer_tasks.core import contract as C
+from observer_tasks.core.messages import LATE_OBSERVE, QUEUE
+from observer_tasks.core.settings import LATE_POINT, Settings
+from observer_tasks.core.timings import CALL_TIMEOUT_S, PUBLISH_TIMEOUT_S, RIDE_OUT_S, SWEEP_INTERVAL_S
 
-from .conftest import ROOT, Worker, free_port, inflight, late_entries, poll
+from .conftest import (
+    HEAT,
+    ROOT,
+    Worker,
+    assert_exactly_once,
+    counters,
+    free_port,
+    inflight,
+    late_entries,
+    lease,
+    poll,
+    stream_entries,
+)
 
-UNSENT = "quantum:p28:late_obs:unsent"
-LEASES = "quantum:p28:late_obs:leases"
+EARLY = Settings().early_points[0]
 
 #: Calls observe_late for plans {prefix}-0.. {prefix}-{n-1}, prints the results as JSON, then exits as told:
 #: "exit" (a clean exit: atexit flushes) or "os_exit" (os._exit(0): nothing flushed). Before any import of
@@ -95,19 +109,11 @@ def json_lines(out: str) -> dict[str, Any]:
     return merged
 
 
-def counters(r: redis.Redis) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
-
-
 def recorded_once(r: redis.Redis, plans: list[str], timeout: float) -> list[dict[str, str]]:
-    """Wait until every plan has an entry; then check none has two and no other plan has one."""
+    """Wait until every plan has an entry; then the one exactly-once assertion (conftest)."""
     wanted = set(plans)
     poll(lambda: wanted <= {e["plan_id"] for e in late_entries(r)}, timeout, 0.1, f"{len(plans)} plans recorded")
-    entries = late_entries(r)
-    counts = Counter(e["plan_id"] for e in entries)
-    assert {p: n for p, n in counts.items() if n != 1} == {}
-    assert set(counts) == wanted
-    return entries
+    return assert_exactly_once(r, plans)
 
 
 @pytest.fixture
@@ -145,47 +151,47 @@ def test_enqueued_plans_reach_the_broker_with_one_task_sent_each(r: redis.Redis,
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
     events = sent_events(broker)
     assert [observe_late(f"p{i}", "BTCUSDT", "EXECUTE") for i in range(20)] == ["enqueued"] * 20
-    poll(lambda: broker.llen("late_obs") == 20, 5, what="20 messages in late_obs")
+    poll(lambda: broker.llen(QUEUE) == 20, 5, what="20 messages in late_obs")
     poll(lambda: len(events()) >= 20, 5, what="20 task-sent events")
-    assert sorted(e["uuid"] for e in events()) == sorted(f"p28-late-p{i}" for i in range(20))
-    assert {(e["name"], e["queue"]) for e in events()} == {("observer_tasks.late_observe", "late_obs")}
-    assert inflight(r) == 20 and r.hlen(UNSENT) == 0
+    assert sorted(e["uuid"] for e in events()) == sorted(C.task_id(f"p{i}") for i in range(20))
+    assert {(e["name"], e["queue"]) for e in events()} == {(LATE_OBSERVE, QUEUE)}
+    assert inflight(r) == 20 and r.hlen(C.NOTES) == 0
 
 
 def test_refusal_is_counted_without_another_call(r: redis.Redis) -> None:
     assert observe("bad*id", "BTCUSDT") == "error"
     assert observe_late("bad:id", "BTCUSDT") == "error"
-    poll(lambda: counters(r).get("refused|publish_plan_post|invalid_input") == 1, 5, what="refusals counted")
-    assert counters(r)["refused|create_apply_plan|invalid_input"] == 1
+    poll(lambda: counters(r)("p28_observe_refused", LATE_POINT, "invalid_input") == 1, 5, what="refusals counted")
+    assert counters(r)("p28_observe_refused", EARLY, "invalid_input") == 1
 
 
 def test_full_queue_and_dead_broker_leave_the_leases_to_the_sweeper(
         r: redis.Redis, env: dict[str, str], black_hole: str, monkeypatch: pytest.MonkeyPatch) -> None:
     env["CELERY_BROKER_URL"] = black_hole
-    monkeypatch.setattr(publisher, "QUEUE_MAX", 3)
+    monkeypatch.setattr(sender, "OUTBOX_MAX", 3)  # the sender's bound on queued first messages
     results, costs = [], []
     for i in range(20):
         start = time.monotonic()
         results.append(observe_late(f"p{i}", "BTCUSDT", "EXECUTE"))
         costs.append(time.monotonic() - start)
     # The caller never waits on the broker: a call that did would wait the publisher's socket timeout.
-    assert max(costs) < publisher.PUBLISH_TIMEOUT_S
-    # The publisher is stuck on the first message until its timeout, so most plans overflow the queue.
+    assert max(costs) < PUBLISH_TIMEOUT_S
+    # The sender is stuck on the first message until its timeout, so most plans overflow the queue.
     assert results == ["enqueued"] * 20
-    causes = poll(lambda: r.hlen(UNSENT) == 20 and r.hgetall(UNSENT), 5, what="20 unsent notes")
-    assert b"publisher queue full" in causes.values()
+    causes = poll(lambda: r.hlen(C.NOTES) == 20 and r.hgetall(C.NOTES), 10, what="20 unsent notes")
+    assert b"first-message queue full" in causes.values()
     assert any(c.startswith(b"broker unavailable") for c in causes.values())
-    assert inflight(r) == 20 and r.hlen(LEASES) == 20  # no lease released
+    assert inflight(r) == 20 and all(lease(r, f"p{i}") for i in range(20))  # no lease released
     # The broker's breaker is now open: further plans are refused and counted, not admitted.
     assert observe_late("later", "BTCUSDT") == "error"
-    poll(lambda: counters(r).get("refused|publish_plan_post|unavailable") == 1, 5, what="refusal counted")
+    poll(lambda: counters(r)("p28_observe_refused", LATE_POINT, "unavailable") == 1, 5, what="refusal counted")
 
 
 def close_publisher_connection_on_rabbitmq() -> None:
     """Close this process's publisher connection from the server side, as RabbitMQ does to a dead peer."""
     p = producer.producer()
-    assert p is not None and p.publisher.connection is not None
-    port = p.publisher.connection.connection.transport.sock.getsockname()[1]
+    assert p is not None and p.sender.connection is not None
+    port = p.sender.connection.connection.transport.sock.getsockname()[1]
     listing = subprocess.run(["rabbitmqctl", "-q", "list_connections", "peer_port", "pid"], capture_output=True,
                              text=True, timeout=30, check=True).stdout
     (pid,) = [line.split()[1] for line in listing.splitlines() if line.split()[:1] == [str(port)]]
@@ -199,9 +205,18 @@ def test_a_connection_closed_by_the_broker_is_replaced_without_losing_a_plan(
         from kombu import Connection
 
         request.getfixturevalue("amqp_broker")
+        from amqp.exceptions import NotFound
+
         with Connection(env["CELERY_BROKER_URL"]) as conn:
-            channel = conn.channel()
-            ready = lambda: channel.queue_declare("late_obs", passive=True).message_count  # noqa: E731
+            def ready() -> int:
+                # A fresh channel each time: on a vhost that never saw the observer the queue exists only once
+                # the first message declared it, and RabbitMQ closes a channel whose passive declare failed.
+                with conn.channel() as channel:
+                    try:
+                        return int(channel.queue_declare(QUEUE, passive=True).message_count)
+                    except NotFound:
+                        return 0
+
             assert observe_late("p1", "BTCUSDT") == "enqueued"
             poll(lambda: ready() == 1, 5, what="first message")
             close_publisher_connection_on_rabbitmq()
@@ -212,11 +227,11 @@ def test_a_connection_closed_by_the_broker_is_replaced_without_losing_a_plan(
         env["CELERY_BROKER_URL"] = private.url
         server = redis.Redis(port=private.port)
         assert observe_late("p1", "BTCUSDT") == "enqueued"
-        poll(lambda: server.llen("late_obs") == 1, 5, what="first message")
+        poll(lambda: server.llen(QUEUE) == 1, 5, what="first message")
         server.client_kill_filter(_type="normal", skipme=True)  # e.g. the server's idle timeout
         assert observe_late("p2", "BTCUSDT") == "enqueued"
-        poll(lambda: server.llen("late_obs") == 2, 5, what="second message, on a new connection")
-    assert r.hlen(UNSENT) == 0 and observe_late("p3", "BTCUSDT") == "enqueued"
+        poll(lambda: server.llen(QUEUE) == 2, 5, what="second message, on a new connection")
+    assert r.hlen(C.NOTES) == 0 and observe_late("p3", "BTCUSDT") == "enqueued"
 
 
 @pytest.mark.slow
@@ -229,9 +244,9 @@ def test_unsent_plans_are_recorded_by_the_sweeper_as_missing_with_the_cause(
     start_worker()  # on the real broker; this process publishes to a dead one
     env["CELERY_BROKER_URL"] = (f"redis://127.0.0.1:{free_port()}/0" if broker == "refused"
                                 else request.getfixturevalue("black_hole"))
-    monkeypatch.setattr(publisher, "QUEUE_MAX", 3)
+    monkeypatch.setattr(sender, "OUTBOX_MAX", 3)  # the sender's bound on queued first messages
     results = {f"p{i}": observe_late(f"p{i}", "BTCUSDT") for i in range(10)}
-    # Admitted until the publisher finds the broker dead; then its breaker refuses at once ("error").
+    # Admitted until the sender finds the broker dead; then its breaker refuses at once ("error").
     plans = [p for p, result in results.items() if result == "enqueued"]
     assert plans and set(results.values()) <= {"enqueued", "error"}
     settings = Settings.from_env()
@@ -240,15 +255,19 @@ def test_unsent_plans_are_recorded_by_the_sweeper_as_missing_with_the_cause(
         debug = json.loads(e["debug_json"])
         assert (e["recorded_by"], e["heat_reason"], e["heat_found"]) == ("sweep", "missing", "0")
         assert debug["cause"] == "first message never reached the broker"
-        assert debug["unsent"] == "publisher queue full" or debug["unsent"].startswith("broker unavailable")
-    assert r.hlen(UNSENT) == 0
+        assert debug["unsent"] == "first-message queue full" or debug["unsent"].startswith("broker unavailable")
+    assert r.hlen(C.NOTES) == 0
     c = counters(r)
-    assert c["reason|publish_plan_post|missing"] == len(plans) and "reason|publish_plan_post|timeout" not in c
+    assert c("p28_heat_reason", LATE_POINT, "missing") == len(plans)
+    assert c("p28_heat_reason", LATE_POINT, "timeout") == 0
     print(f"\nbroker {broker}: {len(entries)} unsent plans swept as missing, 0 as timeout")
 
 
-def test_redis_busy_refuses_at_once_with_one_line_and_no_traceback(
+def test_redis_busy_holds_every_call_at_once_with_one_line_and_no_traceback(
         env: dict[str, str], private_redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """BUSY (a script past busy-reply-threshold) is "not now": every call is handed to the outbox at once, for as
+    long as it lasts, and made when Redis answers (round-4 migration change 3: there is no 2 s give-up and no Redis
+    breaker refusing calls with "error", counted unavailable, any more)."""
     env["REDIS_URL"] = private_redis.url
     admin = redis.Redis(port=private_redis.port)
     admin.config_set("busy-reply-threshold", 10)
@@ -261,28 +280,50 @@ def test_redis_busy_refuses_at_once_with_one_line_and_no_traceback(
     script = threading.Thread(target=long_script, daemon=True)
     script.start()
     caplog.set_level(logging.WARNING, "observer_tasks")
+    results, costs = [], []
     try:
-        # BUSY is "not now": calls are deferred to the thread, refused once it has waited DEFER_PATIENCE_S.
-        poll(lambda: observe("probe", "BTCUSDT") == "deferred", 5, what="BUSY seen")
-        poll(lambda: observe("probe", "BTCUSDT") == "error", publisher.DEFER_PATIENCE_S + 5, what="the breaker open")
-        results, costs = [], []
-        for i in range(50):
+        seen = (f"seen{n}" for n in range(1_000_000))  # a new plan each time: a deferred one is made later
+        poll(lambda: observe(next(seen), "BTCUSDT") == "deferred", 5, what="BUSY seen")
+        # Past the former give-up (RIDE_OUT_S): still held, at once, without asking Redis.
+        ride_out_end = time.monotonic() + RIDE_OUT_S + 0.5
+        i = 0
+        while time.monotonic() < ride_out_end or i < 50:
             for call in (observe, observe_late):
                 start = time.monotonic()
                 results.append(call(f"p{i}", "BTCUSDT"))
                 costs.append(time.monotonic() - start)
-        # Refused at once: no call waits as long as its socket timeout (the breaker does not ask Redis).
-        assert results == ["error"] * 100 and max(costs) < CALL_TIMEOUT_S
+            i += 1
+            time.sleep(0.01)  # pacing, not a synchronisation
+        assert set(results) == {"deferred"} and max(costs) < CALL_TIMEOUT_S
     finally:
         admin.script_kill()
         script.join(5)
     lines = [rec for rec in caplog.records if "unavailable" in rec.getMessage()]
     assert len(lines) == 1 and "BUSY" in lines[0].getMessage() and not lines[0].exc_info
     assert "Traceback" not in caplog.text
+    # Every held call made once Redis answers: an early call older than RIDE_OUT_S is redis_error (its look at
+    # plan creation could not happen); an admission whose whole window passed is recorded redis_error at
+    # admission; a younger one admitted.
+    plans = [f"p{n}" for n in range(i)]
+
+    def made() -> bool:
+        points = {(e["obs_point"], e["plan_id"]) for e in stream_entries(r)}
+        return all((EARLY, p) in points and ((LATE_POINT, p) in points or lease(r, p)) for p in plans)
+
+    r = admin
+    poll(made, 15, 0.1, "every held call made")
+    entries = stream_entries(r)
+    made_once = Counter((e["obs_point"], e["plan_id"]) for e in entries if e["plan_id"] in set(plans))
+    assert set(made_once.values()) == {1}
+    early_reasons = {e["plan_id"]: e["heat_reason"] for e in entries if e["obs_point"] == EARLY}
+    assert early_reasons["p0"] == "redis_error" and set(early_reasons[p] for p in plans) <= {"redis_error", "missing"}
+    late = {e["plan_id"]: e for e in entries if e["obs_point"] == LATE_POINT}
+    assert (late["p0"]["heat_reason"], late["p0"]["recorded_by"]) == ("redis_error", "admit")
+    assert {(e["heat_reason"], e["recorded_by"]) for e in late.values()} == {("redis_error", "admit")}
     after = (f"after{n}" for n in range(1_000_000))  # a new plan each time: a deferred one is recorded later
-    poll(lambda: observe(next(after), "BTCUSDT") == "missing", 5, what="the breaker closes again")
-    poll(lambda: int(admin.hget("quantum:p28:counters", "refused|create_apply_plan|unavailable") or 0) >= 50, 5,
-         what="refusals paid once Redis answers")
+    poll(lambda: observe(next(after), "BTCUSDT") == "missing", 5, what="callers calling Redis again")
+    c = counters(r)
+    assert not [k for k, v in c.items() if k[0] == "p28_observe_refused" and v], c  # nothing refused
 
 
 # -- processes that exit -------------------------------------------------------------------------------
@@ -293,11 +334,11 @@ def test_clean_exit_flushes_the_queue_within_a_second(r: redis.Redis, env: dict[
     assert set(out["results"].values()) == {"enqueued"}
     print(f"\nexit flush of 300 queued plans: {out['flush_s'] * 1000:.0f} ms")
     assert out["flush_s"] <= 1.0
-    assert redis.Redis.from_url(env["CELERY_BROKER_URL"]).llen("late_obs") == 300
-    assert r.hlen(UNSENT) == 0
+    assert redis.Redis.from_url(env["CELERY_BROKER_URL"]).llen(QUEUE) == 300
+    assert r.hlen(C.NOTES) == 0
     # Every refusal is counted, also in a process that exits right after making them.
     c = counters(r)
-    assert (c["refused|create_apply_plan|invalid_input"], c["refused|publish_plan_post|invalid_input"]) == (5, 5)
+    assert [c("p28_observe_refused", point, "invalid_input") for point in (EARLY, LATE_POINT)] == [5, 5]
     assert "Traceback" not in proc.stderr
 
 
@@ -306,7 +347,7 @@ def test_exit_flush_is_bounded_with_a_dead_broker(r: redis.Redis, env: dict[str,
     assert proc.returncode == 0, proc.stderr
     out = json_lines(proc.stdout)
     assert set(out["results"].values()) == {"enqueued"} and out["flush_s"] <= 1.0
-    assert inflight(r) == 50 and r.hlen(UNSENT) == 50  # every lease kept, every cause noted
+    assert inflight(r) == 50 and r.hlen(C.NOTES) == 50  # every lease kept, every cause noted
 
 
 @pytest.mark.slow
@@ -331,33 +372,37 @@ def test_3000_calls_at_500_per_second_are_each_recorded_once(
     env.update(P28_LATE_OBS_MAX_INFLIGHT="5000", P28_LATE_OBS_MAX_WAIT_MS="2000")
     start_worker()
     plans = [f"s{i}" for i in range(3000)]
-    with r.pipeline(transaction=False) as pipe:  # heat for every other plan: half end ok, half by timeout
-        for p in plans[::2]:
-            pipe.hset(f"quantum:harvest:heat:by_plan:{p}", "heat_level", "warm")
-        pipe.execute()
+    heated = set(plans[::2])
+    # Heat for every other plan, written right after its call (as HeatBridge would, stamped with Redis's time):
+    # those end ok through the worker; the others by timeout. (Heat written before the call would be recorded by
+    # the admission itself, round-4 migration change 1: test_admission.py.)
+    sec, usec = r.time()
+    offset_ms = sec * 1000 + usec // 1000 - time.time() * 1000
     start = time.monotonic()
     results = []
     for i, plan in enumerate(plans):
         time.sleep(max(0.0, start + i * 0.002 - time.monotonic()))  # pacing the load, not waiting for a result
         results.append(observe_late(plan, "BTCUSDT", "EXECUTE"))
+        if plan in heated:
+            r.hset(HEAT + plan, mapping={"heat_level": "warm",
+                                         "ts_epoch": f"{(time.time() * 1000 + offset_ms) / 1000:.3f}"})
     rate = len(plans) / (time.monotonic() - start)
     assert results == ["enqueued"] * 3000
     entries = recorded_once(r, plans, 90)
     reasons, by = Counter(e["heat_reason"] for e in entries), Counter(e["recorded_by"] for e in entries)
     print(f"\n3000 calls at {rate:.0f}/s: {dict(reasons)}, by {dict(by)}")
-    # Each plan's outcome is fixed by its heat and by when it was recorded, however far this machine's worker
-    # falls behind: a heated plan is ok unless its first look came after the deadline (then a timeout that
-    # says so) or the sweeper got it first; a plan without heat is a timeout.
-    heated = set(plans[::2])
-
+    # Each plan's outcome is fixed by its heat and when it was written, however far this machine's worker falls
+    # behind: a heated plan is ok (found in time, or found later but stamped by its deadline: round-4 migration
+    # change 2, was a timeout when the sweeper or a late look found it), unless this loaded test wrote its heat
+    # only after the deadline (then a timeout that says so); a plan without heat is a timeout.
     def expected(entry: dict[str, str]) -> str:
-        late_look = json.loads(entry["debug_json"]).get("heat_after_deadline")
-        return "ok" if entry["plan_id"] in heated and entry["recorded_by"] != "sweep" and not late_look else "timeout"
+        late_heat = json.loads(entry["debug_json"]).get("heat_after_deadline")
+        return "ok" if entry["plan_id"] in heated and not late_heat else "timeout"
 
     assert [e["plan_id"] for e in entries if e["heat_reason"] != expected(e)] == []
     assert all(e["plan_id"] in heated for e in entries if json.loads(e["debug_json"]).get("heat_after_deadline"))
-    assert reasons["ok"] > 0 and counters(r).get("recovered", 0) == by["sweep"]
-    assert "dropped" not in counters(r) and inflight(r) == 0
+    assert reasons["ok"] > 0 and counters(r)("p28_late_obs_recovered") == by["sweep"]
+    assert counters(r)("p28_late_obs_dropped") == 0 and inflight(r) == 0 and by["admit"] == 0
 
 
 @pytest.mark.slow
@@ -375,12 +420,19 @@ def test_prefork_children_each_get_their_own_publisher(
     outs = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("*.json"))]
     assert len(outs) == 6  # parent before and after the fork, four children
     results = {plan: res for out in outs for plan, res in out["results"].items()}
-    assert len(results) == 360 and set(results.values()) == {"enqueued"}
+    # "deferred": a call that met a slow Redis on this loaded machine, made by its process's outbox (at the
+    # latest by the exit flush): recorded all the same (round-4 migration change 3).
+    assert len(results) == 360 and set(results.values()) <= {"enqueued", "deferred"}
     worst = max(out["worst_s"] for out in outs)
     print(f"\nprefork on {broker}: slowest call {worst * 1000:.1f} ms")
     assert worst < 0.5
     entries = recorded_once(r, list(results), 60)
-    # Each message was really sent (none left to the sweeper): the children's exit flush worked, and the
-    # parent's publisher kept its connection after the children dropped their inherited copies.
-    assert Counter(e["recorded_by"] for e in entries)["sweep"] == 0
+    # Each message was really sent (none noted unsent for the sweeper): the children's exit flush worked, and the
+    # parent's sender kept its connection after the children dropped their inherited copies. (Was: none recorded
+    # by the sweeper at all. With the one look at the deadline (15b12c4) and the shorter grace (change 2), a
+    # worker this loaded machine holds back past deadline + grace leaves sent plans to its sweeper too: seen 79
+    # of 360 at load 6; the sweeper decides them by the same rule.)
+    by = Counter(e["recorded_by"] for e in entries)
+    print(f"recorded by {dict(by)}")
+    assert not [e["plan_id"] for e in entries if "unsent" in e["debug_json"]] and not r.hlen(C.NOTES)
     producer.reset()

@@ -14,10 +14,12 @@ import pytest
 import redis
 
 from observer_tasks import observe, observe_late
+from observer_tasks.core import contract as C
+from observer_tasks.core.settings import LATE_POINT, Settings
 
-from .conftest import PrivateRedis, Worker, free_port, poll
+from .conftest import HEAT, STREAM, PrivateRedis, Worker, assert_counters_match_the_stream, free_port, poll
 
-HEAT = "quantum:harvest:heat:by_plan:"
+EARLY = Settings().early_points[0]
 SPELL_S = 1.5
 BUSY_SCRIPT = """
 local t = redis.call('TIME')
@@ -83,36 +85,34 @@ def test_refusing_redis_is_an_outage(env: dict[str, str], amqp_broker: str, priv
     assert [observe_late(p, "BTCUSDT") for p in plans] == ["enqueued"] * 10
     for plan in plans[:5]:
         r.hset(HEAT + plan, "heat_level", "hot")
-    poll(lambda: r.xlen("quantum:stream:apply.heat.observed") == 5, what="the five hits recorded")
+    poll(lambda: r.xlen(STREAM) == 5, what="the five hits recorded")
 
     with SPELLS[reply](r):  # type: ignore[attr-defined]
         started = time.perf_counter()
         during = [observe("e1", "BTCUSDT"), observe_late("x1", "BTCUSDT"), observe_late("x2", "BTCUSDT")]
         cost = time.perf_counter() - started
     print(f"\n{reply}: calls during the spell returned {during} in {cost * 1000:.1f} ms")
-    # BUSY and READONLY say "not now" (a script, a failover): the calls wait in the background thread and are
-    # made once the spell ends. OOM may last: refused at once.
-    waited = reply != "OOM"
-    assert during == ["deferred" if waited else "error"] * 3 and cost < 0.3
+    # Each says "not now" (a script, a failover, memory): the calls wait in the background thread and are made
+    # once the spell ends. (Round-4 migration change 3: OOM was refused at once, "error", counted unavailable;
+    # there is no Redis breaker any more.)
+    assert during == ["deferred"] * 3 and cost < 0.3
     assert "Traceback" not in caplog.text
 
-    poll(lambda: r.zcard("quantum:p28:late_obs:inflight") == 0 and r.exists("quantum:dedupe:p28:create_apply_plan:e1")
-         == waited, timeout=30, what="every plan recorded")
-    stream = r.xrange("quantum:stream:apply.heat.observed")
+    poll(lambda: r.zcard(C.INFLIGHT) == 0 and r.exists(C.dedupe_key(EARLY, "e1")), timeout=30,
+         what="every plan recorded")
+    stream = r.xrange(STREAM)
     entries = [{k.decode(): v.decode() for k, v in f.items()} for _, f in stream]
-    late = {e["plan_id"]: e for e in entries if e["obs_point"] == "publish_plan_post"}
-    deferred = ["x1", "x2"] if waited else []
+    late = {e["plan_id"]: e for e in entries if e["obs_point"] == LATE_POINT}
+    deferred = ["x1", "x2"]
     assert sorted(late) == plans + deferred
-    assert len(late) == len([e for e in entries if e["obs_point"] == "publish_plan_post"])
+    assert len(late) == len([e for e in entries if e["obs_point"] == LATE_POINT])
     # Admitted only after their whole window (MAX_WAIT_MS 1000 < the 1.5 s spell): nobody could look in time.
-    assert [late[p]["heat_reason"] for p in deferred] == ["redis_error"] * len(deferred)
-    assert [e["plan_id"] for e in entries if e["obs_point"] == "create_apply_plan"] == (["e1"] if waited else [])
+    assert [(late[p]["heat_reason"], late[p]["recorded_by"]) for p in deferred] == [("redis_error", "admit")] * 2
+    assert [e["plan_id"] for e in entries if e["obs_point"] == EARLY] == ["e1"]
     reasons = Counter(late[p]["heat_reason"] for p in plans[5:])
     print(f"{reply}: the five plans waiting through the spell ended as {dict(reasons)}")
     assert all(late[p]["heat_reason"] == "ok" for p in plans[:5])
     assert reasons == {"redis_error": 5}
-    counts = {k.decode(): int(v) for k, v in r.hgetall("quantum:p28:counters").items()}
-    for reason, n in Counter(e["heat_reason"] for e in late.values()).items():
-        assert counts[f"reason|publish_plan_post|{reason}"] == n
+    assert_counters_match_the_stream(r)
     out = worker.output()
     assert "raised unexpected" not in out and "Traceback" not in out

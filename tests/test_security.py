@@ -12,7 +12,7 @@ import redis
 
 from observer_tasks import observe_late
 
-from .conftest import Worker, free_port, late_entries, poll, scrape
+from .conftest import HEAT, Worker, free_port, late_entries, poll, scrape
 
 PASSWORD = "pw-Zq81xv"
 
@@ -47,10 +47,12 @@ def test_tls_and_password_work_and_never_leak(env: dict[str, str], tls_redis: st
     env.update({"REDIS_URL": tls_redis, "CELERY_BROKER_URL": tls_redis})
     worker = start_worker()
     r = redis.Redis.from_url(tls_redis)
-    r.hset("quantum:harvest:heat:by_plan:s1", "heat_level", "hot")
     assert observe_late("s1", "BTCUSDT") == "enqueued"
+    # Heat after the admission, so the worker records it over TLS (heat written before the call would be recorded
+    # by the admission itself: round-4 migration change 1).
+    r.hset(HEAT + "s1", "heat_level", "hot")
     entry = poll(lambda: late_entries(r), what="the plan observed over TLS")[0]
-    assert entry["heat_reason"] == "ok"
+    assert entry["heat_reason"] == "ok" and entry["recorded_by"] in ("wake", "look")
     assert PASSWORD not in worker.output()
     assert PASSWORD not in (scrape(worker.metrics_port) or "")
 
@@ -80,7 +82,7 @@ def test_bad_password_is_an_error_not_a_crash(env: dict[str, str], tls_redis: st
     env["CELERY_BROKER_URL"] = tls_redis
     caplog.set_level(logging.WARNING, "observer_tasks")
     # "error" when Redis's WRONGPASS arrives within the call's cap; "deferred" when the TLS handshake takes longer
-    # (a loaded machine): the publisher thread then meets the same refusal. Either way Redis's reply is logged.
+    # (a loaded machine): the outbox thread then meets the same refusal. Either way Redis's reply is logged.
     assert {observe_late("s1", "BTCUSDT"), observe_late("s2", "BTCUSDT")} <= {"error", "deferred"}
 
     def refusals() -> list[str]:

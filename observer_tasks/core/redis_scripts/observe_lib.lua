@@ -19,11 +19,14 @@ local function undo_to(mark)
   end
 end
 
--- Run body(); on any error undo every write and raise the error again.
+-- Run body(); on any error undo every write and raise the error again. As an error table: a redis.call error
+-- caught by pcall is a string ("OOM ...", "READONLY ..."), and error() of a string would prefix it with the line
+-- ("user_script:52: OOM ..."), hiding Redis's reply code from the caller's classification (connections.py).
 local function atomically(body)
   local ok, result = pcall(body)
   if not ok then
     undo_to(0)
+    if type(result) == 'string' then result = {err = result} end
     error(result)
   end
   return result
@@ -177,7 +180,8 @@ local function lease_of(key)
     parts[#parts + 1] = part
   end
   if parts[1] ~= C.lease then
-    if parts[1] == C.recorded or raw == C.lost_marker or raw == C.refused_marker or raw == '1' then return false end
+    if parts[1] == C.recorded or raw == C.lost_marker or raw == C.refused_marker or raw == '1'
+        or string.sub(raw, 1, #C.refused_marker + 1) == C.refused_marker .. C.lease_sep then return false end
     return 'bad'
   end
   if #parts ~= #C.lease_fields + 1 then return 'bad' end
