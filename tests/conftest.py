@@ -258,6 +258,12 @@ def assert_exactly_once(r: redis.Redis, plans: list[str]) -> list[dict[str, str]
     return entries
 
 
+def notes(r: redis.Redis, failed: bool = False) -> dict[str, str]:
+    """The sweep's notes, {plan: text}: why first messages were never sent, or (``failed``) a step's last error."""
+    prefix = C.FAILED if failed else C.UNSENT
+    return {k.decode()[len(prefix):]: (r.get(k) or b"").decode() for k in r.scan_iter(prefix + "*")}
+
+
 def lease(r: redis.Redis, plan: str) -> dict[str, Any] | None:
     """A plan's lease as the admission wrote it (contract.LEASE_FIELDS), or None when it has none."""
     raw = r.get(C.dedupe_key(LATE_POINT, plan))

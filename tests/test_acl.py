@@ -253,7 +253,7 @@ def test_whole_pipeline_under_the_acl_then_each_role_refused_outside_it(
     # DEL on dedupe keys only, HDEL on the apply processes' entries only.
     worker_client = server.client("observer-worker")
     for attempt in (lambda: apply_client.set(C.WAKE, "1"), lambda: apply_client.zadd(C.GAPS, {"1-2": 2}),
-                    lambda: apply_client.delete(C.INFLIGHT), lambda: apply_client.hdel(C.NOTES, "x"),
+                    lambda: apply_client.delete(C.INFLIGHT), lambda: apply_client.delete(C.UNSENT + "x"),
                     lambda: apply_client.hset(C.WORKERS, "x", "1"), lambda: apply_client.zrem(C.INFLIGHT, "x"),
                     lambda: worker_client.delete(C.INFLIGHT), lambda: worker_client.delete(C.GAPS),
                     lambda: ops_client.set(C.WAKE, "1"), lambda: ops_client.zadd(C.INFLIGHT, {"x": 1})):
@@ -447,7 +447,7 @@ def test_each_role_runs_every_branch_of_its_steps_under_the_acl(acl_redis: AclRe
         worker.heartbeat("w@acl", {"wake": "connected"}, "connected", gap_start_ms=now - 5000)
         worker.heartbeat("w@acl", {"wake": "down"}, "down")  # the wake path unhealthy: its key deleted
         worker.count({C.WAKE_RESYNCS: 1})
-        worker.note({C.NOTE_FAILED + "x": "WRONGTYPE"})
+        worker.note({"x": "WRONGTYPE"}, failed=True)
         pipe = worker.client.pipeline(transaction=False)
         pipe.hgetall(C.COUNTERS).zcard(C.INFLIGHT).hvals(C.WORKERS).time().zcount(C.INFLIGHT, "-inf", now)
         pipe.execute()
@@ -514,7 +514,7 @@ def test_the_sweep_touches_only_declared_keys(declared_ledger: tuple[Ledger, red
     for plan in ("s1", "s2", "s3"):
         assert ledger.admit(plan, "BTCUSDT", "").status == "admitted"
         admin.zadd(C.INFLIGHT, {plan: 1})  # its lease ended long ago: overdue for the sweeper
-    admin.hset(C.NOTES, "s2", "broker unavailable")
+    admin.set(C.UNSENT + "s2", "broker unavailable")
     admin.set(ledger.lease_key("s3"), "not a lease")  # freed
     admin.zadd(C.INFLIGHT, {"not a plan id": 1})
     swept = ledger.sweep()

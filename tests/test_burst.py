@@ -13,10 +13,9 @@ import pytest
 import redis
 
 from observer_tasks import observe, observe_late
-from observer_tasks.core import contract as C
 from observer_tasks.core.messages import QUEUE
 
-from .conftest import PrivateRedis, Worker, assert_exactly_once, counters, inflight, late_entries, poll
+from .conftest import PrivateRedis, Worker, assert_exactly_once, counters, inflight, late_entries, notes, poll
 from .test_stall import BUSY
 
 MAX_INFLIGHT = 200
@@ -77,7 +76,7 @@ def test_a_burst_is_admitted_up_to_max_inflight_and_the_rest_dropped_and_counted
     # starting: its grace is now max(1000, POLL_MS + 500) ms, was 5 s, and it decides by the same rule as a look,
     # round-4 migration change 2: a timeout either way, no heat.)
     assert {e["recorded_by"] for e in entries} <= {"look", "wake", "sweep"}
-    assert not [e for e in entries if "unsent" in e["debug_json"]] and not r.hlen(C.NOTES)
+    assert not [e for e in entries if "unsent" in e["debug_json"]] and not len(notes(r))
     # No heat: a timeout; through the stall, a plan whose look failed in it may be redis_error (change 2).
     assert {e["heat_reason"] for e in entries} <= ({"timeout", "redis_error"} if stall else {"timeout"})
     assert worker.proc.poll() is None

@@ -13,7 +13,6 @@ import pytest
 import redis
 
 from observer_tasks import observe, observe_late
-from observer_tasks.core import contract as C
 from observer_tasks.core.settings import LATE_POINT, Settings
 from observer_tasks.core.timings import PUBLISH_TIMEOUT_S
 
@@ -27,6 +26,7 @@ from .conftest import (
     free_port,
     inflight,
     late_entries,
+    notes,
     poll,
 )
 
@@ -103,7 +103,7 @@ def test_broker_unreachable_at_enqueue(r: redis.Redis, env: dict[str, str], blac
     # Until the publisher has retried the broker for DEFER_PATIENCE_S, plans are admitted, up to MAX_INFLIGHT.
     assert admitted >= 1 and admitted + refused + results.count("dropped") == 1000
     # Admitted plans keep their lease, with the cause the sweeper will copy into debug_json.
-    poll(lambda: r.hlen(C.NOTES) == admitted, what="unsent causes noted")
+    poll(lambda: len(notes(r)) == admitted, what="unsent causes noted")
     assert inflight(r) == admitted
     assert caplog.text.count("broker unavailable") >= 1
     assert "Traceback" not in caplog.text

@@ -439,7 +439,7 @@ def test_a_recheck_that_fails_is_tried_again(box: Box) -> None:
     box.ledger.admitted_now(call)
     box.outbox.made(call)
     box.clock.advance(0.5)
-    box.outbox.hand_over(early("e1", box.clock()), TIMEOUT)
+    box.outbox.hand_over(early("e1", box.clock()), OUTAGE)
     del box.ledger.leases["p1"]
     box.ledger.refuse_reply["p1"] = BUSY  # the recheck's admission refused for now
     box.run()
@@ -486,3 +486,23 @@ def test_admissions_no_replica_acknowledged_are_counted_unreplicated(box: Box) -
     box.outbox.replica_wait()  # nothing new to wait for
     box.run()
     assert box.ledger.counts == {C.unreplicated_field("admit"): 2}
+
+
+def test_only_a_failure_that_may_have_lost_writes_is_rechecked(box: Box) -> None:
+    """A timeout or a busy server loses nothing Redis acknowledged: no recheck (it would cost a round of
+    admissions after every stall). A lost connection, a demotion or a restart may have: recheck; so does a
+    master the sentinels name anew (``suspect``), which a hung master gives without any error but timeouts."""
+    call = late("p1", box.clock())
+    box.ledger.admitted_now(call)
+    box.outbox.made(call)
+    box.clock.advance(0.2)
+    box.outbox.hand_over(early("e1", box.clock()), TIMEOUT)
+    box.run()
+    assert box.outbox.failure_began is None and [op[1] for op in box.ledger.made] == ["p1", "e1"]
+    box.outbox.suspect(box.clock())
+    box.run()
+    assert [op[1] for op in box.ledger.made] == ["p1", "e1", "p1"] and box.outbox.failure_began is None
+    box.clock.advance(0.2)
+    box.outbox.hand_over(early("e2", box.clock()), redis.ReadOnlyError("You can't write against a read only replica."))
+    box.run()
+    assert [op[1] for op in box.ledger.made][-2:] == ["p1", "e2"]  # rechecked, then the held call made

@@ -41,6 +41,7 @@ from .conftest import (
     inflight,
     late_entries,
     lease,
+    notes,
     poll,
     stream_entries,
 )
@@ -155,7 +156,7 @@ def test_enqueued_plans_reach_the_broker_with_one_task_sent_each(r: redis.Redis,
     poll(lambda: len(events()) >= 20, 5, what="20 task-sent events")
     assert sorted(e["uuid"] for e in events()) == sorted(C.task_id(f"p{i}") for i in range(20))
     assert {(e["name"], e["queue"]) for e in events()} == {(LATE_OBSERVE, QUEUE)}
-    assert inflight(r) == 20 and r.hlen(C.NOTES) == 0
+    assert inflight(r) == 20 and len(notes(r)) == 0
 
 
 def test_refusal_is_counted_without_another_call(r: redis.Redis) -> None:
@@ -178,7 +179,7 @@ def test_full_queue_and_dead_broker_leave_the_leases_to_the_sweeper(
     assert max(costs) < PUBLISH_TIMEOUT_S
     # The sender is stuck on the first message until its timeout, so most plans overflow the queue.
     assert results == ["enqueued"] * 20
-    causes = poll(lambda: r.hlen(C.NOTES) == 20 and r.hgetall(C.NOTES), 10, what="20 unsent notes")
+    causes = poll(lambda: len(notes(r)) == 20 and notes(r), 10, what="20 unsent notes")
     assert b"first-message queue full" in causes.values()
     assert any(c.startswith(b"broker unavailable") for c in causes.values())
     assert inflight(r) == 20 and all(lease(r, f"p{i}") for i in range(20))  # no lease released
@@ -231,7 +232,7 @@ def test_a_connection_closed_by_the_broker_is_replaced_without_losing_a_plan(
         server.client_kill_filter(_type="normal", skipme=True)  # e.g. the server's idle timeout
         assert observe_late("p2", "BTCUSDT") == "enqueued"
         poll(lambda: server.llen(QUEUE) == 2, 5, what="second message, on a new connection")
-    assert r.hlen(C.NOTES) == 0 and observe_late("p3", "BTCUSDT") == "enqueued"
+    assert len(notes(r)) == 0 and observe_late("p3", "BTCUSDT") == "enqueued"
 
 
 @pytest.mark.slow
@@ -256,7 +257,7 @@ def test_unsent_plans_are_recorded_by_the_sweeper_as_missing_with_the_cause(
         assert (e["recorded_by"], e["heat_reason"], e["heat_found"]) == ("sweep", "missing", "0")
         assert debug["cause"] == "first message never reached the broker"
         assert debug["unsent"] == "first-message queue full" or debug["unsent"].startswith("broker unavailable")
-    assert r.hlen(C.NOTES) == 0
+    assert len(notes(r)) == 0
     c = counters(r)
     assert c("p28_heat_reason", LATE_POINT, "missing") == len(plans)
     assert c("p28_heat_reason", LATE_POINT, "timeout") == 0
@@ -335,7 +336,7 @@ def test_clean_exit_flushes_the_queue_within_a_second(r: redis.Redis, env: dict[
     print(f"\nexit flush of 300 queued plans: {out['flush_s'] * 1000:.0f} ms")
     assert out["flush_s"] <= 1.0
     assert redis.Redis.from_url(env["CELERY_BROKER_URL"]).llen(QUEUE) == 300
-    assert r.hlen(C.NOTES) == 0
+    assert len(notes(r)) == 0
     # Every refusal is counted, also in a process that exits right after making them.
     c = counters(r)
     assert [c("p28_observe_refused", point, "invalid_input") for point in (EARLY, LATE_POINT)] == [5, 5]
@@ -347,7 +348,7 @@ def test_exit_flush_is_bounded_with_a_dead_broker(r: redis.Redis, env: dict[str,
     assert proc.returncode == 0, proc.stderr
     out = json_lines(proc.stdout)
     assert set(out["results"].values()) == {"enqueued"} and out["flush_s"] <= 1.0
-    assert inflight(r) == 50 and r.hlen(C.NOTES) == 50  # every lease kept, every cause noted
+    assert inflight(r) == 50 and len(notes(r)) == 50  # every lease kept, every cause noted
 
 
 @pytest.mark.slow
@@ -434,5 +435,5 @@ def test_prefork_children_each_get_their_own_publisher(
     # of 360 at load 6; the sweeper decides them by the same rule.)
     by = Counter(e["recorded_by"] for e in entries)
     print(f"recorded by {dict(by)}")
-    assert not [e["plan_id"] for e in entries if "unsent" in e["debug_json"]] and not r.hlen(C.NOTES)
+    assert not [e["plan_id"] for e in entries if "unsent" in e["debug_json"]] and not len(notes(r))
     producer.reset()

@@ -219,7 +219,7 @@ def test_a_step_that_fails_leaves_nothing_behind(r: redis.Redis, env: dict[str, 
     """Redis does not roll a script back: a step that fails after its first write undoes what it wrote."""
     ledger = make_ledger(env)
     admission = ledger.admit("p1", "BTCUSDT", "")
-    r.hset(C.COUNTERS, f"{C.REASON}|{LATE_POINT}|ok|look|le:5", "not a number")
+    r.hset(C.COUNTERS, C.WAIT_SUM_MS, "not a number")  # every hit adds its wait there: the step's last write
     r.hset(HEAT + "p1", "heat_level", "hot")
     before = (r.xlen(ledger.settings.obs_stream), r.get(C.dedupe_key(LATE_POINT, "p1")), inflight(r))
     try:
@@ -229,7 +229,7 @@ def test_a_step_that_fails_leaves_nothing_behind(r: redis.Redis, env: dict[str, 
     else:
         raise AssertionError("the look should have failed on the corrupt counter")
     assert (r.xlen(ledger.settings.obs_stream), r.get(C.dedupe_key(LATE_POINT, "p1")), inflight(r)) == before
-    r.hdel(C.COUNTERS, f"{C.REASON}|{LATE_POINT}|ok|look|le:5")
+    r.hdel(C.COUNTERS, C.WAIT_SUM_MS)
     assert ledger.look("p1", 2, 0, admission.deadline_ms).reason == "ok"  # type: ignore[union-attr]
 
 
@@ -287,7 +287,7 @@ def test_replica_wait_counts_records_no_replica_acknowledged(r: redis.Redis, env
 def test_no_hand_written_lua_indexes_keys_or_argv_or_repeats_a_contract_name() -> None:
     """Every step reads its keys and arguments by name (the generated prologue) and the contract's names from
     the generated table C: a literal copy in a script would drift."""
-    owned = [LATE_POINT, C.DEDUPE_PREFIX, "quantum:", C.NOTE_FAILED, C.WAIT_SUM_MS, C.BUCKET,
+    owned = [LATE_POINT, C.DEDUPE_PREFIX, "quantum:", C.WAIT_SUM_MS, C.BUCKET,
              *(f"'{name}{C.FIELD_SEP}" for name in (C.REASON, C.REFUSED_FIELD, C.UNREPLICATED)),
              *(f"'{p}'" for p in C.RECORD_PATHS), *(f"'{f}'" for f in (*C.STREAM_FIELDS, *C.LATE_FIELDS)),
              *(f"'{reason}'" for reason in C.REASONS)]

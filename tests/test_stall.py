@@ -14,11 +14,10 @@ import pytest
 import redis
 
 from observer_tasks import observe, observe_late
-from observer_tasks.core import contract as C
 from observer_tasks.core.settings import LATE_POINT, Settings
 from observer_tasks.core.timings import CALL_TIMEOUT_S
 
-from .conftest import HEAT, PrivateRedis, Worker, counters, inflight, poll, stream_entries
+from .conftest import HEAT, PrivateRedis, Worker, counters, inflight, notes, poll, stream_entries
 
 EARLY = Settings().early_points[0]
 
@@ -131,7 +130,7 @@ def test_a_stall_loses_no_observation_and_costs_one_caller_the_cap_once(
     assert {e["recorded_by"] for e in entries if e["obs_point"] == LATE_POINT} == {"admit"}
     c = counters(r)
     assert not [k for k, v in c.items() if v and k[0] in ("p28_observe_refused", "p28_late_obs_dropped")], c
-    assert inflight(r) == 0 and r.hlen(C.NOTES) == 0
+    assert inflight(r) == 0 and len(notes(r)) == 0
     # A deferred early observation says how late it was recorded; a deferred late one kept its publish time.
     deferred = [json.loads(e["debug_json"]) for e in entries if e["obs_point"] == EARLY
                 and "deferred_ms" in json.loads(e["debug_json"])]

@@ -47,6 +47,7 @@ class Background:
         self.sender = Sender(app, settings, self.connect, self.health_client, self.note, broker_breaker)
         outbox_client = redis_client(settings.redis_url, OUTBOX_TIMEOUT_S, "outbox", settings)
         self.outbox = Outbox(Ledger(settings, outbox_client), self.sender.submit, self.wake)
+        self.outbox.recorded = self.sender.submit_recorded
         # With Sentinel: the Redis clients whose idle connections must leave a master the sentinels no longer name.
         self.followed = [outbox_client, *([callers] if callers is not None else [])]
         self.followed_at = -WAKE_HEALTH_READ_S
@@ -115,7 +116,11 @@ class Background:
                 now >= self.followed_at + WAKE_HEALTH_READ_S or self.outbox.failure_began is not None):
             self.followed_at = now
             for client in self.followed:
+                before = getattr(client.connection_pool, "master_address", None)
                 follow_master(client)
+                after = getattr(client.connection_pool, "master_address", None)
+                if before is not None and after != before:  # a failover: recent admissions may be gone
+                    self.outbox.suspect(now)
 
     def report(self) -> None:
         """This process's limits and state, for `observer-tasks status` (best effort)."""

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import contract as C
-from ..core.connections import describe, failure_kind
-from ..core.ledger import admission
+from ..core.connections import describe, failure_kind, may_have_lost_writes
+from ..core.ledger import Recorded, admission
 from ..core.messages import LateMessage
 from ..core.settings import LATE_POINT
 from ..core.timings import HOLD_S, OUTBOX_BATCH, OUTBOX_MAX, RECHECK_WINDOW_S, RIDE_OUT_S
@@ -62,13 +62,16 @@ class Outbox:
     def __init__(self, ledger: Any, send: Callable[[LateMessage], Any], wake: Callable[[], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ledger, self.send, self.wake, self.clock = ledger, send, wake, clock
+        #: Set by the background thread: the task events of a plan the admission recorded at once (Flower).
+        self.recorded: Callable[[LateMessage, Recorded], Any] | None = None
         self.lock = threading.Lock()
         self.calls: deque[Call] = deque()
         self.counts: Counter[str] = Counter()
         self.notes: dict[str, str] = {}
         self.recent: deque[tuple[float, Call]] = deque()  # (made at, call) of admissions, oldest first
         self.failing_since: float | None = None  # Redis has not answered the thread since
-        self.failure_began: float | None = None  # the first failure since the last recheck
+        self.stall_began: float | None = None  # the first failure since the calls last caught up
+        self.failure_began: float | None = None  # the first failure that may have lost writes, not yet rechecked
         self.retry_at = 0.0
         self.catch_up_until = 0.0
         self.unreplicated = 0  # admissions made since the last replica wait
@@ -85,7 +88,9 @@ class Outbox:
         with self.lock:
             if failure is not None:
                 call.attempted = True
-                self.failure_began = self.failure_began or call.since
+                self.stall_began = self.stall_began or call.since
+                if may_have_lost_writes(failure):
+                    self.failure_began = self.failure_began or call.since
             if len(self.calls) >= OUTBOX_MAX:
                 self.counts[C.refused_field(call.obs_point, "given_up")] += 1
                 accepted = False
@@ -114,6 +119,12 @@ class Outbox:
             self.counts[field] += n
         self.wake()
 
+    def suspect(self, at: float) -> None:
+        """Writes may have been lost at ``at`` (the sentinels name another master): recheck what came before."""
+        with self.lock:
+            self.failure_began = self.failure_began or at
+        self.wake()
+
     def note(self, plan_ids: list[str], cause: str) -> None:
         with self.lock:
             for plan_id in plan_ids:
@@ -135,7 +146,7 @@ class Outbox:
         now = self.clock()
         if now < self.retry_at:
             return
-        outage = self.failure_began is not None
+        outage = self.stall_began is not None or self.failure_began is not None
         try:
             self.recheck(now)
             refused_for_now = self.make_calls(now)
@@ -151,6 +162,7 @@ class Outbox:
         with self.lock:
             if outage and not self.calls:  # the end of an outage (not of a busy spell): callers keep handing over
                 self.catch_up_until = self.clock() + CATCH_UP_S
+                self.stall_began = None
         if self.failing_since is not None:
             self.problems.warning(f"Redis answers again after {now - self.failing_since:.1f}s; held calls made")
             self.failing_since = None
@@ -161,7 +173,9 @@ class Outbox:
                 self.failing_since = now
                 self.problems.warning(f"Redis unavailable ({describe(exc)}); {len(self.calls)} call(s) held, "
                                       f"made once it answers (at most {OUTBOX_MAX})")
-            self.failure_began = self.failure_began or now
+            self.stall_began = self.stall_began or now
+            if may_have_lost_writes(exc):
+                self.failure_began = self.failure_began or now
             for call in list(self.calls)[:OUTBOX_BATCH]:
                 call.attempted = True  # a pipeline that failed may have been made in part
             self.retry_at = now + backoff(now - self.failing_since)
@@ -213,6 +227,9 @@ class Outbox:
         """An admission made by the thread: a new lease needs its first message; a kept one needs it only when
         the caller never saw the reply (its message was never sent)."""
         outcome = admission(reply)
+        if outcome.status == "recorded" and self.recorded is not None:  # recorded at once: its task's events
+            self.recorded(LateMessage(call.plan_id, call.symbol, call.decision, outcome.published_ms,
+                                      outcome.deadline_ms), Recorded(outcome.reason, 0))
         if outcome.status == "admitted" or (outcome.status == "kept" and resend_kept):
             self.send(LateMessage(call.plan_id, call.symbol, call.decision, outcome.published_ms,
                                   outcome.deadline_ms))

@@ -65,6 +65,22 @@ def failure_kind(exc: BaseException) -> str:
     return "error"
 
 
+#: Replies that mean the server was demoted or restarted: writes it acknowledged before may be gone.
+LOSS_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "UNBLOCKED")
+
+
+def may_have_lost_writes(exc: BaseException) -> bool:
+    """A failure after which writes Redis acknowledged may be gone: the connection was lost or refused (a server
+    that died, then a failover or a restart), or the server says it was demoted or is loading. A timeout or a
+    busy server loses nothing (its writes stay), so the recheck of recent admissions is not needed for those."""
+    cause = exc.__cause__ if isinstance(exc, Unavailable | AccessRefused) and exc.__cause__ else exc
+    if isinstance(cause, redis.TimeoutError):
+        return False
+    if isinstance(cause, redis.ResponseError):
+        return _reply_code(cause) in LOSS_REPLIES
+    return isinstance(cause, redis.ConnectionError | ConnectionError)
+
+
 def classified(exc: redis.RedisError) -> Exception:
     """The exception to raise for a failed Redis call: AccessRefused, Unavailable, or the error itself."""
     kind = failure_kind(exc)

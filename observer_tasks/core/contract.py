@@ -14,9 +14,11 @@ from .settings import LATE_POINT
 COUNTERS = "quantum:p28:counters"
 #: The ledger: plan -> its lease end (deadline + sweeper grace), Redis ms. A member is a plan not yet recorded.
 INFLIGHT = "quantum:p28:late_obs:inflight"
-#: Notes a sweep reads into debug_json: plan -> why its first message was never sent; NOTE_FAILED + plan -> the
-#: last error of a step that could not record it.
-NOTES = "quantum:p28:late_obs:notes"
+#: Notes a sweep reads into debug_json, one key per plan that expires with the dedupe TTL (so none is left behind,
+#: whoever records the plan): UNSENT + plan -> why its first message was never sent; FAILED + plan -> the last
+#: error of a step that could not record it.
+UNSENT = "quantum:p28:late_obs:unsent:"
+FAILED = "quantum:p28:late_obs:failed:"
 #: Exists (PX WAKE_HEALTH_TTL_MS) while the wake path is healthy (the rule: heartbeat.lua).
 WAKE = "quantum:p28:late_obs:wake"
 #: Windows in which the workers could not reach Redis: "start-end" -> end (Redis ms).
@@ -94,7 +96,6 @@ GAPS_FIELD = "gaps"  # p28_late_obs_redis_gaps_total
 WAKE_RESYNCS = "wake_resyncs"
 UNREPLICATED = "unreplicated"  # "unreplicated|<step>": p28_late_obs_unreplicated_total{step}
 REPLICATED_STEPS = ("admit", "record")
-NOTE_FAILED = "failed|"
 FIELD_SEP = "|"
 
 #: The task id of a plan: every look of it runs under this id (Flower shows one task per plan).
@@ -131,7 +132,7 @@ def lua_constants() -> dict[str, object]:
     return {
         "late_point": LATE_POINT, "sep": FIELD_SEP, "reason": REASON, "bucket": BUCKET,
         "wait_sum": WAIT_SUM_MS, "refused": REFUSED_FIELD, "dropped": DROPPED, "lost": LOST_FIELD,
-        "gaps": GAPS_FIELD, "note_failed": NOTE_FAILED, "apply_component": APPLY_COMPONENT,
+        "gaps": GAPS_FIELD, "apply_component": APPLY_COMPONENT,
         "lease": LEASE, "recorded": RECORDED, "lost_marker": LOST, "refused_marker": REFUSED, "lease_sep": SEP,
         "lease_fields": LEASE_FIELDS,
         "stream_fields": STREAM_FIELDS, "late_fields": LATE_FIELDS, "heat_copied": [list(p) for p in HEAT_COPIED],

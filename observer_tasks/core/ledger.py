@@ -162,9 +162,13 @@ class Ledger:
             except redis.RedisError as exc:
                 raise classified(exc) from exc
 
-    def note(self, notes: Mapping[str, str]) -> None:
+    def note(self, notes: Mapping[str, str], failed: bool = False) -> None:
+        """Notes for the sweep ({plan: text}): why first messages were never sent, or (``failed``) the last error
+        of a step that could not record the plan."""
         if notes:
-            self.run("note", {"notes": C.NOTES}, {"notes": {k: v[:200] for k, v in notes.items()}})
+            prefix = C.FAILED if failed else C.UNSENT
+            items = [{"note": prefix + plan, "text": text[:200]} for plan, text in notes.items()]
+            self.run("note", {}, {"ttl_s": self.settings.dedupe_ttl_sec}, items)
 
     def report(self, name: str, state: Mapping[str, Any]) -> None:
         self.run("report", {"producers": C.PRODUCERS},
@@ -237,7 +241,7 @@ class Ledger:
         sweep step with their keys. Skipped plans stay leased and are passed over in this sweep."""
         out, offset, now = Batch({}, {}, []), 0, 0
         keys = {"inflight": C.INFLIGHT, "stream": self.settings.obs_stream, "counters": C.COUNTERS,
-                "gaps": C.GAPS, "notes": C.NOTES}
+                "gaps": C.GAPS}
         while True:
             now_reply, page = self.run("overdue", {"inflight": C.INFLIGHT}, {"offset": offset, "limit": SWEEP_BATCH})
             page, now = texts(page), int(now_reply)
@@ -245,7 +249,9 @@ class Ledger:
                 break
             plans = [p for p in page if valid_plan_id(p)]
             foreign = [p for p in page if not valid_plan_id(p)]
-            reply = self.run("sweep", keys, {"foreign": foreign, **self.record()}, self.batch_items(plans))
+            items = [{**item, "unsent": C.UNSENT + item["plan"], "failed": C.FAILED + item["plan"]}
+                     for item in self.batch_items(plans)]
+            reply = self.run("sweep", keys, {"foreign": foreign, **self.record()}, items)
             skipped = _pairs(reply[3])
             out.recorded.update(_recorded(reply[4]))
             out.skipped.update(skipped)
@@ -276,7 +282,7 @@ class Ledger:
     def check_access(self) -> None:
         """Raise AccessRefused when Redis refuses this user the steps' scripts or their keys (nothing is run)."""
         plan, s = PROBE_PLAN, self.settings
-        keys = {*self.late_keys(plan).values(), C.NOTES, C.WORKERS, C.PRODUCERS,
+        keys = {*self.late_keys(plan).values(), C.UNSENT + plan, C.FAILED + plan, C.WORKERS, C.PRODUCERS,
                 *(C.dedupe_key(point, plan) for point in s.early_points)}
         try:
             self.scripts["probe"](keys=sorted(keys), args=[])

@@ -80,15 +80,15 @@ STEPS: dict[str, Step] = {step.name: step for step in (
     # A page of plans whose lease has ended (for the sweep, which then gets their keys).
     Step("overdue", ("inflight",), ("offset:num", "limit:num")),
     # Decide every given plan whose lease has ended, from the heat evidence, the gaps and the notes.
-    Step("sweep", ("inflight", "stream", "counters", "gaps", "notes"), ("foreign:json", *RECORD_ARGS),
-         ("lease", "heat"), ("plan",)),
+    Step("sweep", ("inflight", "stream", "counters", "gaps"), ("foreign:json", *RECORD_ARGS),
+         ("lease", "heat", "unsent", "failed"), ("plan",)),
     # A worker's heartbeat: its entry, the wake path's health, a gap it saw in Redis; returns Redis ms.
     Step("heartbeat", ("workers", "wake", "gaps", "counters"),
          ("nodename:str", "state:str", "wake_state:str", "gap_start_ms:num", "health_ttl_ms:num",
           "fresh_ms:num", "forget_ms:num", "gaps_keep_ms:num", "gaps_max:num"), decode=int),
     # Counts and notes the apply layer's outbox owes Redis (refusals; why a first message was never sent).
     Step("count", ("counters",), ("counts:json",)),
-    Step("note", ("notes",), ("notes:json",)),
+    Step("note", (), ("ttl_s:num",), ("note",), ("text",)),
     # An apply process's limits, for `observer-tasks status`.
     Step("report", ("producers",), ("name:str", "state:str", "forget_ms:num"), library=False),
     # The start-up access check: runs nothing; Redis checks the user's rights on the keys it names.

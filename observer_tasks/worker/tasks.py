@@ -99,7 +99,7 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], first: bool) 
         else:
             log.exception("P2.8A.3: late look of plan %s failed; its lease is kept for the sweeper", msg.plan_id)
         try:
-            ctx.looks.note({f"failed|{msg.plan_id}": describe(exc)})
+            ctx.looks.note({msg.plan_id: describe(exc)}, failed=True)
         except Exception as note_exc:  # best effort: only the cause in debug_json is lost
             log.warning("P2.8A.3: could not note the cause for plan %s (%s)", msg.plan_id, describe(note_exc))
         return "failed"

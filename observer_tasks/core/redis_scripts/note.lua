@@ -1,4 +1,5 @@
--- Notes for the sweep's debug_json, {field: text}: why a plan's first message was never sent (plan), or the
--- last error of a step that could not record it (C.note_failed .. plan).
-for name, text in pairs(A.notes) do redis.call('HSET', K.notes, name, text) end
+-- Notes for the sweep's debug_json, one key per plan (expiring with the dedupe TTL, so none is left behind):
+-- why a plan's first message was never sent (an unsent key), or the last error of a step that could not
+-- record it (a failed key).
+for _, item in ipairs(ITEMS) do redis.call('SET', item.note, item.text, 'EX', A.ttl_s) end
 return 1

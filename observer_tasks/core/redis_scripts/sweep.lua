@@ -25,10 +25,10 @@ return atomically(function()
   if #ITEMS > 0 then
     local names = {}
     for _, item in ipairs(ITEMS) do
-      names[#names + 1] = item.plan
-      names[#names + 1] = C.note_failed .. item.plan
+      names[#names + 1] = item.unsent
+      names[#names + 1] = item.failed
     end
-    notes = redis.call('HMGET', K.notes, unpack(names))
+    notes = redis.call('MGET', unpack(names))
   end
   for i, item in ipairs(ITEMS) do
     local mark, pending = #UNDO, {}
@@ -47,7 +47,6 @@ return atomically(function()
       local reason, wait = late_reason(lease, heat, gaps, unsent or nil, extra)
       if reason == C.timeout then extra.cause = 'no observation by deadline + grace (message lost or worker stopped)' end
       local outcome = record_late(item.lease, item.plan, lease, reason, wait, heat, C.path_sweep, 0, extra)
-      if unsent or failed then redis.call('HDEL', K.notes, item.plan, C.note_failed .. item.plan) end
       return outcome
     end)
     if not ok then
