@@ -16,12 +16,17 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/observer-tasks demo
 
+# Four pytest-xdist processes, each with its own databases, vhost and ports (tests/conftest.py); then, alone,
+# the tests marked serial (they restart a server the others share). N=0 runs everything in one process.
+N ?= 4
+XDIST = $(if $(filter 0,$(N)),-p no:xdist,-n $(N) --dist worksteal)
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest $(XDIST) -m 'not serial'
+	$(BIN)/pytest -p no:xdist -m serial
 
 # Everything but the slow fault tests (process kills, Redis restarts).
 test-fast: install
-	$(BIN)/pytest -m 'not slow'
+	$(BIN)/pytest $(XDIST) -m 'not slow and not serial'
 
 lint: install
 	$(BIN)/ruff check observer_tasks tests benchmarks celeryconfig.py

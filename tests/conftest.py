@@ -4,12 +4,19 @@ Tests use database 13 for the observer's data and 14 for the broker, both
 flushed before each test, so no test depends on another's data. Workers are
 real ``celery -A observer_tasks worker -Q late_obs`` processes, ready when
 their /metrics answers (it starts at worker_ready).
+
+``make test`` runs the suite in four pytest-xdist processes: each takes its own
+pair of databases (13/14, 11/12, 9/10, 7/8), its own RabbitMQ vhost and, when
+TEST_PORT_BASE is set, its own hundred ports (see ``isolate_xdist_worker``), so
+they share nothing but the servers. Tests that restart a shared server are
+marked ``serial`` and run alone afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +37,40 @@ from observer_tasks.core.settings import LATE_POINT, Settings
 from observer_tasks.worker.metrics import read_counters, tally
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def isolate_xdist_worker() -> None:
+    """Under pytest-xdist, move this process's databases, vhost and port range off the other workers' (gwN:
+    databases TEST_DATA_DB - 2N and TEST_BROKER_DB - 2N, vhost <TEST_AMQP_URL's or p28>-gwN, TEST_PORT_BASE +
+    100N, the N-th slice of TEST_PRIVATE_PORTS), before the constants below read them. Once per process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or os.environ.get("P28_TEST_ISOLATED") == worker:
+        return
+    n = int(worker[2:])
+    os.environ["P28_TEST_ISOLATED"] = worker
+    os.environ["TEST_DATA_DB"] = str(int(os.environ.get("TEST_DATA_DB", "13")) - 2 * n)
+    os.environ["TEST_BROKER_DB"] = str(int(os.environ.get("TEST_BROKER_DB", "14")) - 2 * n)
+    if int(os.environ["TEST_DATA_DB"]) < 0 or int(os.environ["TEST_BROKER_DB"]) < 0:
+        raise RuntimeError(f"pytest-xdist worker {worker}: no Redis databases left (at most 7 workers)")
+    if os.environ.get("TEST_PORT_BASE"):
+        os.environ["TEST_PORT_BASE"] = str(int(os.environ["TEST_PORT_BASE"]) + 100 * n)
+    if os.environ.get("TEST_PRIVATE_PORTS"):  # first-last: each worker its slice
+        first, last = (int(x) for x in os.environ["TEST_PRIVATE_PORTS"].split("-"))
+        size = (last - first + 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        os.environ["TEST_PRIVATE_PORTS"] = f"{first + n * size}-{first + (n + 1) * size - 1}"
+    base_amqp = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    if n and shutil.which("rabbitmqctl"):
+        server, _, base_vhost = base_amqp.rpartition("/")
+        vhost = f"{base_vhost or 'p28'}-{worker}"
+        listed = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
+        if vhost not in listed.stdout.split():
+            subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, timeout=60)
+            subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                           capture_output=True, timeout=60)
+        os.environ["TEST_AMQP_URL"] = f"{server}/{vhost}"
+
+
+isolate_xdist_worker()
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
 # Override the database numbers to run two suites side by side on one Redis.

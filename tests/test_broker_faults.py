@@ -248,15 +248,17 @@ def ping_times(workers: list[Worker], broker_url: str, since: float, timeout: fl
 
 def fresh_plan_recorded(data: redis.Redis, since: float, workers: list[Worker], broker: redis.Redis | None,
                         name: str = "fresh", admit: Callable[[str], str] | None = None) -> float:
-    """A plan made after the fault, its heat already there: recorded ``ok``, its first look run by a worker (the
-    worker's log says it received the task and it succeeded: it came through the broker; the wake step may record
-    the plan first, after a failover its resync often does) and, on a Redis broker, its message acknowledged (in
-    neither the queue nor the unacked hash). Seconds from ``since``. ``admit`` makes the call (default:
+    """A plan made after the fault, its heat written just after the call: recorded ``ok``, its first look run by
+    a worker (the worker's log says it received the task and it succeeded: it came through the broker; the wake
+    step may record the plan first, after a failover its resync often does) and, on a Redis broker, its message
+    acknowledged (in neither the queue nor the unacked hash). Seconds from ``since``. ``admit`` makes the call (default:
     observe_late in this process)."""
     call = admit or (lambda plan: observe_late(plan, "BTCUSDT"))
     producer.reset()  # the apply layer's breaker may still be open from the fault: a new one, as after a restart
-    data.hset(HEAT + name, "heat_level", "hot")
+    # Heat after the admission: heat already there would be recorded at the admission, no task sent at all.
+    data.delete(HEAT + name)
     assert poll(lambda: call(name) in ("enqueued", "deferred"), 10, 0.2, "a fresh plan admitted")
+    data.hset(HEAT + name, "heat_level", "hot")
     task_id = f"p28-late-{name}"
 
     def done() -> dict[str, str] | None:
@@ -281,10 +283,10 @@ def fresh_plan_recorded(data: redis.Redis, since: float, workers: list[Worker], 
 
 class Load:
     """The apply layer and HeatBridge at a steady rate while the fault goes on: two plans of three have their
-    heat written just before ``observe_late`` (their first look records them and the worker acknowledges the
-    message at once), the third waits. ``heat_waiting``, called as the fault begins, writes the waiting plans'
-    heat: their next looks, already held by the workers, record them and the workers acknowledge their
-    messages into the fault (kombu's ack is the first broker command to meet it)."""
+    heat written just before ``observe_late`` (the admission records them: no task is sent), the third waits.
+    ``heat_waiting``, called as the fault begins, writes the waiting plans' heat: their next looks, already held
+    by the workers, record them and the workers acknowledge their messages into the fault (kombu's ack is the
+    first broker command to meet it)."""
 
     def __init__(self, data: redis.Redis, prefix: str, rate: float = 20) -> None:
         self.data, self.prefix, self.rate = data, prefix, rate

@@ -424,6 +424,7 @@ def test_readme_defaults_are_the_settings() -> None:
             for env, f in fields.items()}
     # The two that default to a derived value: the broker is REDIS_URL, the safety interval its clamped default.
     code["CELERY_BROKER_URL"], code["P28_LATE_OBS_SAFETY_POLL_MS"] = "REDIS_URL", str(d.safety_poll_ms)
+    code["P28_LATE_OBS_BROKER_URL"] = "(not set)" if not d.late_obs_broker_url else d.late_obs_broker_url
     assert {env: code[env] for env in shown} == shown
 
 
@@ -439,11 +440,12 @@ def test_documented_timings_are_the_code() -> None:
                                                                                [d.visibility_timeout_s]),
         "CALL_TIMEOUT_S": ("", [T.CALL_TIMEOUT_S]),
         "outbox (`client/outbox.py`)": ("", [T.OUTBOX_MAX, T.OUTBOX_TIMEOUT_S, T.RETRY_S * 1000, T.RETRY_MAX_S,
-                                            T.HOLD_S, T.RECHECK_WINDOW_S, T.OUTBOX_MAX, T.RECHECK_WINDOW_S]),
+                                            T.HOLD_S, T.RECHECK_WINDOW_S]),
         "ride-out": ("", [T.RIDE_OUT_S]),
         "sender (`client/sender.py`)": ("", [T.PUBLISH_TIMEOUT_S, T.BROKER_PATIENCE_S, T.EXIT_FLUSH_S]),
         "breaker": ("", [T.BREAKER_FIRST_OPEN_S, T.BREAKER_MAX_OPEN_S]),
         "LOOKUP_TIMEOUT_S": ("", [T.LOOKUP_TIMEOUT_S]),
+        "SCRAPE_REDIS_TIMEOUT_S": ("", [T.SCRAPE_REDIS_TIMEOUT_S]),
         "RECORD_PATIENCE_S": ("", [T.RECORD_PATIENCE_S]),
         "SWEEP_INTERVAL_S": ("", [T.SWEEP_INTERVAL_S]),
         "HEARTBEAT_S": ("", [T.HEARTBEAT_S]),

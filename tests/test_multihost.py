@@ -227,6 +227,7 @@ def rabbit_url(net: Net) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # stops the RabbitMQ every other test uses: make test runs it alone
 def test_rabbitmq_restarted_mid_load(rabbit_node: str, net: Net, cluster: Cluster, baseline: Outcome) -> None:
     from kombu import Connection
 

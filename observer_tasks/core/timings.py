@@ -51,6 +51,10 @@ LOG_EVERY_S = 10.0
 LOOKUP_TIMEOUT_S = 0.5
 #: Socket timeout of the worker main process's Redis clients (s): metrics, sweeper, heartbeat, wake step.
 MAIN_TIMEOUT_S = 2.0
+#: Socket timeout of the /metrics collector's Redis client (s): a scrape that meets a Redis which does not answer
+#: (a script before busy-reply-threshold, a stall) still answers, with p28_metrics_redis_up 0, well within
+#: Prometheus' scrape timeout; a scrape that timed out would read as the worker down (P28LateObsWorkersDown).
+SCRAPE_REDIS_TIMEOUT_S = 0.5
 #: How long a task keeps trying to record redis_error before leaving the plan to the sweeper (s).
 RECORD_PATIENCE_S = 2.0
 #: Least time a lease outlives its plan's deadline before the sweeper decides it (ms); see Settings.sweep_grace_ms.

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..core import contract as C
 from ..core.connections import master_address, redis_client
 from ..core.settings import Settings, SettingsError
-from ..core.timings import WORKER_STALE_MS
+from ..core.timings import SCRAPE_REDIS_TIMEOUT_S, WORKER_STALE_MS
 from ..core.urls import parse_sentinel_url, redact_url
 from ..worker.metrics import RedisCollector, read_counters, serve, tally
 from .reports import Samples
@@ -97,7 +97,8 @@ def why_unreadable(settings: Settings, explicit: bool) -> str:
 
 def serve_until_signal(settings: Settings, port: int) -> None:
     """The standalone exporter: /metrics from Redis on settings.metrics_addr:port until SIGINT or SIGTERM."""
-    client = connect(settings.redis_url, settings)
+    connect(settings.redis_url, settings).close()  # reachable now, or one line and exit 1
+    client = redis_client(settings.redis_url, SCRAPE_REDIS_TIMEOUT_S, "metrics", settings)
     try:
         server, _thread = serve(settings, client, port)
     except OSError as exc:

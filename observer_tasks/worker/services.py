@@ -23,7 +23,7 @@ from ..core.access import access_problem
 from ..core.connections import redis_client
 from ..core.ledger import Ledger
 from ..core.settings import Settings, SettingsError
-from ..core.timings import MAIN_TIMEOUT_S
+from ..core.timings import MAIN_TIMEOUT_S, SCRAPE_REDIS_TIMEOUT_S
 from . import kombu_guard
 from .context import WorkerContext
 from .heartbeat import Heartbeat
@@ -84,7 +84,7 @@ class MetricsStep(bootsteps.StartStopStep):
         worker.observer_metrics = None
         if s.metrics_port:
             try:
-                client = redis_client(s.redis_url, MAIN_TIMEOUT_S, "metrics", s)
+                client = redis_client(s.redis_url, SCRAPE_REDIS_TIMEOUT_S, "metrics", s)
                 worker.observer_context.clients.append(client)
                 worker.observer_metrics = serve(s, client)
                 log.warning("observer_tasks: /metrics served on http://%s:%s/metrics", s.metrics_addr, s.metrics_port)

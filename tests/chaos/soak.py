@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from observer_tasks.core.settings import CALL_TIMEOUT_S, Settings
+from observer_tasks.core.settings import Settings
+from observer_tasks.core.timings import CALL_TIMEOUT_S
 
 from ..conftest import ROOT, scrape
 from . import schedule as sched
