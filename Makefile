@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/observer-tasks demo
 
-# Four pytest-xdist processes, each with its own databases, vhost and ports (tests/conftest.py); then, alone,
-# the tests marked serial (they restart a server the others share). N=0 runs everything in one process.
-N ?= 4
+# Three pytest-xdist processes, each with its own databases, vhost and ports (tests/conftest.py); then, alone,
+# the tests marked serial (they restart a server the others share, or time calls against their cap). N=0 runs
+# everything in one process.
+N ?= 3
 XDIST = $(if $(filter 0,$(N)),-p no:xdist,-n $(N) --dist worksteal)
 test: install
 	$(BIN)/pytest $(XDIST) -m 'not serial'

@@ -5,11 +5,11 @@ flushed before each test, so no test depends on another's data. Workers are
 real ``celery -A observer_tasks worker -Q late_obs`` processes, ready when
 their /metrics answers (it starts at worker_ready).
 
-``make test`` runs the suite in four pytest-xdist processes: each takes its own
-pair of databases (13/14, 11/12, 9/10, 7/8), its own RabbitMQ vhost and, when
+``make test`` runs the suite in three pytest-xdist processes: each takes its own
+pair of databases (13/14, 11/12, 9/10), its own RabbitMQ vhost and, when
 TEST_PORT_BASE is set, its own hundred ports (see ``isolate_xdist_worker``), so
-they share nothing but the servers. Tests that restart a shared server are
-marked ``serial`` and run alone afterwards.
+they share nothing but the servers. Tests that restart a shared server, or time
+calls against their cap, are marked ``serial`` and run alone afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections import Counter
@@ -58,16 +59,16 @@ def isolate_xdist_worker() -> None:
         first, last = (int(x) for x in os.environ["TEST_PRIVATE_PORTS"].split("-"))
         size = (last - first + 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         os.environ["TEST_PRIVATE_PORTS"] = f"{first + n * size}-{first + (n + 1) * size - 1}"
-    base_amqp = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
     if n and shutil.which("rabbitmqctl"):
-        server, _, base_vhost = base_amqp.rpartition("/")
-        vhost = f"{base_vhost or 'p28'}-{worker}"
+        parts = urllib.parse.urlsplit(os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"))
+        base_vhost = urllib.parse.unquote(parts.path[1:]) or "/"  # the path after the first slash ("/": "/")
+        vhost = f"{'p28' if base_vhost == '/' else base_vhost}-{worker}"
         listed = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
         if vhost not in listed.stdout.split():
             subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, timeout=60)
             subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
                            capture_output=True, timeout=60)
-        os.environ["TEST_AMQP_URL"] = f"{server}/{vhost}"
+        os.environ["TEST_AMQP_URL"] = parts._replace(path="/" + urllib.parse.quote(vhost, safe="")).geturl()
 
 
 isolate_xdist_worker()

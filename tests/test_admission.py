@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from observer_tasks import observe, observe_late
-from observer_tasks.client.outbox import Call, Outbox
+from observer_tasks.client.calls import Call
+from observer_tasks.client.outbox import Outbox
 from observer_tasks.core import contract as C
 from observer_tasks.core.connections import redis_client
 from observer_tasks.core.ledger import Ledger

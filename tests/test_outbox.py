@@ -20,7 +20,8 @@ import pytest
 import redis
 
 from observer_tasks.client import outbox as outbox_module
-from observer_tasks.client.outbox import CATCH_UP_S, Call, Outbox
+from observer_tasks.client.calls import Call
+from observer_tasks.client.outbox import CATCH_UP_S, Outbox
 from observer_tasks.core import contract as C
 from observer_tasks.core.connections import Unavailable, classified
 from observer_tasks.core.messages import LateMessage
@@ -337,9 +338,9 @@ def test_calls_still_held_at_exit_are_given_up_and_counted(box: Box) -> None:
     for call in (late("p1", box.clock()), late("p2", box.clock()), early("e1", box.clock())):
         box.outbox.hand_over(call, OUTAGE)
     box.run_for(1.0)
-    assert box.outbox.give_up() == 3
+    assert box.outbox.refuse_held("given_up") == 3
     assert not box.outbox.calls and (given_up(box, LATE_POINT), given_up(box, EARLY)) == (2, 1)
-    assert box.outbox.give_up() == 0
+    assert box.outbox.refuse_held("given_up") == 0
     box.ledger.down = None  # the exit flush pays them once Redis answers
     box.outbox.pay()
     assert box.ledger.counts == {C.refused_field(LATE_POINT, "given_up"): 2, C.refused_field(EARLY, "given_up"): 1}
@@ -352,7 +353,8 @@ def test_a_flush_that_reaches_redis_gives_up_nothing(box: Box) -> None:
     box.run_for(0.2)
     box.ledger.down = None
     box.run()
-    assert box.outbox.give_up() == 0 and given_up(box, LATE_POINT) == 0 and [m.plan_id for m in box.sent] == ["p1"]
+    assert box.outbox.refuse_held("given_up") == 0 and given_up(box, LATE_POINT) == 0
+    assert [m.plan_id for m in box.sent] == ["p1"]
 
 
 # -- settle by making again -----------------------------------------------------------------------------------
@@ -434,6 +436,53 @@ def test_admissions_made_in_the_recheck_window_before_a_failure_are_admitted_aga
     assert len(box.ledger.made) == n  # rechecked once per failure
 
 
+def test_a_master_found_changed_late_rechecks_every_call_since_it_was_last_confirmed(box: Box) -> None:
+    """What the chaos soak found (seed 4, a BUSY spell past Sentinel's down-after on a loaded machine): the held
+    calls were made on the old master the moment its script ended, a fraction of a second before the sentinels
+    switched to the replica; the old master took them (and, until it was demoted 10 s later, the callers'
+    direct calls) and lost them all. The change is found later than that (here 8 s: the thread was busy), so the
+    recheck starts from when the old master was last confirmed, covers the calls made after it too, and makes
+    the early entries again as well as the admissions; what survived is 'duplicate' / 'kept'."""
+    confirmed = box.clock()
+    box.outbox.master_confirmed_at = confirmed  # the background thread asked the sentinels
+    box.clock.advance(0.3)
+    for call in (late("held", box.clock()), early("held-e", box.clock())):
+        box.outbox.hand_over(call, TIMEOUT)
+    box.run()  # made on the old master
+    box.clock.advance(1.0)
+    for call in (late("direct", box.clock()), late("kept", box.clock())):
+        box.ledger.admitted_now(call)
+        box.outbox.made(call)
+    box.ledger.do(("early", "direct-e", EARLY, False, {}))
+    box.outbox.made(early("direct-e", box.clock()), admitted=False)
+    box.clock.advance(8.0)  # past RECHECK_WINDOW_S: a window counted back from the discovery would miss them all
+    # The new master has "kept" only (replicated before the switch); the rest vanished with the old one.
+    for plan in ("held", "direct"):
+        del box.ledger.leases[plan]
+    box.ledger.dedupe -= {(EARLY, "held-e"), (EARLY, "direct-e")}
+    sent_before, made_before = len(box.sent), len(box.ledger.made)
+    box.outbox.suspect(confirmed)  # found now; the old master was last confirmed at `confirmed`
+    box.run()
+    again = {op[1] for op in box.ledger.made[made_before:]}
+    assert again == {"direct", "direct-e", "held", "held-e", "kept"}
+    assert box.sent[sent_before:] == []  # "kept" needs no second message; the others' windows have passed:
+    redone = sorted((plan, reason) for _point, plan, reason, _ctx in box.ledger.entries[-4:])
+    assert redone == [("direct", "redis_error"), ("direct-e", "redis_error"), ("held", "redis_error"),
+                      ("held-e", "redis_error")]  # each recorded at once: the outage took its moment
+    assert box.outbox.failure_began is None
+
+
+def test_the_calls_a_recheck_may_need_are_kept_until_the_master_is_confirmed_again(box: Box) -> None:
+    box.outbox.master_confirmed_at = box.clock()
+    box.outbox.made(late("p1", box.clock()))
+    box.clock.advance(RECHECK_WINDOW_S * 3)
+    box.outbox.made(late("p2", box.clock()))
+    assert [c.plan_id for _at, c in box.outbox.recent] == ["p1", "p2"]  # not confirmed since p1: kept
+    box.outbox.master_confirmed_at = box.clock()
+    box.outbox.made(late("p3", box.clock()))
+    assert [c.plan_id for _at, c in box.outbox.recent] == ["p2", "p3"]
+
+
 def test_a_recheck_that_fails_is_tried_again(box: Box) -> None:
     call = late("p1", box.clock())
     box.ledger.admitted_now(call)
@@ -490,7 +539,7 @@ def test_admissions_no_replica_acknowledged_are_counted_unreplicated(box: Box) -
 
 def test_only_a_failure_that_may_have_lost_writes_is_rechecked(box: Box) -> None:
     """A timeout or a busy server loses nothing Redis acknowledged: no recheck (it would cost a round of
-    admissions after every stall). A lost connection, a demotion or a restart may have: recheck; so does a
+    calls after every stall). A lost connection, a demotion or a restart may have: recheck; so does a
     master the sentinels name anew (``suspect``), which a hung master gives without any error but timeouts."""
     call = late("p1", box.clock())
     box.ledger.admitted_now(call)
@@ -501,8 +550,8 @@ def test_only_a_failure_that_may_have_lost_writes_is_rechecked(box: Box) -> None
     assert box.outbox.failure_began is None and [op[1] for op in box.ledger.made] == ["p1", "e1"]
     box.outbox.suspect(box.clock())
     box.run()
-    assert [op[1] for op in box.ledger.made] == ["p1", "e1", "p1"] and box.outbox.failure_began is None
+    assert [op[1] for op in box.ledger.made] == ["p1", "e1", "p1", "e1"] and box.outbox.failure_began is None
     box.clock.advance(0.2)
     box.outbox.hand_over(early("e2", box.clock()), redis.ReadOnlyError("You can't write against a read only replica."))
     box.run()
-    assert [op[1] for op in box.ledger.made][-2:] == ["p1", "e2"]  # rechecked, then the held call made
+    assert [op[1] for op in box.ledger.made][-3:] == ["p1", "e1", "e2"]  # rechecked, then the held call made

@@ -369,6 +369,7 @@ def test_os_exit_right_after_200_calls_loses_no_plan(worker: Worker, r: redis.Re
 
 # -- with a worker -----------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.serial  # 500 calls/s against the caller's 50 ms cap: alone, so the other tests' load cannot defer them
 def test_3000_calls_at_500_per_second_are_each_recorded_once(
         start_worker: Callable[..., Worker], r: redis.Redis, env: dict[str, str]) -> None:
     env.update(P28_LATE_OBS_MAX_INFLIGHT="5000", P28_LATE_OBS_MAX_WAIT_MS="2000")

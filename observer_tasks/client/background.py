@@ -26,7 +26,7 @@ from ..core.timings import (
     PUBLISH_TIMEOUT_S,
     WAKE_HEALTH_READ_S,
 )
-from .outbox import Outbox
+from .outbox import Outbox, trace
 from .resilience import Breaker, ThrottledLog
 from .sender import Sender
 
@@ -51,6 +51,9 @@ class Background:
         # With Sentinel: the Redis clients whose idle connections must leave a master the sentinels no longer name.
         self.followed = [outbox_client, *([callers] if callers is not None else [])]
         self.followed_at = -WAKE_HEALTH_READ_S
+        #: The master each followed client used when it was last confirmed: a client's pool also learns a new
+        #: master on its own (a new connection asks the sentinels), so a change is found against this, not it.
+        self.masters: list[Any] = [None] * len(self.followed)
 
     def note(self, plan_ids: list[str], cause: str) -> None:
         self.outbox.note(plan_ids, cause)
@@ -115,12 +118,20 @@ class Background:
         if self.settings.redis_url.split("://", 1)[0].endswith("+sentinel") and (
                 now >= self.followed_at + WAKE_HEALTH_READ_S or self.outbox.failure_began is not None):
             self.followed_at = now
-            for client in self.followed:
-                before = getattr(client.connection_pool, "master_address", None)
-                follow_master(client)
-                after = getattr(client.connection_pool, "master_address", None)
-                if before is not None and after != before:  # a failover: recent admissions may be gone
-                    self.outbox.suspect(now)
+            confirmed = self.outbox.master_confirmed_at
+            answered = True
+            for i, client in enumerate(self.followed):
+                answered = follow_master(client) and answered
+                master = getattr(client.connection_pool, "master_address", None)
+                if self.masters[i] is not None and master != self.masters[i]:
+                    trace.debug("client %d: master %s -> %s, last confirmed at %s", i, self.masters[i], master,
+                                confirmed)
+                    # A failover: what the old master took since it was last confirmed may be gone (not
+                    # replicated in time, or taken while it was demoted): recheck from then on.
+                    self.outbox.suspect(now if confirmed is None else confirmed)
+                self.masters[i] = master
+            if answered:
+                self.outbox.master_confirmed_at = now
 
     def report(self) -> None:
         """This process's limits and state, for `observer-tasks status` (best effort)."""
@@ -150,7 +161,7 @@ class Background:
             self.work_once(stopping=True)
             if self.outbox.failing_since is not None:
                 break
-        unsent, given_up = self.sender.give_up(), self.outbox.give_up()
+        unsent, given_up = self.sender.give_up(), self.outbox.refuse_held("given_up")
         if unsent:
             self.outbox.note(unsent, "process exited before the message was sent")
             log.warning("P2.8A observer: %d late message(s) not sent before exit; the sweeper will record them",

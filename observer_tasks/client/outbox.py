@@ -10,49 +10,32 @@ time moved back by its age and its token, so a call whose first attempt's reply 
 ('kept': settled without a second plan). Only what exceeds OUTBOX_MAX, or is still held when the process
 exits, is given up, and counted as such (`given_up`).
 
-The same thread pays what the callers owe Redis (refusal counts, notes about unsent first messages), and, after
-any Redis failure, admits again the plans admitted in the RECHECK_WINDOW_S before it: an admission that
-asynchronous replication lost in a failover is admitted again (a new lease, a new first message); one that
-survived is 'kept'. Everything here runs on an injected clock and ledger, so its rules are unit-tested
-without Redis (tests/test_outbox.py).
+The same thread pays what the callers owe Redis (refusal counts, notes about unsent first messages), and after
+a failure that may have lost writes (a lost connection, a restart, a new master) makes again every call Redis
+made from RECHECK_WINDOW_S before it: what a failover lost is made anew, what survived is 'kept'/'duplicate'.
+Everything here runs on an injected clock and ledger: its rules are unit-tested without Redis (test_outbox.py).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..core import contract as C
 from ..core.connections import describe, failure_kind, may_have_lost_writes
 from ..core.ledger import Recorded, admission
 from ..core.messages import LateMessage
-from ..core.settings import LATE_POINT
 from ..core.timings import HOLD_S, OUTBOX_BATCH, OUTBOX_MAX, RECHECK_WINDOW_S, RIDE_OUT_S
+from .calls import Call, status_of
 from .resilience import ThrottledLog, backoff
 
 CATCH_UP_S = HOLD_S
-
-
-@dataclass
-class Call:
-    """A call handed over: what to make, when the caller made it (monotonic s), and whether an attempt was
-    sent whose reply was lost (so Redis may have made it: making it again must find that)."""
-
-    obs_point: str
-    plan_id: str
-    symbol: str
-    decision: str
-    token: str
-    since: float
-    attempted: bool = False
-
-    @property
-    def late(self) -> bool:
-        return self.obs_point == LATE_POINT
+#: Each pass's calls and replies at DEBUG (off by default): what the chaos soak reads when a figure is not zero.
+trace = logging.getLogger("observer_tasks.outbox")
 
 
 class Outbox:
@@ -68,7 +51,10 @@ class Outbox:
         self.calls: deque[Call] = deque()
         self.counts: Counter[str] = Counter()
         self.notes: dict[str, str] = {}
-        self.recent: deque[tuple[float, Call]] = deque()  # (made at, call) of admissions, oldest first
+        self.recent: deque[tuple[float, Call]] = deque()  # (made at, call) of calls Redis made, oldest first
+        #: Set by the background thread: when the master the clients use was last confirmed with the sentinels.
+        #: Calls made since shortly before it are kept: a master found changed later may have lost them.
+        self.master_confirmed_at: float | None = None
         self.failing_since: float | None = None  # Redis has not answered the thread since
         self.stall_began: float | None = None  # the first failure since the calls last caught up
         self.failure_began: float | None = None  # the first failure that may have lost writes, not yet rechecked
@@ -104,12 +90,15 @@ class Outbox:
         return accepted
 
     def made(self, call: Call, admitted: bool = True) -> None:
-        """A direct admission succeeded: keep it for the recheck after a failover (and the replica wait)."""
+        """Redis made a call (an admission, an early entry): keep it for the recheck after a failover; an
+        admission (``admitted``) also for the replica wait."""
         now = self.clock()
         with self.lock:
             self.recent.append((now, call))
-            # Keep what a recheck may need: the window before now, or before a failure not yet rechecked.
-            horizon = min(now, self.failure_began or now) - RECHECK_WINDOW_S
+            # Keep what a recheck may need: the window before now, before a failure not yet rechecked, and before
+            # the master was last confirmed (a change found later may have lost everything since).
+            confirmed = now if self.master_confirmed_at is None else self.master_confirmed_at
+            horizon = min(now, self.failure_began or now, confirmed) - RECHECK_WINDOW_S
             while self.recent and (self.recent[0][0] < horizon or len(self.recent) > OUTBOX_MAX):
                 self.recent.popleft()
             self.unreplicated += admitted
@@ -120,9 +109,10 @@ class Outbox:
         self.wake()
 
     def suspect(self, at: float) -> None:
-        """Writes may have been lost at ``at`` (the sentinels name another master): recheck what came before."""
+        """Writes may have been lost since ``at`` (the sentinels name another master than at ``at``): recheck
+        what came from RECHECK_WINDOW_S before it."""
         with self.lock:
-            self.failure_began = self.failure_began or at
+            self.failure_began = at if self.failure_began is None else min(self.failure_began, at)
         self.wake()
 
     def note(self, plan_ids: list[str], cause: str) -> None:
@@ -180,13 +170,16 @@ class Outbox:
                 call.attempted = True  # a pipeline that failed may have been made in part
             self.retry_at = now + backoff(now - self.failing_since)
 
-    def refuse_held(self, cause: str, exc: BaseException) -> None:
-        """Redis refuses this process's user: the held calls can never be made; count them."""
+    def refuse_held(self, cause: str, exc: BaseException | None = None) -> int:
+        """Count every held call as refused for ``cause``: a user Redis refuses (config_error: they can never be
+        made), or the exit (given_up); returns how many."""
         with self.lock:
             calls, self.calls = list(self.calls), deque()
             for call in calls:
                 self.counts[C.refused_field(call.obs_point, cause)] += 1
-        self.problems.warning(f"{len(calls)} held call(s) refused by Redis: {describe(exc)}")
+        if exc is not None:
+            self.problems.warning(f"{len(calls)} held call(s) refused by Redis: {describe(exc)}")
+        return len(calls)
 
     def make_calls(self, now: float) -> BaseException | None:
         """Make a batch of held calls in one pipeline; returns a reply that refused some for now (BUSY ...)."""
@@ -194,15 +187,8 @@ class Outbox:
             batch = list(self.calls)[:OUTBOX_BATCH]
         if not batch:
             return None
-        pipe = self.ledger.client.pipeline(transaction=False)
-        for call in batch:
-            age_ms = int((now - call.since) * 1000)
-            if call.late:
-                self.ledger.admit(call.plan_id, call.symbol, call.decision, call.token, age_ms, pipe=pipe)
-            else:
-                self.ledger.early(call.plan_id, call.symbol, call.decision, call.obs_point, {"deferred_ms": age_ms},
-                                  stale=now - call.since > RIDE_OUT_S, pipe=pipe)
-        replies = pipe.execute(raise_on_error=False)
+        replies = self.make(batch, now)
+        self.trace("made", batch, replies)
         retry: list[Call] = []
         refused_for_now = None
         for call, reply in zip(batch, replies, strict=True):
@@ -216,12 +202,35 @@ class Outbox:
                 self.problems.warning(f"held {call.obs_point} call refused by Redis: {describe(reply)}")
             elif call.late:
                 self.admitted(call, reply, now, resend_kept=True)
+            elif status_of(call, reply) != "duplicate":
+                self.made(call, admitted=False)
         with self.lock:
             for _ in batch:
                 if self.calls:
                     self.calls.popleft()
             self.calls.extendleft(reversed(retry))
         return refused_for_now
+
+    def make(self, calls: list[Call], now: float) -> list[Any]:
+        """Make calls in one pipeline, each as late as it is (an admission its age; an early call its age, and
+        stale past RIDE_OUT_S); the replies, a failed one as its exception."""
+        pipe = self.ledger.client.pipeline(transaction=False)
+        for call in calls:
+            age_ms = int((now - call.since) * 1000)
+            if call.late:
+                self.ledger.admit(call.plan_id, call.symbol, call.decision, call.token, age_ms, pipe=pipe)
+            else:
+                self.ledger.early(call.plan_id, call.symbol, call.decision, call.obs_point, {"deferred_ms": age_ms},
+                                  stale=now - call.since > RIDE_OUT_S, pipe=pipe)
+        return list(pipe.execute(raise_on_error=False))
+
+    def trace(self, what: str, calls: list[Call], replies: list[Any]) -> None:
+        if trace.isEnabledFor(logging.DEBUG):
+            pool = self.ledger.client.connection_pool
+            server = getattr(pool, "master_address", None) or getattr(pool, "connection_kwargs", {}).get("port")
+            said = [r if isinstance(r, BaseException) else status_of(c, r) for c, r in zip(calls, replies, strict=True)]
+            trace.debug("%s %d call(s) on %s: %s", what, len(calls), server,
+                        " ".join(f"{c.plan_id}@{c.obs_point[:5]}={s}" for c, s in zip(calls, said, strict=True)))
 
     def admitted(self, call: Call, reply: Any, now: float, resend_kept: bool) -> None:
         """An admission made by the thread: a new lease needs its first message; a kept one needs it only when
@@ -233,27 +242,33 @@ class Outbox:
         if outcome.status == "admitted" or (outcome.status == "kept" and resend_kept):
             self.send(LateMessage(call.plan_id, call.symbol, call.decision, outcome.published_ms,
                                   outcome.deadline_ms))
-        if outcome.status in ("admitted", "kept"):
+        if outcome.status != "duplicate":  # a refusal too: its count and marker could be lost like a lease
             self.made(call, admitted=outcome.status == "admitted")
 
     def recheck(self, now: float) -> None:
-        """After a failure: admit again (same token, same publish time) the plans admitted in the
-        RECHECK_WINDOW_S before it. One that vanished in a failover gets a new lease and message."""
+        """After a failure that may have lost writes: make again every call Redis made from RECHECK_WINDOW_S
+        before it until now (the same token and publish time for an admission; an early call with its age).
+        What vanished is made anew (a new lease and first message, or the entry); what survived is 'kept' or
+        'duplicate', and nothing is written."""
         with self.lock:
             began = self.failure_began
             if began is None:
                 return
-            again = [(at, c) for at, c in self.recent if began - RECHECK_WINDOW_S <= at <= began]
+            again = [(at, c) for at, c in self.recent if at >= began - RECHECK_WINDOW_S]
         if again:
-            pipe = self.ledger.client.pipeline(transaction=False)
-            for _at, call in again:
-                self.ledger.admit(call.plan_id, call.symbol, call.decision, call.token,
-                                  int((now - call.since) * 1000), pipe=pipe)
-            for (_at, call), reply in zip(again, pipe.execute(raise_on_error=False), strict=True):
+            calls = [call for _at, call in again]
+            replies = self.make(calls, now)
+            self.trace(f"rechecked (failure at {began:.3f})", calls, replies)
+            for call, reply in zip(calls, replies, strict=True):
                 if isinstance(reply, BaseException):
                     raise reply
-                if reply[0] in (b"admitted", "admitted"):
-                    self.problems.warning(f"plan {call.plan_id}'s admission vanished (a failover?): admitted again")
+                status = status_of(call, reply)
+                if status in ("kept", "duplicate"):
+                    continue
+                if status not in ("dropped", "backlog"):  # a refusal says the same whether or not it survived
+                    self.problems.warning(f"plan {call.plan_id}'s {call.obs_point} call vanished (a failover?): "
+                                          "made again")
+                if call.late:
                     self.admitted(call, reply, now, resend_kept=False)
         with self.lock:
             if self.failure_began == began:
@@ -280,11 +295,3 @@ class Outbox:
             n, self.unreplicated = self.unreplicated, 0
         if n and not self.ledger.replicated_after_write():
             self.owe(C.unreplicated_field("admit"), n)
-
-    def give_up(self) -> int:
-        """At exit: count every call still held as given up; returns how many."""
-        with self.lock:
-            calls, self.calls = list(self.calls), deque()
-            for call in calls:
-                self.counts[C.refused_field(call.obs_point, "given_up")] += 1
-        return len(calls)

@@ -31,7 +31,7 @@ from ..core.messages import LateMessage
 from ..core.settings import LATE_POINT, Settings, SettingsError
 from ..core.timings import CALL_TIMEOUT_S
 from .background import Background
-from .outbox import Call
+from .calls import Call
 from .resilience import Breaker, ThrottledLog
 
 log = logging.getLogger("observer_tasks")
@@ -105,9 +105,12 @@ class Producer:
         if self.outbox.holding():
             return "deferred" if self.outbox.hand_over(call) else "error"
         try:
-            return str(self.ledger.early(plan_id, inputs[0], inputs[1], point))
+            result = str(self.ledger.early(plan_id, inputs[0], inputs[1], point))
         except Exception as exc:
             return self.failed(call, exc)
+        if result != "duplicate":
+            self.outbox.made(call, admitted=False)  # its entry, too, could be lost in a failover
+        return result
 
     def observe_late(self, plan_id: Any, symbol: Any, apply_decision: Any) -> str:
         if not self.settings.late_obs_enabled:
@@ -132,6 +135,7 @@ class Producer:
                                   "decide them (are the workers down?)")
             return "error"
         if admission.status == "recorded":  # heat already there: recorded at once, no message to send
+            self.outbox.made(call, admitted=False)
             self.sender.submit_recorded(LateMessage(plan_id, inputs[0], inputs[1], admission.published_ms,
                                                     admission.deadline_ms), Recorded(admission.reason, 0))
             self.wake()

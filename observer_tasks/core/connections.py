@@ -7,7 +7,6 @@ reads), named ``observer_tasks:<role>`` in CLIENT LIST, and through Sentinel for
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import redis
@@ -128,14 +127,18 @@ def redis_client(url: str, timeout_s: float, role: str, settings: Settings | Non
     return sentinel.master_for(target.service, **server, **options)
 
 
-def follow_master(client: redis.Redis) -> None:
+def follow_master(client: redis.Redis) -> bool:
     """For a Sentinel client: ask the sentinels for the master now. redis-py then drops the pool's idle
     connections when the answer changed. Needed on a period: a connection made while a failover was under way
-    can sit on the demoted master, where reads still answer (only a write meets READONLY)."""
+    can sit on the demoted master, where reads still answer (only a write meets READONLY). False when no
+    sentinel answered (the pool keeps what it has)."""
     pool = client.connection_pool
     if isinstance(pool, redis.sentinel.SentinelConnectionPool):
-        with contextlib.suppress(redis.RedisError):  # no sentinel answers: keep what the pool has
+        try:
             pool.get_master_address()
+        except redis.RedisError:
+            return False
+    return True
 
 
 def master_address(pool: redis.ConnectionPool, fresh: bool = False) -> str:

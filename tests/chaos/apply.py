@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -89,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, required=True, help="how long to call, from --start")
     parser.add_argument("--start", type=float, default=0.0, help="epoch time of the first plan (default: now)")
     parser.add_argument("--burst-size", type=int, default=300, help="plans per burst (SIGUSR1)")
+    parser.add_argument("--trace", help="write the outbox's DEBUG trace (each pass's calls and replies) here")
     args = parser.parse_args(argv)
+    if args.trace:
+        handler = logging.FileHandler(args.trace)
+        handler.setFormatter(logging.Formatter("%(created).3f %(threadName)s %(message)s"))
+        logging.getLogger("observer_tasks.outbox").addHandler(handler)
+        logging.getLogger("observer_tasks.outbox").setLevel(logging.DEBUG)
     with open(args.log, "a", buffering=1 << 16) as log:
         app = Apply(log)
 

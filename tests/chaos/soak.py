@@ -157,7 +157,7 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> Report:
         stack.callback(timeline.stopping.set)
         apply = spawn(stack, run_dir / "apply.out", env, "tests.chaos.apply", "--log", str(run_dir / "apply.jsonl"),
                       "--rate", str(cfg.rate), "--seconds", str(seconds), "--start", str(load_start),
-                      "--burst-size", str(cfg.burst_size))
+                      "--burst-size", str(cfg.burst_size), "--trace", str(run_dir / "outbox.trace"))
         (run_dir / "apply.jsonl").touch()
         heat = spawn(stack, run_dir / "heatbridge.out", env, "tests.chaos.heatbridge",
                      "--apply-log", str(run_dir / "apply.jsonl"), "--log", str(run_dir / "heat.jsonl"),
