@@ -47,7 +47,19 @@ from observer_tasks import observe, observe_late
 from observer_tasks.client import producer
 from observer_tasks.core.settings import Settings
 
-from .conftest import BROKER_URL, DATA_URL, REDIS_HOST, REDIS_PORT, ROOT, Worker, free_port, inflight, poll
+from .conftest import (
+    BROKER_URL,
+    DATA_URL,
+    HEAT,
+    REDIS_HOST,
+    REDIS_PORT,
+    ROOT,
+    STREAM,
+    Worker,
+    free_port,
+    inflight,
+    poll,
+)
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PREFIXES = ("observer-tasks", "celery -A observer_tasks", "redis-cli")
@@ -173,10 +185,9 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
                 assert observe(plan, "BTCUSDT", "EXECUTE") == "missing"
                 assert observe_late(plan, "BTCUSDT", "EXECUTE") == "enqueued"
             for plan in plans[::2]:  # HeatBridge writes three of them; the wake step records them
-                r.hset(f"quantum:harvest:heat:by_plan:{plan}", mapping={"heat_level": "hot", "heat_action": "NONE"})
+                r.hset(HEAT + plan, mapping={"heat_level": "hot", "heat_action": "NONE"})
             producer.reset()
-        poll(lambda: r.zcard("quantum:p28:late_obs:inflight") == 0 and r.xlen("quantum:stream:apply.heat.observed")
-             == 12, timeout=20, what="the six plans recorded")
+        poll(lambda: inflight(r) == 0 and r.xlen(STREAM) == 12, timeout=20, what="the six plans recorded")
         assert inflight(r) == 0
         r.xadd("quantum:stream:harvest.heat.decision", {"plan_id": plans[0]})
         r.xgroup_create("quantum:stream:harvest.heat.decision", "heat_bridge", id="0")

@@ -27,6 +27,8 @@ from ..core.timings import WORKER_STALE_MS
 
 log = logging.getLogger("observer_tasks.metrics")
 
+#: Exported on every scrape, first: whether the families below could be read from Redis (left out when not).
+REDIS_UP = ("p28_metrics_redis_up", "gauge", "1 when the exporter could read the counters from Redis", ())
 #: Every family: name (without _total), kind, help, labels. The collector looks its values up in a Tally.
 FAMILIES = (
     ("p28_observed", "counter", "Observations recorded", ("obs_point", "heat_found")),
@@ -47,6 +49,8 @@ FAMILIES = (
     ("p28_late_obs_workers", "gauge", "Workers with a fresh heartbeat in Redis", ()),
     ("p28_late_obs_wake_workers", "gauge", "Workers with a fresh heartbeat and the wake path on", ()),
     ("p28_late_obs_wake_listeners_up", "gauge", "Workers whose wake listener is connected", ()),
+    ("p28_late_obs_heat_wait_seconds", "histogram", "Time from publish to the observation that found heat (late "
+     "hits)", ()),
 )
 
 
@@ -60,7 +64,7 @@ class Tally(NamedTuple):
 
 def tally(raw: Mapping[str, int], settings: Settings) -> Tally:
     """The families' values from COUNTERS' fields, every configured series present (at 0 where nothing yet)."""
-    samples: dict[str, Counter[tuple[str, ...]]] = {name: Counter() for name, *_ in FAMILIES}
+    samples: dict[str, Counter[tuple[str, ...]]] = {name: Counter() for name, kind, *_ in FAMILIES if kind == "counter"}
     for point in settings.obs_points:
         for found in ("0", "1"):
             samples["p28_observed"][(point, found)] += 0
@@ -110,7 +114,7 @@ class RedisCollector(Collector):
         self.client = client
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("p28_metrics_redis_up", "1 when the exporter could read the counters from Redis")
+        up = GaugeMetricFamily(REDIS_UP[0], REDIS_UP[2])
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(C.COUNTERS)
@@ -140,19 +144,20 @@ class RedisCollector(Collector):
                 # contract lists them), as the operators' checklist shows them; never sorted by label text.
                 for values, n in counts.samples[name].items():
                     family.add_metric(list(values), n)
-            else:
+            elif kind == "gauge":
                 family = GaugeMetricFamily(name, help_text, value=gauges[name])
+            else:
+                family = self.histogram(counts)
             yield family
-        yield self.histogram(counts)
 
     def histogram(self, counts: Tally) -> Metric:
+        (name, _kind, help_text, _labels), = (f for f in FAMILIES if f[1] == "histogram")
         buckets: list[tuple[str, float]] = []
         for bound in heat_wait_buckets(self.settings):
             # Cumulative; counts stored under other bounds (older settings) fall into the first bound above them.
             buckets.append((str(bound / 1000), sum(n for b, n in counts.buckets.items() if 0 <= b <= bound)))
         buckets.append(("+Inf", sum(counts.buckets.values())))
-        family = HistogramMetricFamily("p28_late_obs_heat_wait_seconds",
-                                       "Time from publish to the observation that found heat (late hits)")
+        family = HistogramMetricFamily(name, help_text)
         family.add_metric([], buckets, sum_value=counts.wait_sum_ms / 1000)
         return family
 
