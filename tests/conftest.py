@@ -118,6 +118,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ports_in(span: str, n: int) -> list[int]:
+    """The first ``n`` free ports of ``span`` ("lo-hi"), bound as redis-server binds them (SO_REUSEADDR: a port
+    in TIME_WAIT is free to it)."""
+    lo, hi = (int(x) for x in span.split("-"))
+    found = []
+    for port in range(lo, hi + 1):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == n:
+            return found
+    raise RuntimeError(f"fewer than {n} free ports in {span}")
+
+
 def server_port(n: int) -> int:
     """The n-th fixed port of this suite (TEST_PORT_BASE + n), or a free port when TEST_PORT_BASE is unset."""
     return PORT_BASE + n if PORT_BASE else free_port()

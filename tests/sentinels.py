@@ -6,14 +6,13 @@ own range; otherwise from the kernel's free ports. Every process is killed when 
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-from .conftest import PRIVATE_PORTS, free_port, poll
+from .conftest import PRIVATE_PORTS, free_port, poll, ports_in
 
 SERVICE = "obs"
 #: Sentinel's own timings: a master silent this long is down (ms); a failover gives up after this (ms).
@@ -22,21 +21,7 @@ FAILOVER_TIMEOUT_MS = 5000
 
 
 def _ports(n: int) -> list[int]:
-    span = PRIVATE_PORTS
-    if not span:
-        return [free_port() for _ in range(n)]
-    lo, hi = (int(x) for x in span.split("-"))
-    found = []
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        found.append(port)
-        if len(found) == n:
-            return found
-    raise RuntimeError(f"fewer than {n} free ports in TEST_PRIVATE_PORTS={span}")
+    return ports_in(PRIVATE_PORTS, n) if PRIVATE_PORTS else [free_port() for _ in range(n)]
 
 
 def up(port: int) -> bool:
@@ -101,6 +86,13 @@ class SentinelGroup:
                 if (int(state["port"]) != self.master_port() or int(state["num-slaves"]) < len(self.server_ports) - 1
                         or int(state["num-other-sentinels"]) < 2):
                     return False
+            # Each replica in sync (not still waiting for its first full sync): a kill then has a replica to
+            # promote that holds the data, and a replica wait is acknowledged from the first call.
+            info = redis.Redis(port=self.master_port(), socket_timeout=0.5).info("replication")
+            online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
+                      and v.get("state") == "online"]
+            if len(online) < len(self.server_ports) - 1:
+                return False
         except redis.RedisError:
             return False
         return True

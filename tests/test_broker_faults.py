@@ -36,14 +36,14 @@ import redis
 
 from observer_tasks import observe_late
 from observer_tasks.client import producer
+from observer_tasks.core import contract as C
 from observer_tasks.core.connections import redis_client
-from observer_tasks.core.settings import Settings
+from observer_tasks.core.settings import LATE_POINT, Settings
 
-from .conftest import AMQP_URL, Worker, cannot_run, late_entries, poll
+from .conftest import AMQP_URL, HEAT, STREAM, Worker, cannot_run, late_entries, poll
 from .sentinels import SentinelGroup, _ports
 from .test_quorum import apply_layer, quorum  # noqa: F401 (the fixture)
 
-HEAT = "quantum:harvest:heat:by_plan:"
 #: Looks every 200 ms, wake path on: heat written for a waiting plan is recorded by the wake step at once, and the
 #: plan's next look, already held by a worker, finds it gone and acknowledges its message at once.
 ENV = {"P28_LATE_OBS_MAX_WAIT_MS": "6000", "P28_LATE_OBS_POLL_MS": "200", "P28_LATE_OBS_SAFETY_POLL_MS": "200"}
@@ -331,8 +331,8 @@ def settled(data: redis.Redis, plans: list[str], lost_ok: bool = False) -> dict[
     def done() -> bool:
         try:
             recorded = {e["plan_id"] for e in late_entries(data)}
-            lost = {p for p in plans if data.get(f"quantum:dedupe:p28:publish_plan_post:{p}") == b"lost"}
-            return data.zcard("quantum:p28:late_obs:inflight") == 0 and set(plans) <= recorded | lost
+            lost = {p for p in plans if data.get(C.dedupe_key(LATE_POINT, p)) == C.LOST.encode()}
+            return data.zcard(C.INFLIGHT) == 0 and set(plans) <= recorded | lost
         except redis.RedisError:
             return False
 
@@ -340,9 +340,9 @@ def settled(data: redis.Redis, plans: list[str], lost_ok: bool = False) -> dict[
         poll(done, 60, 0.2, "every plan in flight recorded")
     except AssertionError:
         recorded = {e["plan_id"] for e in late_entries(data)}
-        left = data.zrange("quantum:p28:late_obs:inflight", 0, -1, withscores=True)
+        left = data.zrange(C.INFLIGHT, 0, -1, withscores=True)
         raise AssertionError(f"not recorded: {sorted(set(plans) - recorded)}; inflight: {left}; "
-                             f"stream {data.xlen('quantum:stream:apply.heat.observed')} entries, first "
+                             f"stream {data.xlen(STREAM)} entries, first "
                              f"{[e['plan_id'] for e in late_entries(data)][:5]}") from None
     entries = [e for e in late_entries(data) if e["plan_id"] in set(plans)]
     doubled = [p for p, n in Counter(e["plan_id"] for e in entries).items() if n > 1]

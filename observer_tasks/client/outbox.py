@@ -12,7 +12,8 @@ exits, is given up, and counted as such (`given_up`).
 
 The same thread pays what the callers owe Redis (refusal counts, notes about unsent first messages), and after
 a failure that may have lost writes (a lost connection, a restart, a new master) makes again every call Redis
-made from RECHECK_WINDOW_S before it: what a failover lost is made anew, what survived is 'kept'/'duplicate'.
+made since the master was last confirmed, and at least RECHECK_WINDOW_S before the failure: what a failover lost
+is made anew, what survived is 'kept'/'duplicate'.
 Everything here runs on an injected clock and ledger: its rules are unit-tested without Redis (test_outbox.py).
 """
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 from observer_tasks.core.settings import Settings
 from observer_tasks.core.timings import CALL_TIMEOUT_S
 
-from ..conftest import ROOT, scrape
+from ..conftest import ROOT, ports_in, scrape
 from . import schedule as sched
 from .checker import Report, check
 from .cluster import SERVICE, ChaosCluster
@@ -63,22 +62,6 @@ class Config:
     tail_s: float = 15.0
 
 
-def take_ports(span: str, n: int) -> list[int]:
-    lo, hi = (int(x) for x in span.split("-"))
-    found = []
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds: TIME_WAIT is no use
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        found.append(port)
-        if len(found) == n:
-            return found
-    raise RuntimeError(f"fewer than {n} free ports in {span}")
-
-
 def purge_amqp(url: str) -> None:
     from kombu import Connection
 
@@ -112,7 +95,7 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> Report:
             run_dir = cfg.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "redis").mkdir(exist_ok=True)
-        ports = take_ports(cfg.ports, 5 + cfg.workers + 1)
+        ports = ports_in(cfg.ports, 5 + cfg.workers + 1)
         cluster = ChaosCluster(run_dir / "redis", ports[:5], cfg.down_after_ms)
         stack.callback(cluster.stop)
         cluster.start()
