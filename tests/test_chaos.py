@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from .chaos.checker import FIGURES, Report, check
-from .chaos.evidence import load
+from .chaos.evidence import load, merge_stream
 from .chaos.schedule import REDIS_KINDS, draw
 from .chaos.table import render
 from .conftest import cannot_run
@@ -138,6 +138,51 @@ def test_entries_the_final_stream_trimmed_come_from_the_tail(tmp_path: Path) -> 
     report = check(load(run.write(tmp_path / "vanished", trimmed=25, vanished=(gone,))))
     assert figures(report) == {"silent": 1}, render(report)
     assert report.notes["vanished entries (read during the run from a master whose data did not survive)"] == 1
+
+
+def test_the_tail_reads_the_new_masters_entries_below_the_old_masters_last_id(tmp_path: Path) -> None:
+    """Found by seed 3 (Redis broker, down-after 5 s): after a BUSY spell past down-after the old master took
+    writes (a split brain) with ids above the new master's entries of that moment; the tail read on from its
+    last id on the new master and skipped those, so their plans looked silently missing while the counters
+    (written with them) were higher than the stream. Two redis-servers stand for the two masters."""
+    import redis
+
+    from .chaos.collect import STREAM, StreamTail
+    from .conftest import PrivateRedis, poll
+
+    for name in ("old", "new"):
+        (tmp_path / name).mkdir()
+    old, new = (PrivateRedis(tmp_path / name).start() for name in ("old", "new"))
+    try:
+        # The new master has 200-0, written after it was promoted; the old one 300-0, written meanwhile.
+        for server, entries in ((old, [("100-0", "p1"), ("300-0", "p3")]),
+                                (new, [("100-0", "p1"), ("200-0", "p2")])):
+            client = redis.Redis(port=server.port)
+            for entry_id, plan in entries:
+                client.xadd(STREAM, {"plan_id": plan, "obs_point": LATE}, id=entry_id)
+        tail = StreamTail([], "chaos", 0, tmp_path / "tail.jsonl")
+        named = [("127.0.0.1", old.port)]
+
+        class Sentinels:
+            def discover_master(self, _service: str) -> tuple[str, int]:
+                return named[0]
+
+        tail.sentinel = Sentinels()  # type: ignore[assignment]
+        tail.start()
+        poll(lambda: tail.read >= 2, timeout=10, what="the old master's two entries read")
+        named[0] = ("127.0.0.1", new.port)  # the sentinels name the new master
+        poll(lambda: "200-0" in (tmp_path / "tail.jsonl").read_text(), timeout=10, what="the new master's 200-0")
+        tail.stopping.set()
+        tail.join(5)
+        lines = [json.loads(line) for line in (tmp_path / "tail.jsonl").read_text().splitlines()]
+        assert {line["vanished"] for line in lines if "vanished" in line} == {"300-0"}
+        final = [{"id": "100-0", "fields": {"plan_id": "p1", "obs_point": LATE}},
+                 {"id": "200-0", "fields": {"plan_id": "p2", "obs_point": LATE}}]
+        entries, vanished = merge_stream(final, lines)
+        assert sorted(e["plan_id"] for e in entries) == ["p1", "p2"] and [e["plan_id"] for e in vanished] == ["p3"]
+    finally:
+        old.stop()
+        new.stop()
 
 
 def test_a_doubled_record(tmp_path: Path) -> None:

@@ -50,8 +50,12 @@ class StreamTail(threading.Thread):
     connection when it changes), never through a pooled connection that may still sit on a demoted master
     after a failover. Whenever the master changes, the entries read in the last VERIFY_WINDOW_S are checked
     on the new one: one that is not there vanished (it was on a master whose data did not survive, or not
-    yet on the replica promoted), and a ``{"vanished": id}`` line says so. (Without a change of master nothing
-    read can vanish.)
+    yet on the replica promoted), and a ``{"vanished": id, ...}`` line says so. (Without a change of master
+    nothing read can vanish.) Then it reads the new master again from the oldest of those entries: the old
+    master may have taken writes after the new one was promoted (a split brain), with ids above the new
+    master's own entries of that moment, which reading on from the last id would skip. An entry read twice is
+    the same entry (the checker keeps one); an entry is known by its id, plan and point, since two masters can
+    give two entries one id.
     """
 
     VERIFY_WINDOW_S = 60.0
@@ -64,7 +68,7 @@ class StreamTail(threading.Thread):
         self.last_id = "0-0"
         self.stopping = threading.Event()
         self.read = 0
-        self.recent: list[tuple[float, str]] = []  # (when read, id) within VERIFY_WINDOW_S
+        self.recent: list[tuple[float, str, str, str]] = []  # (when read, id, plan, point) within VERIFY_WINDOW_S
 
     def run(self) -> None:
         client: redis.Redis | None = None
@@ -87,22 +91,27 @@ class StreamTail(threading.Thread):
                     for entry_id, fields in entries:
                         out.write(json.dumps({"id": entry_id, "port": named[1], "fields": fields}) + "\n")
                         self.last_id = entry_id
-                        self.recent.append((time.monotonic(), entry_id))
+                        self.recent.append((time.monotonic(), entry_id, fields.get("plan_id", ""),
+                                            fields.get("obs_point", "")))
                         self.read += 1
                 out.flush()
 
     def verify(self, client: redis.Redis, out: Any, port: int) -> None:
-        """Mark the recently read entries the current master no longer holds as vanished."""
+        """Mark the recently read entries the current master no longer holds as vanished, and read the
+        current master again from the oldest of them."""
         horizon = time.monotonic() - self.VERIFY_WINDOW_S
-        self.recent = [(t, i) for t, i in self.recent if t >= horizon]
+        self.recent = [r for r in self.recent if r[0] >= horizon]
         if not self.recent:
             return
-        held = {entry_id for entry_id, _ in cast(Any, client.xrange(STREAM, min=self.recent[0][1],
-                                                                     max=self.recent[-1][1]))}
-        gone = [i for _t, i in self.recent if i not in held]
-        for entry_id in gone:
-            out.write(json.dumps({"vanished": entry_id, "port": port}) + "\n")
-        self.recent = [(t, i) for t, i in self.recent if i in held]
+        held = {(entry_id, f.get("plan_id", ""), f.get("obs_point", ""))
+                for entry_id, f in cast(Any, client.xrange(STREAM, min=self.recent[0][1], max="+"))}
+        for _t, entry_id, plan, point in self.recent:
+            if (entry_id, plan, point) not in held:
+                out.write(json.dumps({"vanished": entry_id, "plan_id": plan, "obs_point": point, "port": port})
+                          + "\n")
+        oldest = self.recent[0][1]
+        self.recent = [r for r in self.recent if r[1:] in held]
+        self.last_id = min(self.last_id, oldest, key=lambda i: tuple(map(int, i.split("-"))))
 
     def finish(self, quiet_s: float = 1.0) -> None:
         """Stop once a read has come back empty (the stream has nothing newer), at most after 30 s."""

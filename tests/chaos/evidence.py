@@ -97,23 +97,30 @@ def _id(entry_id: str) -> tuple[int, int]:
 
 def merge_stream(final: list[dict[str, Any]], tail: list[dict[str, Any]]) -> tuple[list[dict[str, str]],
                                                                                    list[dict[str, str]]]:
-    """(entries, vanished): the final stream, plus the tail's entries older than its first one."""
-    final_ids = {e["id"] for e in final}
+    """(entries, vanished): the final stream, plus the tail's entries older than its first one. An entry is
+    known by its id, plan and point (two masters can give two entries one id); one read twice counts once."""
+    def key(e: dict[str, Any]) -> tuple[str, str, str]:
+        fields = e.get("fields", e)
+        return e["id"], fields.get("plan_id", ""), fields.get("obs_point", "")
+
+    final_keys = {key(e) for e in final}
     first = _id(final[0]["id"]) if final else None
-    marked = {e["vanished"] for e in tail if "vanished" in e}  # the tail saw them gone after a failover
+    # The tail saw them gone after a failover (a line without plan and point: only the id is known).
+    marked = {(e["vanished"], e.get("plan_id"), e.get("obs_point")) for e in tail if "vanished" in e}
+    marked_ids = {i for i, plan, _point in marked if plan is None}
     tail = [e for e in tail if "id" in e]
     older: list[dict[str, Any]] = []
     vanished: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str, str]] = set()
     for e in tail:
-        if e["id"] in seen:
+        if key(e) in seen:
             continue
-        seen.add(e["id"])
-        if e["id"] in marked and e["id"] not in final_ids:
+        seen.add(key(e))
+        if (key(e) in marked or e["id"] in marked_ids) and key(e) not in final_keys:
             vanished.append(e)
         elif first is None or _id(e["id"]) < first:  # (no final stream read: the tail is all there is)
             older.append(e)
-        elif e["id"] not in final_ids:
+        elif key(e) not in final_keys:
             vanished.append(e)
     entries = [{**e["fields"], "_id": e["id"]} for e in older + final]
     return entries, [{**e["fields"], "_id": e["id"]} for e in vanished]
