@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -154,9 +155,11 @@ def test_the_tail_reads_the_new_masters_entries_below_the_old_masters_last_id(tm
         (tmp_path / name).mkdir()
     old, new = (PrivateRedis(tmp_path / name).start() for name in ("old", "new"))
     try:
-        # The new master has 200-0, written after it was promoted; the old one 300-0, written meanwhile.
-        for server, entries in ((old, [("100-0", "p1"), ("300-0", "p3")]),
-                                (new, [("100-0", "p1"), ("200-0", "p2")])):
+        # The new master has 200-0, written after it was promoted; the old one 300-0, written meanwhile (ids in
+        # ms from now: the tail judges the entries of the last minute).
+        now = int(time.time() * 1000)
+        first, second, third = (f"{now + ms}-0" for ms in (100, 200, 300))
+        for server, entries in ((old, [(first, "p1"), (third, "p3")]), (new, [(first, "p1"), (second, "p2")])):
             client = redis.Redis(port=server.port)
             for entry_id, plan in entries:
                 client.xadd(STREAM, {"plan_id": plan, "obs_point": LATE}, id=entry_id)
@@ -171,15 +174,28 @@ def test_the_tail_reads_the_new_masters_entries_below_the_old_masters_last_id(tm
         tail.start()
         poll(lambda: tail.read >= 2, timeout=10, what="the old master's two entries read")
         named[0] = ("127.0.0.1", new.port)  # the sentinels name the new master
-        poll(lambda: "200-0" in (tmp_path / "tail.jsonl").read_text(), timeout=10, what="the new master's 200-0")
+        poll(lambda: second in (tmp_path / "tail.jsonl").read_text(), timeout=10, what="the new master's entry")
         tail.stopping.set()
         tail.join(5)
         lines = [json.loads(line) for line in (tmp_path / "tail.jsonl").read_text().splitlines()]
-        assert {line["vanished"] for line in lines if "vanished" in line} == {"300-0"}
-        final = [{"id": "100-0", "fields": {"plan_id": "p1", "obs_point": LATE}},
-                 {"id": "200-0", "fields": {"plan_id": "p2", "obs_point": LATE}}]
+        assert {line["vanished"] for line in lines if "vanished" in line} == {third}
+        final = [{"id": first, "fields": {"plan_id": "p1", "obs_point": LATE}},
+                 {"id": second, "fields": {"plan_id": "p2", "obs_point": LATE}}]
         entries, vanished = merge_stream(final, lines)
         assert sorted(e["plan_id"] for e in entries) == ["p1", "p2"] and [e["plan_id"] for e in vanished] == ["p3"]
+
+        # Back to the old master (now holding the new one's data), whose stream was trimmed meanwhile: an entry
+        # older than its first one is trimmed, not vanished (the first rerun of seed 3 marked thousands so).
+        client = redis.Redis(port=old.port, decode_responses=True)
+        client.delete(STREAM)
+        client.xadd(STREAM, {"plan_id": "p2", "obs_point": LATE}, id=second)
+        tail = StreamTail([], "chaos", 0, tmp_path / "tail2.jsonl")
+        tail.sentinel = Sentinels()  # type: ignore[assignment]
+        tail.recent = {(first, "p1", LATE): None, (second, "p2", LATE): None}
+        with open(tmp_path / "tail2.jsonl", "w") as out:
+            tail.verify(client, out, old.port)
+        assert not (tmp_path / "tail2.jsonl").read_text()
+        assert tail.recent == {(second, "p2", LATE): None}
     finally:
         old.stop()
         new.stop()

@@ -43,6 +43,11 @@ def master_port(client: redis.Redis) -> int | None:
         return None
 
 
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class StreamTail(threading.Thread):
     """Copies every entry of the observed stream to ``stream_tail.jsonl`` as it appears.
 
@@ -68,7 +73,8 @@ class StreamTail(threading.Thread):
         self.last_id = "0-0"
         self.stopping = threading.Event()
         self.read = 0
-        self.recent: list[tuple[float, str, str, str]] = []  # (when read, id, plan, point) within VERIFY_WINDOW_S
+        # The entries read whose ids (Redis time, ms) are within VERIFY_WINDOW_S, by (id, plan, point), in order.
+        self.recent: dict[tuple[str, str, str], None] = {}
 
     def run(self) -> None:
         client: redis.Redis | None = None
@@ -80,7 +86,8 @@ class StreamTail(threading.Thread):
                     if named != address or client is None:
                         client = redis.Redis(host=named[0], port=named[1], db=self.db, socket_timeout=2,
                                              socket_connect_timeout=0.5, decode_responses=True)
-                        self.verify(client, out, named[1])
+                        if address is not None and named != address:
+                            self.verify(client, out, named[1])
                         address = named
                     reply = client.xread({STREAM: self.last_id}, count=2000, block=500)
                 except (redis.RedisError, OSError):
@@ -91,27 +98,29 @@ class StreamTail(threading.Thread):
                     for entry_id, fields in entries:
                         out.write(json.dumps({"id": entry_id, "port": named[1], "fields": fields}) + "\n")
                         self.last_id = entry_id
-                        self.recent.append((time.monotonic(), entry_id, fields.get("plan_id", ""),
-                                            fields.get("obs_point", "")))
+                        self.recent[(entry_id, fields.get("plan_id", ""), fields.get("obs_point", ""))] = None
                         self.read += 1
                 out.flush()
 
     def verify(self, client: redis.Redis, out: Any, port: int) -> None:
-        """Mark the recently read entries the current master no longer holds as vanished, and read the
-        current master again from the oldest of them."""
-        horizon = time.monotonic() - self.VERIFY_WINDOW_S
-        self.recent = [r for r in self.recent if r[0] >= horizon]
+        """On a change of master: mark the recently read entries the new master does not hold as vanished, and
+        read it again from the oldest of them."""
+        horizon = (time.time() - self.VERIFY_WINDOW_S) * 1000
+        self.recent = {k: None for k in self.recent if _id(k[0])[0] >= horizon}
         if not self.recent:
             return
+        oldest = next(iter(self.recent))[0]
+        first = cast(Any, client.xrange(STREAM, count=1))
+        kept_from = max(_id(oldest), _id(first[0][0])) if first else None  # older ones were trimmed: unknown
         held = {(entry_id, f.get("plan_id", ""), f.get("obs_point", ""))
-                for entry_id, f in cast(Any, client.xrange(STREAM, min=self.recent[0][1], max="+"))}
-        for _t, entry_id, plan, point in self.recent:
-            if (entry_id, plan, point) not in held:
-                out.write(json.dumps({"vanished": entry_id, "plan_id": plan, "obs_point": point, "port": port})
+                for entry_id, f in cast(Any, client.xrange(STREAM, min=oldest, max="+"))}
+        for key in self.recent:
+            if key not in held and kept_from is not None and _id(key[0]) >= kept_from:
+                out.write(json.dumps({"vanished": key[0], "plan_id": key[1], "obs_point": key[2], "port": port})
                           + "\n")
-        oldest = self.recent[0][1]
-        self.recent = [r for r in self.recent if r[1:] in held]
-        self.last_id = min(self.last_id, oldest, key=lambda i: tuple(map(int, i.split("-"))))
+        self.recent = {k: None for k in self.recent if k in held}
+        self.last_id = min(self.last_id, oldest, key=_id)
+
 
     def finish(self, quiet_s: float = 1.0) -> None:
         """Stop once a read has come back empty (the stream has nothing newer), at most after 30 s."""
