@@ -51,7 +51,9 @@ class SentinelGroup:
         persistence = ["--appendonly", "yes", "--appenddirname", f"aof-{port}", "--appendfsync", "everysec"] \
             if self.aof else ["--appendonly", "no"]
         replica = ["--replicaof", "127.0.0.1", str(replicaof)] if replicaof else []
+        # No diskless-sync delay (5 s by default): a replica is in sync, and the group ready, at once.
         return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence,
+                "--repl-diskless-sync-delay", "0",
                 "--dir", str(self.workdir), "--dbfilename", f"{port}.rdb", *replica]
 
     def start(self) -> SentinelGroup:
