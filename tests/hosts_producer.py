@@ -28,6 +28,8 @@ import redis
 from observer_tasks import observe, observe_late
 from observer_tasks.core.settings import Settings
 
+from .timing import hold
+
 
 class HeatBridge(threading.Thread):
     def __init__(self, url: str, prefix: str) -> None:
@@ -89,7 +91,7 @@ def publish_round(bridge: HeatBridge, prefix: str, heat: list[bool], gap_ms: int
             bridge.schedule(t1 + heat_after_ms / 1000, plan_id)
         pause = start + (i + 1) * gap_ms / 1000 - time.monotonic()
         if pause > 0:
-            time.sleep(pause)  # pacing: one plan every gap_ms is the load under test, not a wait for a result
+            hold(pause, "pacing: one plan every gap_ms is the load under test, not a wait for a result")
     return {"results": results, "call_ms": call_ms}
 
 

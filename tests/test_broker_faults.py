@@ -43,6 +43,7 @@ from observer_tasks.core.settings import LATE_POINT, Settings
 from .conftest import AMQP_URL, HEAT, STREAM, Worker, cannot_run, late_entries, poll
 from .sentinels import SentinelGroup, _ports
 from .test_quorum import apply_layer, quorum  # noqa: F401 (the fixture)
+from .timing import hold
 
 #: Looks every 200 ms, wake path on: heat written for a waiting plan is recorded by the wake step at once, and the
 #: plan's next look, already held by a worker, finds it gone and acknowledges its message at once.
@@ -146,7 +147,7 @@ def busy(admin: redis.Redis, begun: Callable[[], None] = lambda: None) -> float:
         return False
 
     poll(refused, timeout=SCRIPT_LIMIT_S + 10, interval=0.05, what="BUSY replies past the script limit")
-    time.sleep(max(0.0, started + BUSY_S - time.monotonic()))  # the spell's length is the fault under test
+    hold(max(0.0, started + BUSY_S - time.monotonic()), "the spell's length is the fault under test")
     redis.Redis(port=port, socket_timeout=5).script_kill()
     runner.join(10)
     return time.monotonic()
@@ -162,7 +163,7 @@ def readonly(admin: redis.Redis, begun: Callable[[], None] = lambda: None) -> fl
     (nowhere,) = _ports(1)
     admin.execute_command("REPLICAOF", "127.0.0.1", str(nowhere))
     begun()
-    time.sleep(SPELL_S)  # the spell's length: nothing to poll for
+    hold(SPELL_S, "the spell's length: nothing to poll for")
     admin.execute_command("REPLICAOF", "NO", "ONE")
     return time.monotonic()
 
@@ -172,7 +173,7 @@ def oom(admin: redis.Redis, begun: Callable[[], None] = lambda: None) -> float:
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", 1)
     begun()
-    time.sleep(SPELL_S)  # the spell's length
+    hold(SPELL_S, "the spell's length")
     admin.config_set("maxmemory", 0)
     return time.monotonic()
 
@@ -209,7 +210,7 @@ def killed(admin: redis.Redis, begun: Callable[[], None] = lambda: None) -> floa
         if started:
             begun()
             begun = lambda: None  # noqa: E731
-        time.sleep(0.2)  # the cadence of the kills is the fault
+        hold(0.2, "the cadence of the kills is the fault")
     return time.monotonic()
 
 

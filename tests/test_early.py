@@ -17,6 +17,7 @@ from observer_tasks.core.settings import LATE_POINT, Settings
 from observer_tasks.core.timings import CALL_TIMEOUT_S, RIDE_OUT_S
 
 from .conftest import HEAT, STREAM, counters, poll, stream_entries
+from .timing import hold
 
 EARLY, RECONCILE = Settings().early_points
 
@@ -152,7 +153,7 @@ def test_fast_with_redis_unreachable(env: dict[str, str], monkeypatch: pytest.Mo
             start = time.perf_counter()
             results.append(call(f"p{len(results)}", "BTCUSDT"))
             assert time.perf_counter() - start < CALL_TIMEOUT_S
-        time.sleep(0.02)  # pacing the calls, not a synchronisation
+        hold(0.02, "pacing the calls, not a synchronisation")
     assert set(results) == {"deferred"} and len(results) < 399
     held = 1 + len(results)
     for i in range(400 - held):  # up to the bound: held
@@ -220,7 +221,7 @@ def test_redis_that_accepts_and_never_answers_costs_one_call_cap(env: dict[str, 
         while time.monotonic() < ride_out_end:
             timed(f"p{n}")
             n += 1
-            time.sleep(0.05)  # pacing, not a synchronisation
+            hold(0.05, "pacing, not a synchronisation")
         assert {res for res, _ in results} == {"deferred"} and max(cost for _, cost in results[1:]) < CALL_TIMEOUT_S
         assert len(outbox_of.calls) == len(results)
     lines = [rec.getMessage() for rec in caplog.records]

@@ -30,6 +30,7 @@ from observer_tasks.core.timings import CALL_TIMEOUT_S
 from .conftest import HEAT, Worker, counters, poll
 from .sentinels import SentinelGroup
 from .test_sentinel import entries, group  # noqa: F401 (the fixture)
+from .timing import hold
 
 RATE = 50  # plans per second
 LOAD_S = 10.0
@@ -71,7 +72,7 @@ def test_master_killed_mid_load(group: SentinelGroup, env: dict[str, str],  # no
                     heat_failed.append(heat_due[i][1])  # HeatBridge lost its write too: a timeout
                 i += 1
             else:
-                time.sleep(0.005)
+                hold(0.005, "HeatBridge's schedule: the next write is not due yet")
 
     bridge_thread = threading.Thread(target=heat_bridge, daemon=True)
     bridge_thread.start()
@@ -86,7 +87,7 @@ def test_master_killed_mid_load(group: SentinelGroup, env: dict[str, str],  # no
     for i in range(int(RATE * LOAD_S)):
         now = time.monotonic()
         if now < start + i / RATE:
-            time.sleep(start + i / RATE - now)
+            hold(start + i / RATE - now, "pacing the load at RATE plans per second")
         if not killed and time.monotonic() - start >= KILL_AT_S:
             killed["port"] = group.kill_master()
             killed["at"] = time.monotonic()

@@ -29,6 +29,7 @@ from .conftest import (
     notes,
     poll,
 )
+from .timing import hold
 
 
 def test_lookups_that_fail_twice_end_as_redis_error(env: dict[str, str], amqp_broker: str,
@@ -200,7 +201,7 @@ def test_redis_restarted_mid_load(env: dict[str, str], private_redis: PrivateRed
     poll(lambda: "Connection to broker lost" in worker.output(), timeout=10, what="the worker sees the outage")
     # The outage's length is the fault under test: 1.5 s is 15 POLL_MS, so the plans looking meanwhile fail
     # their looks twice and end as redis_error (asserted below).
-    time.sleep(1.5)
+    hold(1.5, "the outage's length is the fault under test")
     private_redis.start()
     restarted_at = time.monotonic()
     poll(lambda: inflight(r) == 0, timeout=60, interval=0.2, what="every lease recorded after the restart")

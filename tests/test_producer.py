@@ -45,6 +45,7 @@ from .conftest import (
     poll,
     stream_entries,
 )
+from .timing import hold
 
 EARLY = Settings().early_points[0]
 
@@ -73,6 +74,7 @@ if how == "os_exit":
 PREFORK = """
 import json, os, sys, time
 from observer_tasks import observe_late
+from tests.timing import hold
 prefix, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def calls(tag):
     results, worst = {}, 0.0
@@ -81,7 +83,7 @@ def calls(tag):
         start = time.monotonic()
         results[plan] = observe_late(plan, "BTCUSDT", "EXECUTE")
         worst = max(worst, time.monotonic() - start)
-        time.sleep(0.001)  # pacing, so the processes' calls interleave (the case under test): not a wait
+        hold(0.001, "pacing, so the processes' calls interleave (the case under test): not a wait")
     with open(os.path.join(out, tag + ".json"), "w") as f:
         json.dump({"results": results, "worst_s": worst}, f)
 calls("parent0")
@@ -295,7 +297,7 @@ def test_redis_busy_holds_every_call_at_once_with_one_line_and_no_traceback(
                 results.append(call(f"p{i}", "BTCUSDT"))
                 costs.append(time.monotonic() - start)
             i += 1
-            time.sleep(0.01)  # pacing, not a synchronisation
+            hold(0.01, "pacing, not a synchronisation")
         assert set(results) == {"deferred"} and max(costs) < CALL_TIMEOUT_S
     finally:
         admin.script_kill()
@@ -384,7 +386,7 @@ def test_3000_calls_at_500_per_second_are_each_recorded_once(
     start = time.monotonic()
     results = []
     for i, plan in enumerate(plans):
-        time.sleep(max(0.0, start + i * 0.002 - time.monotonic()))  # pacing the load, not waiting for a result
+        hold(max(0.0, start + i * 0.002 - time.monotonic()), "pacing the load, not waiting for a result")
         results.append(observe_late(plan, "BTCUSDT", "EXECUTE"))
         if plan in heated:
             r.hset(HEAT + plan, mapping={"heat_level": "warm",

@@ -15,6 +15,7 @@ from observer_tasks.client import producer
 from observer_tasks.core.timings import RIDE_OUT_S
 
 from .conftest import DATA_URL, free_port
+from .timing import hold
 
 
 def callers_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -41,7 +42,7 @@ def test_the_callers_thread_logs_each_problem_at_most_once_per_period(
     deadline = time.monotonic() + RIDE_OUT_S + 1.5
     while time.monotonic() < deadline:
         results += [observe(f"u{len(results)}", "BTCUSDT"), observe_late(f"v{len(results)}", "BTCUSDT")]
-        time.sleep(0.002)  # pacing: about 500 calls/s
+        hold(0.002, "pacing: about 500 calls/s")
     assert set(results) == {"deferred"} and len(results) > 1000
     lines = callers_lines(caplog)
     print(f"\n{len(results)} calls against an unreachable Redis: caller's thread logged "

@@ -18,6 +18,7 @@ from observer_tasks.core import contract as C
 from observer_tasks.core.settings import LATE_POINT, Settings
 
 from .conftest import HEAT, STREAM, PrivateRedis, Worker, assert_counters_match_the_stream, free_port, poll
+from .timing import hold
 
 EARLY = Settings().early_points[0]
 SPELL_S = 1.5
@@ -45,7 +46,7 @@ def readonly(admin: redis.Redis) -> Iterator[None]:
     """The server becomes a replica of a master that never answers: writes get READONLY, data stays."""
     admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
     yield
-    time.sleep(SPELL_S)  # the spell's length: nothing to poll for, the spell is the wait
+    hold(SPELL_S, "the spell's length: nothing to poll for, the spell is the wait")
     admin.execute_command("REPLICAOF", "NO", "ONE")
 
 
@@ -55,7 +56,7 @@ def oom(admin: redis.Redis) -> Iterator[None]:
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", 1)
     yield
-    time.sleep(SPELL_S)  # the spell's length
+    hold(SPELL_S, "the spell's length")
     admin.config_set("maxmemory", 0)
 
 

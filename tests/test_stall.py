@@ -18,6 +18,7 @@ from observer_tasks.core.settings import LATE_POINT, Settings
 from observer_tasks.core.timings import CALL_TIMEOUT_S
 
 from .conftest import HEAT, PrivateRedis, Worker, counters, inflight, notes, poll, stream_entries
+from .timing import hold
 
 EARLY = Settings().early_points[0]
 
@@ -55,7 +56,7 @@ def calls_through_a_stall(r: redis.Redis, port: int, plans: list[str], stall_ms:
     for i, plan in enumerate(plans):
         if i == at:
             staller.start()  # (no client can see the script run: Redis answers nobody while it does)
-        time.sleep(max(0.0, start + i / rate - time.monotonic()))  # pacing the load, not a synchronisation
+        hold(max(0.0, start + i / rate - time.monotonic()), "pacing the load, not a synchronisation")
         t0 = time.monotonic()
         early = observe(plan, "BTCUSDT", "EXECUTE")
         t1 = time.monotonic()

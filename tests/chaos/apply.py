@@ -23,6 +23,8 @@ from typing import IO, Any
 
 from observer_tasks import observe, observe_late
 
+from ..timing import hold
+
 SYMBOL = "BTCUSDT"
 DECISION = "EXECUTE"
 CALLS: tuple[tuple[str, Callable[[str, str, str], str]], ...] = (
@@ -73,7 +75,7 @@ class Apply:
                 continue
             due = start + i / rate
             if now < due:
-                time.sleep(min(due - now, 0.02))  # pacing the load (not synchronisation)
+                hold(min(due - now, 0.02), "pacing the load")
                 continue
             self.plan(f"c{i:06d}", None)
             i += 1

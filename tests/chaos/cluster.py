@@ -25,6 +25,7 @@ from redis.driver_info import DriverInfo
 
 from ..conftest import poll
 from ..sentinels import SentinelGroup
+from ..timing import hold
 
 SERVICE = "mymaster"
 #: The busy loop: reads TIME until ARGV[1] seconds have passed (a bound in case SCRIPT KILL never comes).
@@ -63,7 +64,7 @@ class ChaosCluster(SentinelGroup):
         proc = self.procs[port]
         proc.send_signal(signal.SIGSTOP)
         try:
-            time.sleep(seconds)  # the stall itself
+            hold(seconds, "the stall itself")
         finally:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGCONT)
@@ -126,7 +127,7 @@ class ChaosCluster(SentinelGroup):
 
         runner = threading.Thread(target=run, name="chaos-busy", daemon=True)
         runner.start()
-        time.sleep(seconds)  # the spell itself
+        hold(seconds, "the spell itself")
         try:
             self.direct(port, timeout=2).script_kill()
             outcome["ended_by"] = "harness SCRIPT KILL"

@@ -35,6 +35,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from ..timing import hold
+
 WRITE = """
 local t = redis.call('TIME')
 local ts = string.format('%d.%06d', t[1], t[2])
@@ -80,7 +82,7 @@ class Bridge:
             while True:
                 chunk = f.readline()
                 if not chunk:
-                    time.sleep(0.005)  # waiting for the apply process to write (not synchronisation)
+                    hold(0.005, "the apply log is read at this pace")
                     continue
                 pending += chunk
                 if not pending.endswith("\n"):
@@ -125,7 +127,7 @@ class Bridge:
                 self.write_line({"plan": plan, "due": due, "failed": True, "error": error[:200],
                                  "attempts": attempts, "ambiguous": ambiguous})
                 return
-            time.sleep(RETRY_EVERY_S)
+            hold(RETRY_EVERY_S, "a failed write is retried at this pace")
 
     def run(self) -> None:
         reader = threading.Thread(target=self.tail, name="heatbridge-tail", daemon=True)
@@ -162,7 +164,7 @@ class Bridge:
                 if time.time() > deadline:
                     self.write_line({"audit": 0, "lost": None, "error": "Redis unreachable"})
                     return
-                time.sleep(0.5)  # the audit waits for Redis (not synchronisation)
+                hold(0.5, "the audit asks Redis again at this pace")
         lost = 0
         for plan, value in zip(plans, found, strict=True):
             if value != self.acked[plan]:

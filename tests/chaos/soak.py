@@ -24,7 +24,7 @@ from pathlib import Path
 from observer_tasks.core.settings import Settings
 from observer_tasks.core.timings import CALL_TIMEOUT_S
 
-from ..conftest import ROOT, ports_in, scrape
+from ..conftest import ROOT, poll, ports_in, scrape
 from . import schedule as sched
 from .checker import Report, check
 from .cluster import SERVICE, ChaosCluster
@@ -70,13 +70,11 @@ def purge_amqp(url: str) -> None:
 
 
 def wait_for(condition: Callable[[], bool], cap_s: float, interval: float = 0.2) -> bool:
-    """Poll until condition() or cap_s has passed; False when it never held (the soak goes on and reports)."""
-    deadline = time.monotonic() + cap_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
+    """conftest.poll, but False when the condition never held (the soak goes on and reports)."""
+    try:
+        return bool(poll(condition, timeout=cap_s, interval=interval))
+    except AssertionError:
+        return False
 
 
 def gauge(page: str | None, name: str) -> float:
